@@ -1,0 +1,76 @@
+"""t2i model provider for Stable Diffusion 1.x checkpoints (``StableDiffusionPipeline``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from t2i_core import FamilyDefaults, ModelProvider, hookimpl
+from t2i_core.tiny import clip_text_config, clip_tokenizer
+
+
+class StableDiffusion15(ModelProvider):
+    name = "sd15"
+    aliases = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    pipeline_classes = ("StableDiffusionPipeline",)
+    # 512x512 is the checkpoint's native size, read from its UNet config (so tiny:sd15 stays tiny).
+    defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=7.5)
+    description = "Stable Diffusion 1.x (512x512, 50 steps, guidance 7.5)"
+
+    def build_tiny(self, folder: Path) -> None:
+        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        tokenizer = clip_tokenizer(folder / "_tokenizer_src")
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer))
+        # The same scheduler configuration as the real stable-diffusion-v1-5 checkpoint.
+        scheduler = PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        )
+        pipeline = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(folder)
+        _remove_tree(folder / "_tokenizer_src")
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@hookimpl
+def register_providers(register: Callable[[ModelProvider], None]) -> None:
+    register(StableDiffusion15())

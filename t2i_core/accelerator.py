@@ -1,0 +1,69 @@
+"""The accelerator role: load-time transformations of an engine's pipeline.
+
+Accelerators are applied once per engine, ordered by `phase` (whatever order the user lists
+them in): dtype first, then attention, fusion, memory layout, device placement, memory
+savers, and compilation last.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:
+    from .provider import ModelProvider
+
+#: The phases, in the order they are applied.
+PHASES: tuple[str, ...] = ("dtype", "attention", "fusion", "layout", "placement", "memory", "compile")
+
+
+@attrs.frozen(kw_only=True)
+class LoadContext:
+    """What an accelerator may look at when it checks itself and changes load arguments."""
+
+    model: str
+    source: str
+    family: str
+    provider: ModelProvider
+    device: str
+    #: the names of every accelerator of this load, in application order
+    accelerators: tuple[str, ...]
+
+
+class Accelerator:
+    """Base class of an accelerator plugin."""
+
+    name: ClassVar[str]
+    phase: ClassVar[str]
+    #: device types it works on ("cpu", "cuda", "mps")
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")
+    #: names of accelerators it cannot be combined with
+    conflicts: ClassVar[tuple[str, ...]] = ()
+    #: whether it numerically changes images (False = bit-exact with plain fp32 on CPU)
+    lossless: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def check(self, context: LoadContext) -> None:  # noqa: B027 - optional hook
+        """Raise `IncompatibleAcceleratorsError` when it cannot work in `context`."""
+
+    def load_kwargs(self, context: LoadContext) -> dict[str, Any]:
+        """Extra ``from_pretrained`` keyword arguments (e.g. ``torch_dtype``, ``variant``)."""
+        return {}
+
+    def apply(self, pipeline: Any, context: LoadContext) -> None:  # noqa: B027 - optional hook
+        """Transform the loaded pipeline in place."""
+
+
+@attrs.frozen(kw_only=True)
+class Preset:
+    """A named stack of accelerators, chosen per device type."""
+
+    name: str
+    description: str
+    #: device type → accelerator names; "*" is the fallback for any other device
+    stacks: dict[str, tuple[str, ...]]
+
+    def resolve(self, device: str) -> tuple[str, ...]:
+        kind = device.split(":", 1)[0]
+        return self.stacks.get(kind, self.stacks.get("*", ()))

@@ -1,0 +1,302 @@
+"""The ``t2i`` command line: ``t2i generate`` and ``t2i plugins``.
+
+Heavy libraries are imported only once a model is loaded, so ``t2i --help`` and
+``t2i plugins`` stay instant. Every error the user can fix is one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import InvalidRequestError, T2IError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"t2i: error: {message} (see t2i --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="t2i", description="Text-to-image generation with pluggable model families.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    gen = commands.add_parser("generate", help="generate images from a prompt", description="Generate images from a prompt.")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--model", "-m", required=True, help="hub id, local diffusers folder, alias (sd15) or tiny:<family>")
+    gen.add_argument("--family", help="model family (provider name); default: detect from model_index.json")
+    gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
+    gen.add_argument("--height", type=_integer("height"), metavar="H")
+    gen.add_argument("--width", type=_integer("width"), metavar="W")
+    gen.add_argument("--steps", type=_integer("steps"), metavar="N", help="number of denoising steps")
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=_number("guidance-scale"), metavar="G")
+    gen.add_argument("--seed", type=_integer("seed"), metavar="S", help="default: a fresh random seed (printed)")
+    gen.add_argument("--num-images", dest="num_images", type=_integer("num-images"), default=1, metavar="N")
+    gen.add_argument("--weighting", metavar="SYNTAX", help='prompt weighting syntax, e.g. "compel"')
+    gen.add_argument("--scheduler", metavar="NAME", help="sampler: default, ddim, euler, dpm++-2m, ... (see docs)")
+    gen.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
+    gen.add_argument(
+        "--control", action="append", default=[], metavar="IMAGE=MODEL[@SCALE]", help="a ControlNet control (repeatable)"
+    )
+    gen.add_argument("--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)")
+    gen.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
+    gen.add_argument("--output", "-o", default="t2i.png", metavar="OUT.png", help="output PNG (numbered with --num-images)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also load .bin (pickle) weights")
+
+    plugins = commands.add_parser("plugins", help="list plugins and what they register", description="List plugins.")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _integer(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name}={text!r} is not allowed: expected an integer") from None
+
+    return parse
+
+
+def _number(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name}={text!r} is not allowed: expected a number") from None
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "plugins":
+            return _plugins(args)
+        return _generate(args)
+    except T2IError as exc:
+        print(f"t2i: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("t2i: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- generate -------------------------------------------------------------------------------
+
+
+def _key_values(items: list[str], flag: str, what: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidRequestError(flag, item, what)
+        values[key.strip()] = value
+    return values
+
+
+def _controls(items: list[str]) -> tuple[Any, ...]:
+    from .request import Control
+
+    controls = []
+    for item in items:
+        image, sep, model = item.partition("=")
+        if not sep or not image or not model:
+            raise InvalidRequestError("--control", item, "IMAGE=MODEL[@SCALE]")
+        scale = 1.0
+        head, at, tail = model.rpartition("@")
+        if at:
+            try:
+                scale = float(tail)
+            except ValueError:
+                raise InvalidRequestError("--control", item, "IMAGE=MODEL[@SCALE] with SCALE a number") from None
+            model = head
+        controls.append(Control(image=image, model=model, scale=scale))
+    return tuple(controls)
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise InvalidRequestError("--output", output, "a file name ending in .png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .request import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        num_images=args.num_images,
+        prompt_weighting=args.weighting,
+        controls=_controls(args.control),
+        scheduler=args.scheduler,
+        options=_key_values(args.option, "--option", "KEY=VALUE"),
+    )
+    outputs = _output_paths(args.output, request.num_images)
+    if not args.overwrite:
+        for path in outputs:
+            if path.exists():
+                raise InvalidRequestError("--output", str(path), "a path that does not exist yet (or pass --overwrite)")
+    for path in outputs:
+        if not path.parent.is_dir():
+            raise InvalidRequestError("--output", str(path), "a path in an existing folder")
+
+    _quiet_libraries()
+    from .engine import load
+
+    engine = load(
+        args.model,
+        family=args.family,
+        device=args.device,
+        accelerators=args.accelerator,
+        allow_pickle=args.allow_pickle,
+    )
+    resolved, _ = engine.resolve(request)  # report bad options before the progress bar starts
+    with _progress_bar(resolved.num_inference_steps or 0) as progress:
+        result = engine.generate(request, progress=progress)
+    for index, path in enumerate(outputs):
+        result.save(path, index, overwrite=args.overwrite)
+        print(f"{path}  (seed {result.seeds[index]})")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (load bars, optional-dependency notices) out of the terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+class _progress_bar:
+    """A tqdm bar over denoising steps on an interactive terminal; nothing otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, unit="step", file=sys.stderr, leave=False)
+        return self._update
+
+    def _update(self, step: int, total: int) -> None:
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = step
+        self.bar.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from ._manager import get_registry
+
+    registry = get_registry()
+    plugins = []
+    for info in registry.plugins.values():
+        entry: dict[str, Any] = {
+            "name": info.name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "registers": info.registered,
+            "error": info.error,
+        }
+        plugins.append(entry)
+    families = {
+        name: {
+            "aliases": dict(provider.aliases),
+            "options": [
+                {"name": o.name, "default": o.default, "allowed": o.describe(), "help": o.help} for o in provider.options
+            ],
+            "description": provider.description,
+        }
+        for name, provider in sorted(registry.providers.items())
+    }
+    conditioners = {
+        name: {"families": list(c.families) if c.families is not None else "all", "description": c.description}
+        for name, c in sorted(registry.conditioners.items())
+    }
+    accelerators = {
+        name: {"phase": a.phase, "devices": list(a.devices), "description": a.description}
+        for name, a in sorted(registry.accelerators.items())
+    }
+    presets = {name: {k: list(v) for k, v in p.stacks.items()} for name, p in sorted(registry.presets.items())}
+    if args.json:
+        document = {
+            "plugins": plugins,
+            "families": families,
+            "conditioners": conditioners,
+            "accelerators": accelerators,
+            "presets": presets,
+        }
+        print(json.dumps(document, indent=2, default=str))
+        return 0
+    for entry in plugins:
+        where = f"{entry['distribution']} {entry['version']}" if entry["distribution"] else "registered in-process"
+        print(f"{entry['name']}  ({where})")
+        if entry["error"]:
+            print(f"  ERROR: {entry['error']}")
+        for item in entry["registers"]:
+            print(f"  {item}")
+    print()
+    print("families:")
+    for name, family in families.items():
+        aliases = ", ".join(f"{a} -> {t}" for a, t in family["aliases"].items()) or "none"
+        print(f"  {name}: {family['description']}; aliases: {aliases}")
+        for option in family["options"]:
+            print(f"    --option {option['name']}=...  ({option['allowed']}; default {option['default']!r}) {option['help']}")
+    print("conditioners:")
+    for name, conditioner in conditioners.items():
+        fams = conditioner["families"] if conditioner["families"] == "all" else ", ".join(conditioner["families"])
+        print(f"  {name}: {conditioner['description']}; families: {fams}")
+    print("accelerators:")
+    for name, accelerator in accelerators.items():
+        print(f"  {name} [{accelerator['phase']}; {', '.join(accelerator['devices'])}]: {accelerator['description']}")
+    for name, stacks in presets.items():
+        rendered = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in stacks.items())
+        print(f"  preset {name}: {rendered}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

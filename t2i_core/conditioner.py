@@ -1,0 +1,51 @@
+"""The conditioner role: turn parts of a request into pipeline call arguments.
+
+The engine builds a `Call` from the provider's base arguments, then hands it to every
+conditioner that `wants()` the request, in ascending `order`. A conditioner may replace
+`Call.pipeline` (e.g. by a ControlNet pipeline over the same components).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .request import GenerationRequest
+
+
+@attrs.define(kw_only=True)
+class Call:
+    """The pipeline to run and the keyword arguments to run it with."""
+
+    pipeline: Any
+    kwargs: dict[str, Any]
+
+
+class Conditioner:
+    """Base class of a conditioner plugin."""
+
+    #: unique name, shown by ``t2i plugins``
+    name: ClassVar[str]
+    #: the families it works with; None = every family
+    families: ClassVar[tuple[str, ...] | None] = None
+    #: the ``prompt_weighting`` value it implements, if it is a weighting syntax
+    weighting: ClassVar[str | None] = None
+    #: what it does, for the error when a family refuses it ("Compel prompt weighting")
+    feature: ClassVar[str] = ""
+    #: lower runs first
+    order: ClassVar[int] = 100
+    description: ClassVar[str] = ""
+
+    def wants(self, request: GenerationRequest) -> bool:
+        """Whether this conditioner has work to do for `request` (cheap; no heavy imports)."""
+        raise NotImplementedError
+
+    def prepare(self, engine: Engine, request: GenerationRequest) -> None:  # noqa: B027 - optional hook
+        """Validate the request against the engine before any work starts (raise a `T2IError`)."""
+
+    def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
+        """Edit `call` in place. `request` is resolved: defaults filled in, seed set."""
+        raise NotImplementedError

@@ -1,0 +1,99 @@
+"""The t2i exception hierarchy: one base class and precise subclasses that carry the culprit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class T2IError(Exception):
+    """Base class of every error that t2i raises on purpose."""
+
+
+class InvalidRequestError(T2IError, ValueError):
+    """A field of a request (or a CLI argument) has a value that is not allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
+def _names(names: Iterable[str]) -> str:
+    listed = sorted(names)
+    return ", ".join(listed) if listed else "(none registered)"
+
+
+class UnknownFamilyError(T2IError, KeyError):
+    """No registered model provider has this family name."""
+
+    def __init__(self, family: str, known: Iterable[str]) -> None:
+        self.family = family
+        self.known = sorted(known)
+        super().__init__(family)
+
+    def __str__(self) -> str:
+        return f"family={self.family!r} is not a registered model family: expected one of {_names(self.known)}"
+
+
+class UndetectedFamilyError(T2IError):
+    """No provider recognises the checkpoint's model_index.json."""
+
+    def __init__(self, model: str, class_name: object, known: Iterable[str]) -> None:
+        self.model = model
+        self.class_name = class_name
+        self.known = sorted(known)
+        super().__init__(
+            f"model={model!r} (pipeline class {class_name!r}) matches no registered family: "
+            f"known families are {_names(self.known)}; pass --family / family= to choose one"
+        )
+
+
+class UnknownAcceleratorError(T2IError, KeyError):
+    """An accelerator name that no plugin registered."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"accelerator={self.name!r} is not a registered accelerator: expected one of {_names(self.known)}"
+
+
+class IncompatibleAcceleratorsError(T2IError):
+    """Accelerators that cannot work together, or not on the chosen device."""
+
+    def __init__(self, names: Iterable[str], reason: str) -> None:
+        self.names = tuple(names)
+        self.reason = reason
+        super().__init__(f"accelerators {', '.join(self.names)} cannot be used here: {reason}")
+
+
+class ModelNotFoundError(T2IError):
+    """The model cannot be found: a missing local folder, or a hub id that cannot be fetched."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"model={model!r} cannot be loaded: {reason}")
+
+
+class UnsupportedFeatureError(T2IError):
+    """The request asks for a feature (a conditioner, an option) that the family cannot honour."""
+
+    def __init__(self, family: str, feature: str, supported: Iterable[str] = ()) -> None:
+        self.family = family
+        self.feature = feature
+        self.supported = tuple(supported)
+        detail = f" (supported by: {', '.join(self.supported)})" if self.supported else ""
+        super().__init__(f"family {family!r} does not support {feature}{detail}")
+
+
+class PluginError(T2IError):
+    """A plugin failed to import, or registered something invalid."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        self.plugin = plugin
+        self.message = message
+        super().__init__(f"plugin {plugin!r}: {message}")

@@ -1,0 +1,199 @@
+"""The values that cross the public API: `GenerationRequest`, `Control` and `GenerationResult`."""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._validators import chain, in_range, multiple_of, non_blank, of_type, optional
+from .errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+#: Largest seed accepted: torch generators take 64-bit seeds, and image i uses seed + i.
+MAX_SEED = 2**63 - 1
+
+
+def _control_image(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, (str, os.PathLike)):
+        if not str(value):
+            raise InvalidRequestError(attribute.name, value, "a PIL image or the path of an image file")
+        return
+    from PIL.Image import Image
+
+    if not isinstance(value, Image):
+        raise InvalidRequestError(attribute.name, value, "a PIL image or the path of an image file")
+
+
+def _control_window(inst: Control, _attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= inst.start:
+        raise InvalidRequestError("end", value, f"a fraction of the schedule greater than start={inst.start}")
+
+
+@attrs.frozen(kw_only=True)
+class Control:
+    """One ControlNet conditioning: an image, the ControlNet that reads it, and its weight.
+
+    `start` and `end` bound the fraction of the schedule during which the control applies;
+    `preprocess` names a weight-free preprocessing of the image (``"canny"``) or None.
+    """
+
+    image: str | os.PathLike[str] | Image = attrs.field(validator=_control_image)
+    model: str = attrs.field(validator=chain(of_type(str, what="a hub id, local folder or tiny: name"), non_blank))
+    scale: float = attrs.field(
+        default=1.0,
+        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        validator=chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0")),
+    )
+    start: float = attrs.field(
+        default=0.0,
+        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        validator=chain(of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)")),
+    )
+    end: float = attrs.field(
+        default=1.0,
+        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        validator=chain(
+            of_type(float, what="a number in (0, 1]"), in_range(0.0, 1.0, what="a number in (0, 1]"), _control_window
+        ),
+    )
+    preprocess: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+
+
+def _to_controls(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, Control):
+        return (value,)
+    return value
+
+
+def _controls(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(c, Control) for c in value):
+        raise InvalidRequestError(attribute.name, value, "a tuple of t2i_core.Control")
+
+
+def _to_options(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType(dict(value))
+    return value
+
+
+def _options(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidRequestError(attribute.name, value, "a mapping of option names (str) to values")
+
+
+def _number(v: Any) -> Any:
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+@attrs.frozen(kw_only=True)
+class GenerationRequest:
+    """Everything that decides an image, independent of the model it is made with.
+
+    ``None`` means "the family's default" for size, steps and guidance, "no negative prompt"
+    for `negative_prompt`, and "a fresh random seed" for `seed` (the seed used is reported in
+    `GenerationResult.seeds`). See ``docs/concepts.md`` for every field.
+    """
+
+    prompt: str = attrs.field(validator=chain(of_type(str), non_blank))
+    negative_prompt: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+    height: int | None = attrs.field(
+        default=None, validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8)))
+    )
+    width: int | None = attrs.field(
+        default=None, validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8)))
+    )
+    num_inference_steps: int | None = attrs.field(
+        default=None,
+        validator=optional(chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))),
+    )
+    guidance_scale: float | None = attrs.field(
+        default=None,
+        converter=_number,
+        validator=optional(chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0"))),
+    )
+    seed: int | None = attrs.field(
+        default=None,
+        validator=optional(
+            chain(
+                of_type(int, what=f"an integer in [0, {MAX_SEED}]"),
+                in_range(0, MAX_SEED, what=f"an integer in [0, {MAX_SEED}]"),
+            )
+        ),
+    )
+    num_images: int = attrs.field(
+        default=1, validator=chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))
+    )
+    prompt_weighting: str | None = attrs.field(
+        default=None, validator=optional(of_type(str, what='None or a weighting syntax name such as "compel"'))
+    )
+    controls: tuple[Control, ...] = attrs.field(default=(), converter=_to_controls, validator=_controls)
+    scheduler: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_options, validator=_options)
+
+    def __attrs_post_init__(self) -> None:
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise InvalidRequestError(
+                "seed", self.seed, f"an integer such that seed + num_images - 1 <= {MAX_SEED}"
+            )
+
+    def evolve(self, **changes: Any) -> GenerationRequest:
+        """A copy with `changes` applied and validated again."""
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen(kw_only=True)
+class GenerationResult:
+    """What `Engine.generate` returns.
+
+    `request` is the request as it was run: defaults filled in and the seed of image 0 set.
+    """
+
+    images: list[Image]
+    seeds: list[int]
+    request: GenerationRequest
+    model: str
+    family: str
+
+    def metadata(self, index: int = 0) -> dict[str, str]:
+        """The text metadata that `save` writes into image `index`'s PNG."""
+        request = self.request
+        data = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or "",
+            "seed": str(self.seeds[index]),
+            "model": self.model,
+            "family": self.family,
+            "steps": str(request.num_inference_steps),
+            "guidance_scale": str(request.guidance_scale),
+            "height": str(request.height),
+            "width": str(request.width),
+        }
+        if request.scheduler:
+            data["scheduler"] = request.scheduler
+        if request.prompt_weighting:
+            data["prompt_weighting"] = request.prompt_weighting
+        for key, value in request.options.items():
+            data[f"option.{key}"] = str(value)
+        return data
+
+    def save(self, path: str | os.PathLike[str], index: int = 0, *, overwrite: bool = False) -> None:
+        """Write image `index` as a PNG with its metadata; never replaces a file unless `overwrite`."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in self.metadata(index).items():
+            info.add_text(key, value)
+        mode = "wb" if overwrite else "xb"
+        try:
+            with open(path, mode) as handle:
+                self.images[index].save(handle, format="PNG", pnginfo=info)
+        except FileExistsError:
+            raise InvalidRequestError("output", str(path), "a path that does not exist yet (or pass overwrite)") from None

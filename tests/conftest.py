@@ -1,0 +1,73 @@
+"""Shared fixtures: an isolated tiny-checkpoint cache, offline hub, and raw-diffusers helpers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+# Before anything imports huggingface_hub: the suite never touches the network, and it builds
+# its tiny checkpoints into its own cache (shared by pytest-xdist-free runs of one session).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("T2I_CACHE", os.path.join(tempfile.gettempdir(), "t2i-test-cache"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def as_array(image: Any) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def assert_images_equal(sdk: list[Any], raw: list[Any]) -> None:
+    """Bit-for-bit equality of two lists of PIL images."""
+    assert len(sdk) == len(raw)
+    for index, (ours, theirs) in enumerate(zip(sdk, raw, strict=True)):
+        assert ours.size == theirs.size, f"image {index}: size {ours.size} != {theirs.size}"
+        difference = np.abs(as_array(ours) - as_array(theirs))
+        assert difference.max() == 0, f"image {index} differs from raw diffusers (max {difference.max()} / 255)"
+
+
+def cpu_generators(seed: int, count: int) -> Any:
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+    return generators[0] if count == 1 else generators
+
+
+def tiny_folder(family: str) -> str:
+    from t2i_core import get_registry
+    from t2i_core.tiny import ensure_built
+
+    provider = get_registry().provider(family)
+    return str(ensure_built(provider.name, provider.tiny_version, provider.build_tiny))
+
+
+@pytest.fixture(scope="session")
+def sd15_folder() -> str:
+    return tiny_folder("sd15")
+
+
+@pytest.fixture(scope="session")
+def raw_sd15(sd15_folder: str) -> Any:
+    from diffusers import AutoPipelineForText2Image
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def sd15_engine() -> Any:
+    from t2i_core import load
+
+    return load("tiny:sd15", device="cpu")
+
+
+@pytest.fixture
+def registry() -> Iterator[Any]:
+    from t2i_core import get_registry
+
+    yield get_registry()
