@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import InvalidRequestError, UnsupportedFeatureError
+from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -165,11 +165,6 @@ class ModelProvider:
         for option in self.options:
             values.setdefault(option.name, option.default)
         return values
-
-    def check_controls(self, request: GenerationRequest) -> None:
-        """Refuse controls when the family has no ControlNet support (providers that do override)."""
-        if request.controls:
-            raise UnsupportedFeatureError(self.name, "ControlNet controls")
 
     def call_kwargs(self, request: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline arguments for a fully resolved request (defaults filled, seed set), minus generators."""
