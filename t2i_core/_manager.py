@@ -66,7 +66,7 @@ class Registry:
             try:
                 plugin = entry_point.load()
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the SDK down
-                info.error = f"import failed: {type(exc).__name__}: {exc}"
+                info.error = f"plugin {info.name!r}: import failed: {type(exc).__name__}: {exc}"
                 self.plugins[info.name] = info
                 continue
             self._add(plugin, info)
@@ -103,7 +103,7 @@ class Registry:
         except Exception as exc:  # noqa: BLE001 - pluggy's PluginValidationError, a name clash, ...
             if self.pm.has_plugin(info.name):
                 self.pm.unregister(name=info.name)
-            info.error = f"registration failed: {exc}"
+            info.error = f"plugin {info.name!r}: registration failed: {exc}"
             return info
         pending: list[tuple[str, object]] = []
         try:
@@ -116,7 +116,7 @@ class Registry:
                 self._store(kind, item, info.name)
         except Exception as exc:  # noqa: BLE001
             self.pm.unregister(name=info.name)
-            info.error = f"{type(exc).__name__}: {exc}"
+            info.error = str(exc) if isinstance(exc, PluginError) else f"plugin {info.name!r}: {type(exc).__name__}: {exc}"
             return info
         info.registered = [f"{kind}:{item.name}" for kind, item in pending]  # type: ignore[attr-defined]
         return info

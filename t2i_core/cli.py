@@ -35,12 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", "-m", required=True, help="hub id, local diffusers folder, alias (sd15) or tiny:<family>")
     gen.add_argument("--family", help="model family (provider name); default: detect from model_index.json")
     gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
-    gen.add_argument("--height", type=_integer("height"), metavar="H")
-    gen.add_argument("--width", type=_integer("width"), metavar="W")
-    gen.add_argument("--steps", type=_integer("steps"), metavar="N", help="number of denoising steps")
-    gen.add_argument("--guidance-scale", dest="guidance_scale", type=_number("guidance-scale"), metavar="G")
-    gen.add_argument("--seed", type=_integer("seed"), metavar="S", help="default: a fresh random seed (printed)")
-    gen.add_argument("--num-images", dest="num_images", type=_integer("num-images"), default=1, metavar="N")
+    gen.add_argument("--height", type=_integer, metavar="H")
+    gen.add_argument("--width", type=_integer, metavar="W")
+    gen.add_argument("--steps", type=_integer, metavar="N", help="number of denoising steps")
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=_number, metavar="G")
+    gen.add_argument("--seed", type=_integer, metavar="S", help="default: a fresh random seed (printed)")
+    gen.add_argument("--num-images", dest="num_images", type=_integer, default=1, metavar="N")
     gen.add_argument("--weighting", metavar="SYNTAX", help='prompt weighting syntax, e.g. "compel"')
     gen.add_argument("--scheduler", metavar="NAME", help="sampler: default, ddim, euler, dpm++-2m, ... (see docs)")
     gen.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
@@ -64,28 +64,27 @@ def _version() -> str:
     return __version__
 
 
-def _integer(name: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name}={text!r} is not allowed: expected an integer") from None
-
-    return parse
+def _integer(text: str) -> int:
+    """An argparse type; argparse names the flag (``argument --steps: 'x' is not allowed: ...``)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected an integer") from None
 
 
-def _number(name: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name}={text!r} is not allowed: expected a number") from None
-
-    return parse
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected a number") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the CLI; returns the exit status (0 success, 2 a bad argument or request)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help, --version, or a usage error already printed
+        return int(exit_.code or 0)
     try:
         if args.command == "plugins":
             return _plugins(args)
@@ -191,7 +190,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import warnings
 
+    for library in ("diffusers", "transformers", "huggingface_hub", "torch", "accelerate"):
+        warnings.filterwarnings("ignore", module=library)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -298,5 +302,9 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
+def console_main() -> None:
     raise SystemExit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    console_main()

@@ -68,6 +68,8 @@ class Option:
     def coerce(self, value: Any) -> Any:
         """Check `value` (a Python value, or the text given on the command line) and return it typed."""
         field = f"options[{self.name!r}]"
+        if value is None and self.default is None:
+            return None
         if self.length > 1:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)) or len(items) != self.length:

@@ -30,6 +30,11 @@ def _control_image(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         raise InvalidRequestError(attribute.name, value, "a PIL image or the path of an image file")
 
 
+def _below_one(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value >= 1.0:
+        raise InvalidRequestError(attribute.name, value, "a number in [0, 1)")
+
+
 def _control_window(inst: Control, _attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= inst.start:
         raise InvalidRequestError("end", value, f"a fraction of the schedule greater than start={inst.start}")
@@ -41,6 +46,9 @@ class Control:
 
     `start` and `end` bound the fraction of the schedule during which the control applies;
     `preprocess` names a weight-free preprocessing of the image (``"canny"``) or None.
+    `guess_mode` lets the ControlNet recognise the image's content without relying on the
+    prompt (diffusers' ``guess_mode``); it applies to the whole call, so every control of one
+    request must agree on it.
     """
 
     image: str | os.PathLike[str] | Image = attrs.field(validator=_control_image)
@@ -53,7 +61,9 @@ class Control:
     start: float = attrs.field(
         default=0.0,
         converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
-        validator=chain(of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)")),
+        validator=chain(
+            of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)"), _below_one
+        ),
     )
     end: float = attrs.field(
         default=1.0,
@@ -63,6 +73,7 @@ class Control:
         ),
     )
     preprocess: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+    guess_mode: bool = attrs.field(default=False, validator=of_type(bool, what="True or False"))
 
 
 def _to_controls(value: Any) -> Any:

@@ -1,0 +1,175 @@
+"""The t2i command line: generate, plugins, one-line errors with exit status 2, lazy imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from conftest import assert_images_equal
+from t2i_core import GenerationRequest
+from t2i_core.cli import main
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_generate_writes_png_with_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str], sd15_engine: Any) -> None:
+    out = tmp_path / "astronaut.png"
+    code = run_cli(
+        "generate", "Astronaut in a jungle", "--model", "tiny:sd15", "--negative-prompt", "ugly",
+        "--seed", "31", "--steps", "3", "--guidance-scale", "6.5", "--device", "cpu", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0
+    assert f"{out}  (seed 31)" in capsys.readouterr().out
+    with Image.open(out) as image:
+        image.load()
+        text = dict(image.text)  # type: ignore[attr-defined]
+        saved = image.convert("RGB")
+    assert text["prompt"] == "Astronaut in a jungle"
+    assert text["negative_prompt"] == "ugly"
+    assert text["seed"] == "31"
+    assert text["model"] == "tiny:sd15"
+    assert text["family"] == "sd15"
+    assert text["steps"] == "3"
+    assert text["guidance_scale"] == "6.5"
+    expected = sd15_engine.generate(
+        GenerationRequest(prompt="Astronaut in a jungle", negative_prompt="ugly", seed=31, num_inference_steps=3, guidance_scale=6.5)
+    )
+    assert_images_equal([saved], expected.images)
+
+
+def test_existing_output_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"precious")
+    code = run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "--device", "cpu", "-o", str(out))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and str(out) in err
+    assert out.read_bytes() == b"precious"
+    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "--device", "cpu", "-o", str(out), "--overwrite") == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_num_images_are_numbered(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "batch.png"
+    code = run_cli(
+        "generate", "a cat", "--model", "tiny:sd15", "--steps", "2", "--seed", "9", "--num-images", "2",
+        "--device", "cpu", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0
+    assert not out.exists()
+    seeds = []
+    for index in range(2):
+        with Image.open(tmp_path / f"batch-{index}.png") as image:
+            seeds.append(image.text["seed"])  # type: ignore[attr-defined]
+    assert seeds == ["9", "10"]
+
+
+def test_one_numbered_file_existing_stops_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "b-1.png").write_bytes(b"keep")
+    code = run_cli("generate", "a cat", "--model", "tiny:sd15", "--num-images", "2", "--device", "cpu", "-o", str(tmp_path / "b.png"))
+    assert code == 2
+    assert not (tmp_path / "b-0.png").exists()
+    assert (tmp_path / "b-1.png").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--height", "100"], "height=100 is not allowed: expected a positive multiple of 8"),
+        (["--width", "0"], "width=0"),
+        (["--steps", "0"], "num_inference_steps=0"),
+        (["--steps", "abc"], "argument --steps: 'abc' is not allowed: expected an integer"),
+        (["--guidance-scale", "-1"], "guidance_scale=-1.0"),
+        (["--num-images", "0"], "num_images=0"),
+        (["--seed", "-5"], "seed=-5"),
+        (["--family", "sd99"], "family='sd99'"),
+        (["--accelerator", "warp"], "accelerator='warp'"),
+        (["--device", "gpu"], "device='gpu'"),
+        (["--option", "nonsense"], "--option='nonsense'"),
+        (["--option", "colour=red"], "options['colour']"),
+        (["--scheduler", "turbo"], "scheduler='turbo'"),
+        (["--weighting", "fancy"], "prompt_weighting='fancy'"),
+        (["--control", "edges.png"], "IMAGE=MODEL"),
+        (["-o", "out.jpg"], "--output='out.jpg'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "x.png")]
+    assert run_cli(*base, *args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_empty_prompt(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_cli("generate", "  ", "--model", "tiny:sd15", "-o", str(tmp_path / "x.png")) == 2
+    assert "prompt='  ' is not allowed: expected a non-empty text" in capsys.readouterr().err
+
+
+def _subprocess(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+
+
+def test_missing_model_folder_in_a_real_process(tmp_path: Path) -> None:
+    proc = _subprocess("-m", "t2i_core.cli", "generate", "a cat", "--model", "./no/such/folder", "-o", str(tmp_path / "a.png"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "model='./no/such/folder' cannot be loaded" in proc.stderr
+
+
+def test_offline_hub_id_in_a_real_process(tmp_path: Path) -> None:
+    proc = _subprocess(
+        "-m", "t2i_core.cli", "generate", "a cat", "--model", "someone/not-cached", "-o", str(tmp_path / "a.png"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "HF_HUB_OFFLINE=1" in proc.stderr
+
+
+_HEAVY = "import sys; heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'compel') if m in sys.modules); print(heavy)"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import t2i_core",
+        "import t2i_core; t2i_core.get_registry()",
+        "from t2i_core.cli import main; main(['--help'])",
+        "from t2i_core.cli import main; main(['plugins'])",
+        "from t2i_core.cli import main; main(['plugins', '--json'])",
+    ],
+)
+def test_light_paths_never_import_torch(code: str) -> None:
+    proc = _subprocess("-c", f"{code}\n{_HEAVY}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_plugins_lists_every_plugin(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("plugins") == 0
+    out = capsys.readouterr().out
+    assert "sd15  (t2i-sd15 0.1.0)" in out
+    assert "provider:sd15" in out and "conditioner:negative-prompt" in out and "accelerator:fp16" in out
+    assert "sd15 -> stable-diffusion-v1-5/stable-diffusion-v1-5" in out
+
+
+def test_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert run_cli("plugins", "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["families"]["sd15"]["aliases"] == {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert {p["name"] for p in document["plugins"]} >= {"sd15", "negative_prompt", "accelerators"}

@@ -1,0 +1,178 @@
+"""load(): resolving models and families, devices, accelerators, the tiny and engine caches, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import t2i_core
+from t2i_core import (
+    IncompatibleAcceleratorsError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UndetectedFamilyError,
+    UnknownAcceleratorError,
+    UnknownFamilyError,
+    load,
+)
+from t2i_core.engine import _resolve_model
+from t2i_core.tiny import ensure_built
+
+
+def test_unknown_family_lists_known_ones() -> None:
+    with pytest.raises(UnknownFamilyError) as caught:
+        load("tiny:sd15", family="sd99", device="cpu")
+    assert "family='sd99'" in str(caught.value) and "sd15" in str(caught.value)
+
+
+def test_unknown_tiny_family() -> None:
+    with pytest.raises(UnknownFamilyError, match="'nope'.*sd15"):
+        load("tiny:nope", device="cpu")
+
+
+def test_family_must_match_tiny_name() -> None:
+    other = next((name for name in t2i_core.get_registry().providers if name != "sd15"), "zzz")
+    with pytest.raises((InvalidRequestError, UnknownFamilyError)):
+        load("tiny:sd15", family=other, device="cpu")
+
+
+def test_unknown_accelerator_lists_known_ones() -> None:
+    with pytest.raises(UnknownAcceleratorError) as caught:
+        load("tiny:sd15", device="cpu", accelerators=["warp-speed"])
+    assert "'warp-speed'" in str(caught.value) and "fp16" in str(caught.value)
+
+
+def test_conflicting_dtypes_are_refused() -> None:
+    with pytest.raises(IncompatibleAcceleratorsError, match="fp16.*bf16|bf16.*fp16"):
+        load("tiny:sd15", device="cpu", accelerators=["fp16", "bf16"])
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError) as caught:
+        load(str(missing), device="cpu")
+    assert str(missing) in str(caught.value) and "does not exist" in str(caught.value)
+
+
+def test_relative_missing_folder() -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load("./models/sd15-finetune", device="cpu")
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        load(str(path), device="cpu")
+
+
+def test_folder_without_model_index(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="model_index.json"):
+        load(str(tmp_path), device="cpu")
+
+
+def test_hub_id_offline_is_a_clear_error() -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        load("someone/some-model-that-is-not-cached", device="cpu")
+    assert "HF_HUB_OFFLINE=1" in str(caught.value)
+    assert "someone/some-model-that-is-not-cached" in str(caught.value)
+
+
+def test_alias_offline_is_a_clear_error() -> None:
+    # The alias names the family, so no model_index.json is read: the failure is at load time.
+    with pytest.raises(ModelNotFoundError) as caught:
+        load("sd15", device="cpu")
+    assert "model='sd15'" in str(caught.value)
+
+
+def test_unrecognised_checkpoint_suggests_family(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FancyNewPipeline"}))
+    with pytest.raises(UndetectedFamilyError) as caught:
+        load(str(tmp_path), device="cpu")
+    message = str(caught.value)
+    assert "FancyNewPipeline" in message and "sd15" in message and "--family" in message
+
+
+def test_detection_reads_only_model_index(sd15_folder: str, tmp_path: Path) -> None:
+    # A folder with nothing but model_index.json is detected: detection never opens weights.
+    shutil.copy(Path(sd15_folder) / "model_index.json", tmp_path / "model_index.json")
+    resolved = _resolve_model(t2i_core.get_registry(), str(tmp_path), None)
+    assert resolved.family == "sd15" and resolved.is_local
+
+
+def test_local_folder_is_detected_and_loaded(sd15_folder: str) -> None:
+    engine = load(sd15_folder, device="cpu")
+    assert engine.family == "sd15" and engine.source == sd15_folder
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", 3])
+def test_bad_device(device: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="device"):
+        load("tiny:sd15", device=device)
+
+
+def test_cuda_device_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidRequestError, match="no CUDA device"):
+        load("tiny:sd15", device="cuda")
+
+
+def test_accelerators_are_ordered_by_phase() -> None:
+    engine = load("tiny:sd15", device="cpu", accelerators=["sdpa", "fp32"], cache=False)
+    assert engine.accelerators == ("fp32", "sdpa")
+
+
+def test_auto_preset_is_the_default_and_is_fp32_on_cpu() -> None:
+    engine = load("tiny:sd15", device="cpu")
+    assert engine.accelerators == ("fp32",)
+
+
+def test_tiny_checkpoint_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path))
+    calls: list[Path] = []
+
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "model_index.json").write_text("{}")
+
+    first = ensure_built("demo", 1, build)
+    second = ensure_built("demo", 1, build)
+    assert first == second == tmp_path / "tiny" / "demo-v1"
+    assert len(calls) == 1
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["demo-v1"]  # no staging folders left
+
+
+def test_failed_tiny_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path))
+
+    def build(folder: Path) -> None:
+        (folder / "half-written").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ensure_built("broken", 1, build)
+    assert list((tmp_path / "tiny").iterdir()) == []
+
+
+def test_engine_cache_shares_weights_not_schedulers() -> None:
+    first = load("tiny:sd15", device="cpu")
+    second = load("tiny:sd15", device="cpu")
+    assert first is not second
+    assert first.pipeline.unet is second.pipeline.unet
+    assert first.pipeline.scheduler is not second.pipeline.scheduler
+    fresh = load("tiny:sd15", device="cpu", cache=False)
+    assert fresh.pipeline.unet is not first.pipeline.unet
+
+
+def test_clear_cache_drops_weights() -> None:
+    first = load("tiny:sd15", device="cpu")
+    t2i_core.clear_cache()
+    second = load("tiny:sd15", device="cpu")
+    assert first.pipeline.unet is not second.pipeline.unet

@@ -1,0 +1,237 @@
+"""Plugin discovery and registration: entry points, isolation of broken plugins, restriction, hooks."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import t2i_core
+from t2i_core import Conditioner, GenerationRequest, ModelProvider, hookimpl, hookspecs
+from t2i_core._manager import LOAD_PLUGINS_ENV, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fresh_registry(monkeypatch: pytest.MonkeyPatch, extra: list[metadata.EntryPoint] = ()) -> Registry:  # type: ignore[assignment]
+    real = metadata.entry_points
+
+    def entry_points(group: str) -> Any:
+        return [*real(group=group), *extra]
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    registry = Registry()
+    registry.load_entry_points()
+    return registry
+
+
+def test_builtins_come_through_entry_points(registry: Any) -> None:
+    info = registry.plugins["accelerators"]
+    assert info.distribution == "t2i-core"
+    assert {"accelerator:fp32", "accelerator:fp16", "accelerator:bf16", "accelerator:sdpa"} <= set(info.registered)
+    assert registry.plugins["negative_prompt"].registered == ["conditioner:negative-prompt"]
+    assert registry.plugins["sd15"].distribution == "t2i-sd15"
+    assert registry.plugins["sd15"].registered == ["provider:sd15"]
+
+
+def test_registry_is_loaded_once() -> None:
+    assert t2i_core.get_registry() is t2i_core.get_registry()
+
+
+def test_broken_plugin_is_reported_and_the_rest_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = metadata.EntryPoint(name="broken", value="t2i_no_such_module_xyz", group="t2i")
+    registry = fresh_registry(monkeypatch, [broken])
+    assert registry.plugins["broken"].error is not None
+    assert "t2i_no_such_module_xyz" in registry.plugins["broken"].error
+    assert [info.name for info in registry.failures()] == ["broken"]
+    assert "sd15" in registry.providers and "fp16" in registry.accelerators
+
+
+def test_broken_plugin_shows_in_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from t2i_core import _manager
+    from t2i_core.cli import main
+
+    broken = metadata.EntryPoint(name="broken", value="t2i_no_such_module_xyz", group="t2i")
+    registry = fresh_registry(monkeypatch, [broken])
+    monkeypatch.setattr(_manager, "_registry", registry)
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "broken" in out and "ERROR: plugin 'broken': import failed: ModuleNotFoundError" in out
+    assert "provider:sd15" in out
+
+
+@pytest.mark.parametrize(("wanted", "expected"), [("", set()), ("sd15", {"sd15"}), (" sd15 , nothing ", {"sd15"})])
+def test_environment_restricts_plugins(monkeypatch: pytest.MonkeyPatch, wanted: str, expected: set[str]) -> None:
+    monkeypatch.setenv(LOAD_PLUGINS_ENV, wanted)
+    registry = fresh_registry(monkeypatch)
+    third_party = {name for name, info in registry.plugins.items() if info.distribution != "t2i-core"}
+    assert third_party == expected
+    assert "fp32" in registry.accelerators  # the core's own plugins always load
+
+
+@pytest.fixture
+def plugin_registry() -> Iterator[Registry]:
+    registry = t2i_core.get_registry()
+    before = set(registry.plugins)
+    try:
+        yield registry
+    finally:
+        for name in set(registry.plugins) - before:
+            registry.unregister_plugin(name)
+
+
+def test_misspelled_hook_is_caught_and_names_the_plugin(plugin_registry: Registry) -> None:
+    plugin = types.SimpleNamespace(register_provider=hookimpl(lambda register: None))
+    info = plugin_registry.register_plugin(plugin, "typo-plugin")
+    assert info.error is not None and "register_provider" in info.error and "typo-plugin" in info.error
+    assert not plugin_registry.pm.has_plugin("typo-plugin")
+
+
+def test_registering_the_wrong_type_is_an_error(plugin_registry: Registry) -> None:
+    plugin = types.SimpleNamespace(register_providers=hookimpl(lambda register: register("sd15")))
+    info = plugin_registry.register_plugin(plugin, "wrong-type")
+    assert info.error is not None and "expected a ModelProvider" in info.error
+    assert plugin_registry.providers["sd15"].__class__.__name__ == "StableDiffusion15"
+
+
+def test_duplicate_family_is_refused(plugin_registry: Registry) -> None:
+    from t2i_sd15 import StableDiffusion15
+
+    plugin = types.SimpleNamespace(register_providers=hookimpl(lambda register: register(StableDiffusion15())))
+    info = plugin_registry.register_plugin(plugin, "copycat")
+    assert info.error is not None and "already registered" in info.error
+
+
+def test_third_party_provider_with_its_own_tiny_checkpoint(plugin_registry: Registry) -> None:
+    """register_providers: a third-party family, offering tiny:<family>, through the same hook."""
+    from t2i_sd15 import StableDiffusion15
+
+    class MyFamily(StableDiffusion15):
+        name = "my-sd"
+        aliases = {"my-sd": "me/my-sd"}
+        pipeline_classes = ()
+        description = "a third-party copy of SD 1.x"
+
+    @hookimpl
+    def register_providers(register: Callable[[ModelProvider], None]) -> None:
+        register(MyFamily())
+
+    info = plugin_registry.register_plugin(types.SimpleNamespace(register_providers=register_providers), "my-plugin")
+    assert info.error is None and info.registered == ["provider:my-sd"]
+    engine = t2i_core.load("tiny:my-sd", device="cpu")
+    assert engine.family == "my-sd"
+    result = engine.generate(GenerationRequest(prompt="a cat", seed=1, num_inference_steps=1))
+    assert result.family == "my-sd" and result.images[0].size == (64, 64)
+    plugin_registry.unregister_plugin("my-plugin")
+    assert "my-sd" not in plugin_registry.providers
+
+
+def test_third_party_conditioner(plugin_registry: Registry, sd15_engine: Any) -> None:
+    """register_conditioners: a conditioner edits the call; others in order see its result."""
+    seen: list[dict[str, Any]] = []
+
+    class Shout(Conditioner):
+        name = "shout"
+        order = 50
+        description = "upper-cases prompts"
+
+        def wants(self, request: GenerationRequest) -> bool:
+            return request.prompt.endswith("!")
+
+        def condition(self, engine: Any, request: GenerationRequest, call: Any) -> None:
+            call.kwargs["prompt"] = request.prompt.upper()
+            seen.append(dict(call.kwargs))
+
+    @hookimpl
+    def register_conditioners(register: Callable[[Conditioner], None]) -> None:
+        register(Shout())
+
+    plugin_registry.register_plugin(types.SimpleNamespace(register_conditioners=register_conditioners), "shout")
+    shouted = sd15_engine.generate(GenerationRequest(prompt="a cat!", seed=4, num_inference_steps=1))
+    upper = sd15_engine.generate(GenerationRequest(prompt="A CAT!", seed=4, num_inference_steps=1))
+    assert seen and seen[0]["prompt"] == "A CAT!"
+    assert list(shouted.images[0].getdata()) == list(upper.images[0].getdata())
+    plain = sd15_engine.generate(GenerationRequest(prompt="a cat", seed=4, num_inference_steps=1))
+    assert len(seen) == 2 and plain.request.prompt == "a cat"
+
+
+def test_family_restricted_conditioner_is_refused_before_work(plugin_registry: Registry, sd15_engine: Any) -> None:
+    from t2i_core import UnsupportedFeatureError
+
+    class OnlyXl(Conditioner):
+        name = "only-xl"
+        families = ("sdxl",)
+        weighting = "xl-syntax"
+        feature = "XL prompt syntax"
+
+        def wants(self, request: GenerationRequest) -> bool:
+            return request.prompt_weighting == "xl-syntax"
+
+        def condition(self, engine: Any, request: GenerationRequest, call: Any) -> None:
+            raise AssertionError("must not run")
+
+    plugin_registry.register_plugin(
+        types.SimpleNamespace(register_conditioners=hookimpl(lambda register: register(OnlyXl()))), "only-xl"
+    )
+    with pytest.raises(UnsupportedFeatureError, match="family 'sd15' does not support XL prompt syntax"):
+        sd15_engine.generate(GenerationRequest(prompt="a", prompt_weighting="xl-syntax"))
+
+
+def test_third_party_accelerator_runs_in_its_phase(plugin_registry: Registry) -> None:
+    """register_accelerators: accelerators and presets; applied once at load, ordered by phase."""
+    applied: list[str] = []
+
+    class Tag(t2i_core.Accelerator):
+        name = "tag-unet"
+        phase = "memory"
+        description = "records that it ran"
+
+        def apply(self, pipeline: Any, context: Any) -> None:
+            applied.append(f"{context.accelerators}:{pipeline.unet.dtype}")
+
+    preset = t2i_core.Preset(name="tagged", description="fp32 + tag", stacks={"*": ("tag-unet", "fp32")})
+
+    @hookimpl
+    def register_accelerators(register: Callable[[Any], None]) -> None:
+        register(Tag())
+        register(preset)
+
+    plugin_registry.register_plugin(types.SimpleNamespace(register_accelerators=register_accelerators), "tagger")
+    engine = t2i_core.load("tiny:sd15", device="cpu", accelerators=["tagged"], cache=False)
+    assert engine.accelerators == ("fp32", "tag-unet")
+    assert applied == ["('fp32', 'tag-unet'):torch.float32"]
+
+
+def test_accelerator_with_unknown_phase_is_refused(plugin_registry: Registry) -> None:
+    class Odd(t2i_core.Accelerator):
+        name = "odd"
+        phase = "whenever"
+
+    info = plugin_registry.register_plugin(
+        types.SimpleNamespace(register_accelerators=hookimpl(lambda register: register(Odd()))), "odd"
+    )
+    assert info.error is not None and "phase 'whenever'" in info.error
+
+
+def _hook_names() -> list[str]:
+    return [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    assert _hook_names() == ["register_accelerators", "register_conditioners", "register_providers"]
+    for name in _hook_names():
+        signature = f"def {name}{inspect.signature(getattr(hookspecs, name))}".replace("'", "")
+        assert signature in text, f"docs/plugins.md lacks the signature {signature!r}"
+
+
+def test_every_hook_has_tests() -> None:
+    source = Path(__file__).read_text()
+    for name in _hook_names():
+        assert re.search(rf"\"\"\"{name}:", source), f"no test documents hook {name}"
