@@ -105,7 +105,7 @@ class Registry:
                 self.pm.unregister(name=info.name)
             info.error = f"plugin {info.name!r}: registration failed: {exc}"
             return info
-        pending: list[tuple[str, object]] = []
+        pending: list[tuple[str, Any]] = []
         try:
             for hook_name in ("register_providers", "register_conditioners", "register_accelerators"):
                 caller = getattr(self.pm.hook, hook_name)
@@ -116,37 +116,45 @@ class Registry:
                 self._store(kind, item, info.name)
         except Exception as exc:  # noqa: BLE001
             self.pm.unregister(name=info.name)
-            info.error = str(exc) if isinstance(exc, PluginError) else f"plugin {info.name!r}: {type(exc).__name__}: {exc}"
+            info.error = (
+                str(exc) if isinstance(exc, PluginError) else f"plugin {info.name!r}: {type(exc).__name__}: {exc}"
+            )
             return info
         info.registered = [f"{kind}:{item.name}" for kind, item in pending]  # type: ignore[attr-defined]
         return info
 
-    def _collector(self, hook_name: str, plugin: str, pending: list[tuple[str, object]]) -> Callable[[Any], None]:
-        expected: dict[str, tuple[type, ...]] = {
+    def _collector(self, hook_name: str, plugin: str, pending: list[tuple[str, Any]]) -> Callable[[Any], None]:
+        expected: dict[str, tuple[type[Any], ...]] = {
             "register_providers": (ModelProvider,),
             "register_conditioners": (Conditioner,),
             "register_accelerators": (Accelerator, Preset),
         }
 
         def register(item: Any) -> None:
-            if not isinstance(item, expected[hook_name]):
+            kinds = expected[hook_name]
+            if not isinstance(item, kinds):
                 names = " or ".join(t.__name__ for t in expected[hook_name])
                 raise PluginError(plugin, f"{hook_name} got {item!r}, expected a {names} instance")
             kind_name = "preset" if isinstance(item, Preset) else hook_name.removeprefix("register_").removesuffix("s")
             if kind_name == "accelerator" and item.phase not in PHASES:
-                raise PluginError(plugin, f"accelerator {item.name!r} has phase {item.phase!r}; expected one of {PHASES}")
+                raise PluginError(
+                    plugin, f"accelerator {item.name!r} has phase {item.phase!r}; expected one of {PHASES}"
+                )
             pending.append((kind_name, item))
 
         return register
 
     def _store(self, kind: str, item: Any, plugin: str) -> None:
-        table: dict[str, Any] = {
+        tables: dict[str, dict[str, Any]] = {
             "provider": self.providers,
             "conditioner": self.conditioners,
             "accelerator": self.accelerators,
             "preset": self.presets,
-        }[kind]
-        if item.name in table or (kind in ("accelerator", "preset") and item.name in {**self.accelerators, **self.presets}):
+        }
+        table = tables[kind]
+        if item.name in table or (
+            kind in ("accelerator", "preset") and item.name in {**self.accelerators, **self.presets}
+        ):
             raise PluginError(plugin, f"{kind} {item.name!r} is already registered by another plugin")
         if kind == "provider":
             for alias in item.aliases:

@@ -44,14 +44,14 @@ class Accelerator:
     lossless: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
-    def check(self, context: LoadContext) -> None:  # noqa: B027 - optional hook
+    def check(self, context: LoadContext) -> None:
         """Raise `IncompatibleAcceleratorsError` when it cannot work in `context`."""
 
     def load_kwargs(self, context: LoadContext) -> dict[str, Any]:
         """Extra ``from_pretrained`` keyword arguments (e.g. ``torch_dtype``, ``variant``)."""
         return {}
 
-    def apply(self, pipeline: Any, context: LoadContext) -> None:  # noqa: B027 - optional hook
+    def apply(self, pipeline: Any, context: LoadContext) -> None:
         """Transform the loaded pipeline in place."""
 
 

@@ -30,9 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    gen = commands.add_parser("generate", help="generate images from a prompt", description="Generate images from a prompt.")
+    gen = commands.add_parser(
+        "generate", help="generate images from a prompt", description="Generate images from a prompt."
+    )
     gen.add_argument("prompt", metavar="PROMPT")
-    gen.add_argument("--model", "-m", required=True, help="hub id, local diffusers folder, alias (sd15) or tiny:<family>")
+    gen.add_argument(
+        "--model", "-m", required=True, help="hub id, local diffusers folder, alias (sd15) or tiny:<family>"
+    )
     gen.add_argument("--family", help="model family (provider name); default: detect from model_index.json")
     gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
     gen.add_argument("--height", type=_integer, metavar="H")
@@ -45,11 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", metavar="NAME", help="sampler: default, ddim, euler, dpm++-2m, ... (see docs)")
     gen.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
     gen.add_argument(
-        "--control", action="append", default=[], metavar="IMAGE=MODEL[@SCALE]", help="a ControlNet control (repeatable)"
+        "--control",
+        action="append",
+        default=[],
+        metavar="IMAGE=MODEL[@SCALE]",
+        help="a ControlNet control (repeatable)",
     )
-    gen.add_argument("--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)")
+    gen.add_argument(
+        "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
+    )
     gen.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
-    gen.add_argument("--output", "-o", default="t2i.png", metavar="OUT.png", help="output PNG (numbered with --num-images)")
+    gen.add_argument(
+        "--output", "-o", default="t2i.png", metavar="OUT.png", help="output PNG (numbered with --num-images)"
+    )
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also load .bin (pickle) weights")
 
@@ -246,11 +258,12 @@ def _plugins(args: argparse.Namespace) -> int:
             "error": info.error,
         }
         plugins.append(entry)
-    families = {
+    families: dict[str, dict[str, Any]] = {
         name: {
             "aliases": dict(provider.aliases),
             "options": [
-                {"name": o.name, "default": o.default, "allowed": o.describe(), "help": o.help} for o in provider.options
+                {"name": o.name, "default": o.default, "allowed": o.describe(), "help": o.help}
+                for o in provider.options
             ],
             "description": provider.description,
         }
@@ -288,7 +301,9 @@ def _plugins(args: argparse.Namespace) -> int:
         aliases = ", ".join(f"{a} -> {t}" for a, t in family["aliases"].items()) or "none"
         print(f"  {name}: {family['description']}; aliases: {aliases}")
         for option in family["options"]:
-            print(f"    --option {option['name']}=...  ({option['allowed']}; default {option['default']!r}) {option['help']}")
+            print(
+                f"    --option {option['name']}=...  ({option['allowed']}; default {option['default']!r}) {option['help']}"
+            )
     print("conditioners:")
     for name, conditioner in conditioners.items():
         fams = conditioner["families"] if conditioner["families"] == "all" else ", ".join(conditioner["families"])

@@ -43,7 +43,7 @@ class Conditioner:
         """Whether this conditioner has work to do for `request` (cheap; no heavy imports)."""
         raise NotImplementedError
 
-    def prepare(self, engine: Engine, request: GenerationRequest) -> None:  # noqa: B027 - optional hook
+    def prepare(self, engine: Engine, request: GenerationRequest) -> None:
         """Validate the request against the engine before any work starts (raise a `T2IError`)."""
 
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:

@@ -153,14 +153,22 @@ class Engine:
         if request.prompt_weighting is not None:
             syntaxes = sorted({c.weighting for c in conditioners if c.weighting})
             if request.prompt_weighting not in syntaxes:
-                allowed = "None or one of " + ", ".join(repr(s) for s in syntaxes) if syntaxes else "None (install t2i-compel for 'compel')"
+                allowed = (
+                    "None or one of " + ", ".join(repr(s) for s in syntaxes)
+                    if syntaxes
+                    else "None (install t2i-compel for 'compel')"
+                )
                 raise InvalidRequestError("prompt_weighting", request.prompt_weighting, allowed)
         if request.controls and not any(c.wants(request) for c in conditioners):
-            raise InvalidRequestError("controls", request.controls, "() unless a ControlNet conditioner (t2i-controlnet) is installed")
+            raise InvalidRequestError(
+                "controls", request.controls, "() unless a ControlNet conditioner (t2i-controlnet) is installed"
+            )
         for conditioner in conditioners:
             if conditioner.wants(request):
                 if conditioner.families is not None and self.family not in conditioner.families:
-                    raise UnsupportedFeatureError(self.family, conditioner.feature or conditioner.name, conditioner.families)
+                    raise UnsupportedFeatureError(
+                        self.family, conditioner.feature or conditioner.name, conditioner.families
+                    )
                 conditioner.prepare(self, request)
 
     def generate(self, request: GenerationRequest, *, progress: ProgressCallback | None = None) -> GenerationResult:
@@ -286,7 +294,9 @@ def _check_accelerators(chosen: tuple[Accelerator, ...], context: LoadContext) -
             )
         clash = sorted(names.intersection(accelerator.conflicts))
         if clash:
-            raise IncompatibleAcceleratorsError([accelerator.name, *clash], f"{accelerator.name} excludes {', '.join(clash)}")
+            raise IncompatibleAcceleratorsError(
+                [accelerator.name, *clash], f"{accelerator.name} excludes {', '.join(clash)}"
+            )
         accelerator.check(context)
 
 
@@ -364,11 +374,18 @@ def _load_error(model: str, resolved: _Resolved, exc: Exception) -> Exception:
     if isinstance(exc, T2IError):
         return exc
     text = str(exc)
-    if "safetensors" in text.lower() and "use_safetensors" in text or "Could not find the necessary `safetensors`" in text:
-        return ModelNotFoundError(model, "it has no safetensors weights; pass allow_pickle=True (--allow-pickle) to load .bin files")
+    if (
+        "safetensors" in text.lower() and "use_safetensors" in text
+    ) or "Could not find the necessary `safetensors`" in text:
+        return ModelNotFoundError(
+            model, "it has no safetensors weights; pass allow_pickle=True (--allow-pickle) to load .bin files"
+        )
     if not resolved.is_local and isinstance(exc, (OSError, ValueError)):
         return ModelNotFoundError(model, _hub_failure(exc))
-    return ModelNotFoundError(model, f"diffusers could not load it as a {resolved.family} pipeline ({type(exc).__name__}: {text.splitlines()[0] if text else ''})")
+    return ModelNotFoundError(
+        model,
+        f"diffusers could not load it as a {resolved.family} pipeline ({type(exc).__name__}: {text.splitlines()[0] if text else ''})",
+    )
 
 
 def describe_families(registry: Registry | None = None) -> Mapping[str, ModelProvider]:

@@ -95,7 +95,8 @@ class Option:
             raise InvalidRequestError(field, whole, self.describe())
         if self.choices is not None and item not in self.choices:
             raise InvalidRequestError(field, whole, self.describe())
-        if (self.minimum is not None and item < self.minimum) or (self.maximum is not None and item > self.maximum):
+        number: Any = item
+        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
             raise InvalidRequestError(field, whole, self.describe())
         return item
 

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 MAX_SEED = 2**63 - 1
 
 
+def _number(v: Any) -> Any:
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 def _control_image(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, (str, os.PathLike)):
         if not str(value):
@@ -55,19 +59,19 @@ class Control:
     model: str = attrs.field(validator=chain(of_type(str, what="a hub id, local folder or tiny: name"), non_blank))
     scale: float = attrs.field(
         default=1.0,
-        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        converter=_number,
         validator=chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0")),
     )
     start: float = attrs.field(
         default=0.0,
-        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        converter=_number,
         validator=chain(
             of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)"), _below_one
         ),
     )
     end: float = attrs.field(
         default=1.0,
-        converter=lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v,
+        converter=_number,
         validator=chain(
             of_type(float, what="a number in (0, 1]"), in_range(0.0, 1.0, what="a number in (0, 1]"), _control_window
         ),
@@ -98,10 +102,6 @@ def _to_options(value: Any) -> Any:
 def _options(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise InvalidRequestError(attribute.name, value, "a mapping of option names (str) to values")
-
-
-def _number(v: Any) -> Any:
-    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 @attrs.frozen(kw_only=True)
@@ -151,9 +151,7 @@ class GenerationRequest:
 
     def __attrs_post_init__(self) -> None:
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
-            raise InvalidRequestError(
-                "seed", self.seed, f"an integer such that seed + num_images - 1 <= {MAX_SEED}"
-            )
+            raise InvalidRequestError("seed", self.seed, f"an integer such that seed + num_images - 1 <= {MAX_SEED}")
 
     def evolve(self, **changes: Any) -> GenerationRequest:
         """A copy with `changes` applied and validated again."""
@@ -207,4 +205,6 @@ class GenerationResult:
             with open(path, mode) as handle:
                 self.images[index].save(handle, format="PNG", pnginfo=info)
         except FileExistsError:
-            raise InvalidRequestError("output", str(path), "a path that does not exist yet (or pass overwrite)") from None
+            raise InvalidRequestError(
+                "output", str(path), "a path that does not exist yet (or pass overwrite)"
+            ) from None

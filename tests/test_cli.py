@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import assert_images_equal
 from PIL import Image
 
-from conftest import assert_images_equal
 from t2i_core import GenerationRequest
 from t2i_core.cli import main
 
@@ -20,7 +20,9 @@ def run_cli(*args: str) -> int:
     return main(list(args))
 
 
-def test_generate_writes_png_with_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str], sd15_engine: Any) -> None:
+def test_generate_writes_png_with_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sd15_engine: Any
+) -> None:
     out = tmp_path / "astronaut.png"
     code = run_cli(
         "generate", "Astronaut in a jungle", "--model", "tiny:sd15", "--negative-prompt", "ugly",
@@ -40,7 +42,9 @@ def test_generate_writes_png_with_metadata(tmp_path: Path, capsys: pytest.Captur
     assert text["steps"] == "3"
     assert text["guidance_scale"] == "6.5"
     expected = sd15_engine.generate(
-        GenerationRequest(prompt="Astronaut in a jungle", negative_prompt="ugly", seed=31, num_inference_steps=3, guidance_scale=6.5)
+        GenerationRequest(
+            prompt="Astronaut in a jungle", negative_prompt="ugly", seed=31, num_inference_steps=3, guidance_scale=6.5
+        )
     )
     assert_images_equal([saved], expected.images)
 
@@ -53,7 +57,22 @@ def test_existing_output_is_never_overwritten(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--overwrite" in err and str(out) in err
     assert out.read_bytes() == b"precious"
-    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "--device", "cpu", "-o", str(out), "--overwrite") == 0
+    assert (
+        run_cli(
+            "generate",
+            "a cat",
+            "--model",
+            "tiny:sd15",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+            "--overwrite",
+        )
+        == 0
+    )
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
@@ -74,7 +93,18 @@ def test_num_images_are_numbered(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_one_numbered_file_existing_stops_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "b-1.png").write_bytes(b"keep")
-    code = run_cli("generate", "a cat", "--model", "tiny:sd15", "--num-images", "2", "--device", "cpu", "-o", str(tmp_path / "b.png"))
+    code = run_cli(
+        "generate",
+        "a cat",
+        "--model",
+        "tiny:sd15",
+        "--num-images",
+        "2",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "b.png"),
+    )
     assert code == 2
     assert not (tmp_path / "b-0.png").exists()
     assert (tmp_path / "b-1.png").read_bytes() == b"keep"
@@ -104,7 +134,18 @@ def test_one_numbered_file_existing_stops_before_any_work(tmp_path: Path, capsys
 def test_bad_arguments_exit_2_with_one_line(
     args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "x.png")]
+    base = [
+        "generate",
+        "a cat",
+        "--model",
+        "tiny:sd15",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
     assert run_cli(*base, *args) == 2
     err = capsys.readouterr().err
     assert needle in err
@@ -123,7 +164,9 @@ def _subprocess(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def test_missing_model_folder_in_a_real_process(tmp_path: Path) -> None:
-    proc = _subprocess("-m", "t2i_core.cli", "generate", "a cat", "--model", "./no/such/folder", "-o", str(tmp_path / "a.png"))
+    proc = _subprocess(
+        "-m", "t2i_core.cli", "generate", "a cat", "--model", "./no/such/folder", "-o", str(tmp_path / "a.png")
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "model='./no/such/folder' cannot be loaded" in proc.stderr

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import as_array, assert_images_equal, cpu_generators
+
 from t2i_core import GenerationRequest
 
 STEPS = 3
@@ -42,7 +42,9 @@ def test_negative_prompt(sd15_engine: Any, raw_sd15: Any) -> None:
 
 
 def test_guidance_scale_and_non_square_size(sd15_engine: Any, raw_sd15: Any) -> None:
-    request = GenerationRequest(prompt=PROMPT, guidance_scale=3.0, height=48, width=80, seed=11, num_inference_steps=STEPS)
+    request = GenerationRequest(
+        prompt=PROMPT, guidance_scale=3.0, height=48, width=80, seed=11, num_inference_steps=STEPS
+    )
     result = sd15_engine.generate(request)
     assert result.images[0].size == (80, 48)
     assert_images_equal(result.images, raw(raw_sd15, 11, prompt=PROMPT, guidance_scale=3.0, height=48, width=80))

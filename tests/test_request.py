@@ -113,7 +113,13 @@ def test_control_end_after_start() -> None:
 )
 def test_valid_values_are_accepted(height: int, width: int, steps: int, guidance: float, seed: int, count: int) -> None:
     request = GenerationRequest(
-        prompt="p", height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed, num_images=count
+        prompt="p",
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        num_images=count,
     )
     assert (request.height, request.width, request.num_inference_steps) == (height, width, steps)
 

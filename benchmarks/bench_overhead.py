@@ -1,0 +1,98 @@
+"""SDK overhead: `Engine.generate()` vs the same raw diffusers call, interleaved in one process.
+
+    python benchmarks/bench_overhead.py [--families sd15 sdxl kandinsky22] [--repeats 15] [--steps 10]
+
+For each family with a tiny checkpoint, loads it once through t2i and once with
+`AutoPipelineForText2Image`, then alternates SDK and raw calls (same prompt, seed, steps) so that
+both see the same machine state. Prints JSON: median seconds of each and the median of the
+per-pair SDK/raw ratios (target <= 1.03). Also checks that both made the same image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    from t2i_core import GenerationRequest, load
+
+    engine = load(f"tiny:{family}", device="cpu", cache=False)
+    raw = AutoPipelineForText2Image.from_pretrained(engine.source)
+    raw.set_progress_bar_config(disable=True)
+    request = GenerationRequest(
+        prompt="Astronaut in a jungle", negative_prompt="ugly", seed=31, num_inference_steps=steps
+    )
+    resolved, _ = engine.resolve(request)
+
+    def sdk() -> Any:
+        return engine.generate(request).images[0]
+
+    def plain() -> Any:
+        return raw(
+            "Astronaut in a jungle",
+            negative_prompt="ugly",
+            num_inference_steps=steps,
+            guidance_scale=resolved.guidance_scale,
+            height=resolved.height,
+            width=resolved.width,
+            generator=torch.Generator("cpu").manual_seed(31),
+        ).images[0]
+
+    same = np.array_equal(np.asarray(sdk()), np.asarray(plain()))  # also the warm-up
+    sdk_times, raw_times, ratios = [], [], []
+    for index in range(repeats):
+        order = (sdk, plain) if index % 2 == 0 else (plain, sdk)
+        timings = {}
+        for run in order:
+            start = time.perf_counter()
+            run()
+            timings[run] = time.perf_counter() - start
+        sdk_times.append(timings[sdk])
+        raw_times.append(timings[plain])
+        ratios.append(timings[sdk] / timings[plain])
+    return {
+        "family": family,
+        "steps": steps,
+        "repeats": repeats,
+        "identical_images": bool(same),
+        "sdk_median_s": round(statistics.median(sdk_times), 4),
+        "raw_median_s": round(statistics.median(raw_times), 4),
+        "median_ratio_sdk_over_raw": round(statistics.median(ratios), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from t2i_core import get_registry
+
+    families = args.families or sorted(get_registry().providers)
+    report = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "results": [measure(family, args.repeats, args.steps) for family in families],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

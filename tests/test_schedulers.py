@@ -1,0 +1,66 @@
+"""Sampler choice by name: parity with diffusers' scheduler built from the checkpoint's config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import assert_images_equal, cpu_generators
+
+from t2i_core import GenerationRequest, InvalidRequestError, load
+from t2i_core import schedulers as named
+
+PROMPT = "a watercolor fox"
+
+
+@pytest.mark.parametrize("name", sorted(named.SCHEDULERS))
+def test_named_scheduler_matches_diffusers(name: str, sd15_engine: Any, raw_sd15: Any) -> None:
+    import diffusers
+
+    class_name, overrides = named.SCHEDULERS[name]
+    original = raw_sd15.scheduler
+    raw_sd15.scheduler = getattr(diffusers, class_name).from_config(original.config, **overrides)
+    try:
+        expected = raw_sd15(PROMPT, num_inference_steps=4, generator=cpu_generators(12, 1)).images
+    finally:
+        raw_sd15.scheduler = original
+    result = sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=12, num_inference_steps=4, scheduler=name))
+    assert type(sd15_engine.pipeline.scheduler).__name__ == class_name
+    assert result.request.scheduler == name
+    assert_images_equal(result.images, expected)
+
+
+def test_default_restores_the_checkpoint_scheduler(sd15_engine: Any, raw_sd15: Any) -> None:
+    sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=2, scheduler="euler"))
+    result = sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=2))
+    assert type(sd15_engine.pipeline.scheduler).__name__ == "PNDMScheduler"
+    assert result.request.scheduler == "default"
+    expected = raw_sd15(PROMPT, num_inference_steps=2, generator=cpu_generators(1, 1)).images
+    assert_images_equal(result.images, expected)
+
+
+def test_switching_keeps_the_weights_and_reuses_the_scheduler(sd15_engine: Any) -> None:
+    unet = sd15_engine.pipeline.unet
+    sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=1, scheduler="ddim"))
+    first = sd15_engine.pipeline.scheduler
+    sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=1, scheduler="ddim"))
+    assert sd15_engine.pipeline.scheduler is first
+    assert sd15_engine.pipeline.unet is unet
+
+
+def test_engines_never_share_scheduler_state() -> None:
+    one = load("tiny:sd15", device="cpu")
+    two = load("tiny:sd15", device="cpu")
+    assert one.pipeline.unet is two.pipeline.unet  # weights shared by the engine cache
+    one.generate(GenerationRequest(prompt=PROMPT, seed=3, num_inference_steps=2, scheduler="euler"))
+    two.generate(GenerationRequest(prompt=PROMPT, seed=3, num_inference_steps=5))
+    assert one.pipeline.scheduler is not two.pipeline.scheduler
+    assert len(two.pipeline.scheduler.timesteps) != len(one.pipeline.scheduler.timesteps)
+    assert type(two.pipeline.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_unknown_scheduler_lists_the_names(sd15_engine: Any) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        sd15_engine.generate(GenerationRequest(prompt=PROMPT, scheduler="turbo"))
+    message = str(caught.value)
+    assert "scheduler='turbo'" in message and "dpm++-2m-karras" in message and "default" in message
