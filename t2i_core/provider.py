@@ -144,7 +144,10 @@ class ModelProvider:
         """A new pipeline object over the same weights, with its own scheduler (for the engine cache)."""
         import copy
 
-        return type(pipeline).from_pipe(pipeline, scheduler=copy.deepcopy(pipeline.scheduler))
+        # from_pipe casts every component to its torch_dtype (float32 when not given), in place on
+        # the shared weights: the pipeline's own dtype keeps an fp16/bf16 engine as it was loaded.
+        scheduler = copy.deepcopy(pipeline.scheduler)
+        return type(pipeline).from_pipe(pipeline, scheduler=scheduler, torch_dtype=pipeline.dtype)
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:
         """The (height, width) the checkpoint was made for."""

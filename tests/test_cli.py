@@ -216,3 +216,40 @@ def test_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
     document = json.loads(capsys.readouterr().out)
     assert document["families"]["sd15"]["aliases"] == {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     assert {p["name"] for p in document["plugins"]} >= {"sd15", "negative_prompt", "accelerators"}
+
+
+class _Terminal:
+    """A stand-in for an interactive stderr."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.chunks.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = run_cli(
+        "generate", "a cat", "--model", "tiny:sd15", "--steps", "2", "--scheduler", "ddim", "--device", "cpu",
+        "-o", str(tmp_path / "p.png"),
+    )  # fmt: skip
+    assert code == 0
+    drawn = "".join(terminal.chunks)
+    assert "2/2" in drawn and "step" in drawn
+
+
+def test_quiet_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "q.png"))
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.strip().startswith(str(tmp_path / "q.png"))
