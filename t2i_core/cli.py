@@ -122,24 +122,46 @@ def _key_values(items: list[str], flag: str, what: str) -> dict[str, str]:
     return values
 
 
+_CONTROL_SYNTAX = "IMAGE=MODEL[@SCALE][,start=F][,end=F][,preprocess=NAME][,guess_mode=true|false]"
+
+
 def _controls(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--control`` values: ``IMAGE=MODEL[@SCALE]`` plus optional ``,key=value`` settings."""
     from .request import Control
 
     controls = []
     for item in items:
-        image, sep, model = item.partition("=")
+        image, sep, rest = item.partition("=")
+        model, *settings = rest.split(",")
         if not sep or not image or not model:
-            raise InvalidRequestError("--control", item, "IMAGE=MODEL[@SCALE]")
-        scale = 1.0
+            raise InvalidRequestError("--control", item, _CONTROL_SYNTAX)
+        fields: dict[str, Any] = {}
         head, at, tail = model.rpartition("@")
         if at:
-            try:
-                scale = float(tail)
-            except ValueError:
-                raise InvalidRequestError("--control", item, "IMAGE=MODEL[@SCALE] with SCALE a number") from None
+            fields["scale"] = _control_number(item, tail)
             model = head
-        controls.append(Control(image=image, model=model, scale=scale))
+        for setting in settings:
+            key, eq, value = setting.partition("=")
+            key = key.strip()
+            if not eq or key not in ("start", "end", "preprocess", "guess_mode"):
+                raise InvalidRequestError("--control", item, _CONTROL_SYNTAX)
+            if key in ("start", "end"):
+                fields[key] = _control_number(item, value)
+            elif key == "guess_mode":
+                if value.lower() not in ("true", "false"):
+                    raise InvalidRequestError("--control", item, _CONTROL_SYNTAX)
+                fields[key] = value.lower() == "true"
+            else:
+                fields[key] = value
+        controls.append(Control(image=image, model=model, **fields))
     return tuple(controls)
+
+
+def _control_number(item: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidRequestError("--control", item, _CONTROL_SYNTAX + " with numbers for SCALE, start, end") from None
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -202,6 +224,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import warnings
 
+    warnings.showwarning = _show_warning
     for library in ("diffusers", "transformers", "huggingface_hub", "torch", "accelerate"):
         warnings.filterwarnings("ignore", module=library)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -213,6 +236,11 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    """Warnings that reach the user (e.g. a truncated prompt) as one line each."""
+    print(f"t2i: warning: {message}", file=sys.stderr)
 
 
 class _progress_bar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import types
 from collections.abc import Mapping
@@ -158,6 +159,19 @@ class GenerationRequest:
         return attrs.evolve(self, **changes)
 
 
+def _describe_control(control: Control) -> dict[str, Any]:
+    image = control.image if isinstance(control.image, (str, os.PathLike)) else "<in-memory image>"
+    return {
+        "image": os.fspath(image),
+        "model": control.model,
+        "scale": control.scale,
+        "start": control.start,
+        "end": control.end,
+        "preprocess": control.preprocess,
+        "guess_mode": control.guess_mode,
+    }
+
+
 @attrs.frozen(kw_only=True)
 class GenerationResult:
     """What `Engine.generate` returns.
@@ -189,6 +203,8 @@ class GenerationResult:
             data["scheduler"] = request.scheduler
         if request.prompt_weighting:
             data["prompt_weighting"] = request.prompt_weighting
+        if request.controls:
+            data["controls"] = json.dumps([_describe_control(control) for control in request.controls])
         for key, value in request.options.items():
             data[f"option.{key}"] = str(value)
         return data

@@ -248,8 +248,43 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_quiet_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "q.png"))
+    code = run_cli(
+        "generate", "a cat", "--model", "tiny:sd15", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "q.png")
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert captured.err == ""
     assert captured.out.strip().startswith(str(tmp_path / "q.png"))
+
+
+def test_control_flag_settings() -> None:
+    from t2i_core.cli import _controls
+
+    (control,) = _controls(
+        ["edges.png=tiny:controlnet-sd15@0.7,start=0.1,end=0.8,preprocess=canny:50:150,guess_mode=true"]
+    )
+    assert (control.image, control.model, control.scale) == ("edges.png", "tiny:controlnet-sd15", 0.7)
+    assert (control.start, control.end, control.preprocess, control.guess_mode) == (0.1, 0.8, "canny:50:150", True)
+    (plain,) = _controls(["pose.png=lllyasviel/sd-controlnet-openpose"])
+    assert (plain.model, plain.scale, plain.start, plain.end) == ("lllyasviel/sd-controlnet-openpose", 1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("value", ["a.png=m@x", "a.png=m,colour=red", "a.png=m,start=zero", "a.png=m,guess_mode=maybe"])
+def test_bad_control_flag(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "--control", value, "-o", str(tmp_path / "x.png")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "IMAGE=MODEL[@SCALE]" in err and repr(value) in err
+
+
+def test_warnings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    from t2i_core.cli import _quiet_libraries
+
+    original = warnings.showwarning
+    try:
+        _quiet_libraries()
+        warnings.warn("prompt was truncated to 77 tokens", UserWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = original
+    assert capsys.readouterr().err == "t2i: warning: prompt was truncated to 77 tokens\n"
