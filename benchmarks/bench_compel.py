@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
-import time
 from typing import Any
 
-import numpy as np
+from _interleave import compare, machine
 
 PROMPT = "a red cat playing with a (ball)1.5, (jungle)0.8 background, detailed++, take {}"
 NEGATIVE = "(blurry)1.3, ugly, deformed--, take {}"
@@ -47,13 +43,18 @@ def measure(repeats: int, steps: int) -> dict[str, Any]:
     )
     resolved, _ = engine.resolve(request)
     compel = Compel(tokenizer=raw.tokenizer, text_encoder=raw.text_encoder)
-    prompt, negative = request.prompt, request.negative_prompt
+    texts = {"prompt": PROMPT.format(0), "negative": NEGATIVE.format(0)}
+
+    def next_prompts(index: int) -> None:  # fresh prompts each round: no parse cache helps the SDK
+        texts.update(prompt=PROMPT.format(index), negative=NEGATIVE.format(index))
 
     def sdk() -> Any:
-        return engine.generate(request.evolve(prompt=prompt, negative_prompt=negative)).images[0]
+        return engine.generate(request.evolve(prompt=texts["prompt"], negative_prompt=texts["negative"])).images[0]
 
     def by_hand() -> Any:
-        embeds, negative_embeds = compel.pad_conditioning_tensors_to_same_length([compel(prompt), compel(negative)])
+        embeds, negative_embeds = compel.pad_conditioning_tensors_to_same_length(
+            [compel(texts["prompt"]), compel(texts["negative"])]
+        )
         return raw(
             prompt_embeds=embeds,
             negative_prompt_embeds=negative_embeds,
@@ -64,28 +65,11 @@ def measure(repeats: int, steps: int) -> dict[str, Any]:
             generator=torch.Generator("cpu").manual_seed(31),
         ).images[0]
 
-    same = np.array_equal(np.asarray(sdk()), np.asarray(by_hand()))  # also the warm-up
-    sdk_times, raw_times, ratios = [], [], []
-    for index in range(1, repeats + 1):
-        prompt, negative = PROMPT.format(index), NEGATIVE.format(index)
-        order = (sdk, by_hand) if index % 2 == 0 else (by_hand, sdk)
-        timings = {}
-        for run in order:
-            start = time.perf_counter()
-            run()
-            timings[run] = time.perf_counter() - start
-        sdk_times.append(timings[sdk])
-        raw_times.append(timings[by_hand])
-        ratios.append(timings[sdk] / timings[by_hand])
     return {
         "family": "sd15",
         "prompt_weighting": "compel",
         "steps": steps,
-        "repeats": repeats,
-        "identical_images": bool(same),
-        "sdk_median_s": round(statistics.median(sdk_times), 4),
-        "raw_median_s": round(statistics.median(raw_times), 4),
-        "median_ratio_sdk_over_raw": round(statistics.median(ratios), 4),
+        **compare(sdk, by_hand, repeats, before_round=next_prompts),
     }
 
 
@@ -95,12 +79,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
 
     report = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        **machine(),
         "results": [measure(args.repeats, args.steps)],
     }
     print(json.dumps(report, indent=2))

@@ -15,13 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
-import time
 from typing import Any
 
-import numpy as np
+from _interleave import compare, machine
 
 PROMPT = "a chef in the kitchen, best quality"
 NEGATIVE = "blurry, deformed"
@@ -76,28 +72,12 @@ def measure(repeats: int, steps: int, image_size: tuple[int, int]) -> dict[str, 
             generator=torch.Generator("cpu").manual_seed(31),
         ).images[0]
 
-    same = np.array_equal(np.asarray(sdk()), np.asarray(plain()))  # also the warm-up
-    sdk_times, raw_times, ratios = [], [], []
-    for index in range(repeats):
-        order = (sdk, plain) if index % 2 == 0 else (plain, sdk)
-        timings = {}
-        for run in order:
-            start = time.perf_counter()
-            run()
-            timings[run] = time.perf_counter() - start
-        sdk_times.append(timings[sdk])
-        raw_times.append(timings[plain])
-        ratios.append(timings[sdk] / timings[plain])
     return {
         "family": "sd15",
         "controlnet": "tiny:controlnet-sd15",
         "control_image": f"{image_size[0]}x{image_size[1]} -> {resolved.width}x{resolved.height}",
         "steps": steps,
-        "repeats": repeats,
-        "identical_images": bool(same),
-        "sdk_median_s": round(statistics.median(sdk_times), 4),
-        "raw_median_s": round(statistics.median(raw_times), 4),
-        "median_ratio_sdk_over_raw": round(statistics.median(ratios), 4),
+        **compare(sdk, plain, repeats),
     }
 
 
@@ -113,12 +93,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=_size, default=(96, 80), metavar="WxH")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
 
     report = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        **machine(),
         "results": [measure(args.repeats, args.steps, args.image_size)],
     }
     print(json.dumps(report, indent=2))

@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
-import time
 from typing import Any
 
-import numpy as np
+from _interleave import compare, machine
 
 
 def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
@@ -50,26 +46,10 @@ def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
             generator=torch.Generator("cpu").manual_seed(31),
         ).images[0]
 
-    same = np.array_equal(np.asarray(sdk()), np.asarray(plain()))  # also the warm-up
-    sdk_times, raw_times, ratios = [], [], []
-    for index in range(repeats):
-        order = (sdk, plain) if index % 2 == 0 else (plain, sdk)
-        timings = {}
-        for run in order:
-            start = time.perf_counter()
-            run()
-            timings[run] = time.perf_counter() - start
-        sdk_times.append(timings[sdk])
-        raw_times.append(timings[plain])
-        ratios.append(timings[sdk] / timings[plain])
     return {
         "family": family,
         "steps": steps,
-        "repeats": repeats,
-        "identical_images": bool(same),
-        "sdk_median_s": round(statistics.median(sdk_times), 4),
-        "raw_median_s": round(statistics.median(raw_times), 4),
-        "median_ratio_sdk_over_raw": round(statistics.median(ratios), 4),
+        **compare(sdk, plain, repeats),
     }
 
 
@@ -80,15 +60,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
 
     from t2i_core import get_registry
 
     families = args.families or sorted(get_registry().providers)
     report = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        **machine(),
         "results": [measure(family, args.repeats, args.steps) for family in families],
     }
     print(json.dumps(report, indent=2))
