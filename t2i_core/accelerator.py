@@ -40,7 +40,8 @@ class Accelerator:
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")
     #: names of accelerators it cannot be combined with
     conflicts: ClassVar[tuple[str, ...]] = ()
-    #: whether it numerically changes images (False = bit-exact with plain fp32 on CPU)
+    #: True: images stay those of plain fp32 up to floating-point rounding; False: it trades
+    #: precision or exactness for speed or memory (half dtypes, tiled decoding)
     lossless: ClassVar[bool] = True
     description: ClassVar[str] = ""
 

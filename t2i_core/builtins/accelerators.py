@@ -1,12 +1,20 @@
-"""Built-in accelerators: the weight dtype (fp32, fp16, bf16), explicit SDPA attention, and presets."""
+"""Built-in accelerators and presets, registered through the public ``register_accelerators`` hook.
+
+This module registers every built-in: the weight dtype (fp32, fp16, bf16) and SDPA attention
+(here), fused projections and channels-last (`layout`), offloading and VAE tiling/slicing
+(`memory`), and the torch.compile flavours (`compilation`); then the presets that stack them.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from t2i_core import Accelerator, LoadContext, Preset, hookimpl
+from t2i_core import Accelerator, IncompatibleAcceleratorsError, LoadContext, Preset, hookimpl
+
+from . import compilation, layout, memory
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -16,6 +24,12 @@ class _Dtype(Accelerator):
     torch_dtype: ClassVar[str]
     #: the weight variant to load when the checkpoint has one
     variant: ClassVar[str | None] = None
+
+    def check(self, context: LoadContext) -> None:
+        if self.torch_dtype != "float32":
+            problem = dtype_problem(context.device, self.torch_dtype)
+            if problem is not None:
+                raise IncompatibleAcceleratorsError([self.name], problem)
 
     def load_kwargs(self, context: LoadContext) -> dict[str, Any]:
         import torch
@@ -50,21 +64,88 @@ class Bf16(_Dtype):
     description = "bfloat16 weights"
 
 
+@functools.cache
+def dtype_problem(device: str, dtype: str) -> str | None:
+    """Why weights of torch `dtype` (``"float16"``, ``"bfloat16"``) cannot run on `device`, or None.
+
+    On CUDA, bfloat16 needs compute capability 8.0 (Ampere) or newer. Elsewhere a probe runs the
+    operations a diffusion pipeline needs on a few numbers (milliseconds), so a CPU or MPS
+    build that lacks one is refused before any weights load rather than failing mid-image.
+    """
+    import torch
+
+    kind = device.split(":", 1)[0]
+    if kind == "cuda":
+        if dtype == "bfloat16":
+            index = torch.device(device).index or 0
+            major, minor = torch.cuda.get_device_capability(index)
+            if (major, minor) < (8, 0):
+                name = torch.cuda.get_device_name(index)
+                return f"{name} (compute capability {major}.{minor}) has no native bfloat16: it needs 8.0 or newer; use fp16"
+        return None
+    return _probe(device, getattr(torch, dtype))
+
+
+def _probe(device: str, dtype: Any) -> str | None:
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator("cpu").manual_seed(0)
+
+    def tensor(*shape: int) -> Any:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    image, kernel, tokens, weight = tensor(1, 8, 8, 8), tensor(8, 8, 3, 3), tensor(1, 2, 6, 8), tensor(8, 8)
+    operations: dict[str, Callable[[], Any]] = {
+        "conv2d": lambda: F.conv2d(image, kernel, padding=1),
+        "group_norm": lambda: F.group_norm(image, 4),
+        "layer_norm": lambda: F.layer_norm(tokens, (8,)),
+        "linear": lambda: F.linear(tokens, weight),
+        "silu": lambda: F.silu(image),
+        "gelu": lambda: F.gelu(tokens),
+        "softmax": lambda: torch.softmax(tokens, dim=-1),
+        "scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(tokens, tokens, tokens),
+        "interpolate": lambda: F.interpolate(image, scale_factor=2.0, mode="nearest"),
+    }
+    name = str(dtype).removeprefix("torch.")
+    for operation, run in operations.items():
+        try:
+            result = run()
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"{operation} is not implemented for {name} on {device} in torch {torch.__version__} ({detail})"
+        if not bool(torch.isfinite(result.float()).all()):
+            return f"{operation} in {name} gives non-finite values on {device} in torch {torch.__version__}"
+    return None
+
+
 class Sdpa(Accelerator):
     name = "sdpa"
     phase = "attention"
     description = "torch scaled_dot_product_attention processors on every attention layer"
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models import attention_processor as processors
 
+        # The classic (matmul + softmax) processors and their SDPA equivalents; any other
+        # processor (already SDPA, fused, IP-adapter, a user's own) is left as it is.
+        upgrades: dict[type, type] = {
+            processors.AttnProcessor: processors.AttnProcessor2_0,
+            processors.AttnAddedKVProcessor: processors.AttnAddedKVProcessor2_0,
+        }
         for module in attention_modules(pipeline):
-            module.set_attn_processor(AttnProcessor2_0())
+            current = module.attn_processors
+            if any(type(p) in upgrades for p in current.values()):
+                module.set_attn_processor(
+                    {name: upgrades[type(p)]() if type(p) in upgrades else p for name, p in current.items()}
+                )
 
 
 def attention_modules(pipeline: Any) -> list[Any]:
     """Every component of `pipeline` that takes attention processors (UNet, VAE, prior, ...)."""
-    return [c for c in pipeline.components.values() if hasattr(c, "set_attn_processor") and hasattr(c, "attn_processors")]
+    return [
+        c for c in pipeline.components.values() if hasattr(c, "set_attn_processor") and hasattr(c, "attn_processors")
+    ]
 
 
 def has_variant(source: str, variant: str) -> bool:
@@ -81,15 +162,61 @@ def has_variant(source: str, variant: str) -> bool:
         return False
 
 
+# -- presets ---------------------------------------------------------------------------------
+# What each resolves to per device type; docs/optimize.md explains the choices and the figures.
+
 AUTO = Preset(
     name="auto",
     description="fp16 + sdpa on CUDA and MPS, fp32 on CPU (the default)",
     stacks={"cuda": ("fp16", "sdpa"), "mps": ("fp16", "sdpa"), "*": ("fp32",)},
 )
 
+FAST = Preset(
+    name="fast",
+    description="the fastest steady state: full compile with CUDA graphs, fused QKV, channels-last, compiled VAE",
+    stacks={
+        "cuda": ("fp16", "sdpa", "fuse_qkv", "channels_last", "compile", "compile-vae"),
+        "mps": ("fp16", "sdpa", "fuse_qkv"),
+        # Measured on CPU: channels-last and fused QKV slower or even, torch.compile at best 6%
+        # after a minute of compiling (docs/optimize.md): plain fp32 is the fast stack there.
+        "*": ("fp32", "sdpa"),
+    },
+)
+
+QUICK = Preset(
+    name="quick",
+    description="a short first image that still beats eager: regional compile only",
+    stacks={
+        "cuda": ("fp16", "sdpa", "fuse_qkv", "channels_last", "compile-regional"),
+        "mps": ("fp16", "sdpa"),
+        "*": ("fp32", "sdpa"),
+    },
+)
+
+LOW_MEMORY = Preset(
+    name="low-memory",
+    description="the least memory at a modest cost: model offload and tiled, sliced VAE decoding",
+    stacks={
+        "cuda": ("fp16", "sdpa", "cpu_offload", "vae_tiling", "vae_slicing"),
+        "mps": ("fp16", "sdpa", "vae_tiling", "vae_slicing"),
+        "*": ("fp32", "sdpa", "vae_tiling", "vae_slicing"),
+    },
+)
+
+ACCELERATORS: tuple[Accelerator, ...] = (
+    Fp32(),
+    Fp16(),
+    Bf16(),
+    Sdpa(),
+    *layout.ACCELERATORS,
+    *memory.ACCELERATORS,
+    *compilation.ACCELERATORS,
+)
+PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY)
+
 
 @hookimpl
 def register_accelerators(register: Callable[[Accelerator | Preset], None]) -> None:
-    for accelerator in (Fp32(), Fp16(), Bf16(), Sdpa()):
-        register(accelerator)
-    register(AUTO)
+    items: tuple[Accelerator | Preset, ...] = (*ACCELERATORS, *PRESETS)
+    for item in items:
+        register(item)

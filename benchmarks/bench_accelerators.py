@@ -1,0 +1,525 @@
+"""t2i's accelerator presets against raw diffusers, side by side in one process.
+
+    python benchmarks/bench_accelerators.py --family sd15 [--family sdxl ...] [--device cuda] [-o out.json]
+    python benchmarks/bench_accelerators.py --device cpu --tiny          # seconds; what CI runs
+
+Full-size mode (the default) builds each family's real architecture with random weights from
+the config files in ``benchmarks/configs/<family>/`` (speed does not depend on weight values;
+nothing is downloaded): SD1.5 at 512², SDXL at 1024², Kandinsky 2.2 at 512², 30 steps, batch 1,
+classifier-free guidance at the family's default scale. ``--tiny`` uses the families'
+``tiny:<family>`` checkpoints instead; ``--size`` runs full-size architectures at a small size.
+
+Variants, run one after another in this process on identical weights:
+
+- ``raw-eager``: diffusers alone, fp16 (fp32 on CPU), the pipeline as loaded.
+- ``raw-compiled``: that plus channels-last and ``torch.compile(mode="reduce-overhead")`` on the
+  UNet, as diffusers' documentation recommends (default mode off CUDA: no CUDA graphs there).
+- ``t2i-<preset>``: ``t2i_core.load(..., accelerators=[preset])`` (auto, quick, fast, low-memory),
+  or ``t2i:<name>+<name>`` for any stack of accelerators.
+
+For each: load time, time to first image with a cold compile cache (a fresh inductor folder per
+run unless ``--cache-dir``), then with the cache warm (a new process per compiled variant,
+``--no-warm`` skips it), seconds per image and iterations per second over ``--runs`` images
+after ``--warmup`` more, peak GPU memory while making images, and how far its image is from raw
+eager's (levels of 255). Everything is written as JSON with the GPU and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+FAMILIES = ("sd15", "sdxl", "kandinsky22")
+DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "t2i-quick", "t2i-fast")
+PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+SEED = 31
+
+Runner = Callable[[int], list[Any]]
+
+
+# -- building full-size pipelines from config files --------------------------------------------
+
+
+def build_pipeline(folder: Path, dtype: Any, device: str, seed: int = 0) -> Any:
+    """The pipeline described by ``folder/model_index.json``, with random weights made on `device`."""
+    import diffusers
+    import torch
+
+    index = json.loads((folder / "model_index.json").read_text())
+    torch.manual_seed(seed)
+    parts: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="t2i-bench-") as scratch:
+        for name, (library, class_name) in index["components"].items():
+            config = json.loads((folder / f"{name}.json").read_text())
+            part = _build_component(library, class_name, config, Path(scratch) / name, device)
+            if isinstance(part, torch.nn.Module):
+                part = part.to(dtype=dtype).eval()
+            parts[name] = part
+    pipeline = getattr(diffusers, index["_class_name"])(**parts, **index.get("arguments", {}))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _build_component(library: str, class_name: str, config: dict[str, Any], scratch: Path, device: str) -> Any:
+    import torch
+
+    if class_name == "CLIPTokenizer":
+        from t2i_core.tiny import clip_tokenizer
+
+        # A byte-level vocabulary built offline: token ids differ from CLIP's, the cost does not.
+        return clip_tokenizer(scratch, max_length=config["model_max_length"], pad_token=config["pad_token"])
+    if library == "transformers":
+        import transformers
+
+        if class_name.endswith("Processor"):
+            return getattr(transformers, class_name)(**config)
+        settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        model_config = transformers.AutoConfig.for_model(config["model_type"], **settings)
+        with torch.device(device):
+            return getattr(transformers, class_name)(model_config)
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
+    if "Scheduler" in class_name:
+        return cls.from_config(settings)
+    with torch.device(device):
+        return cls.from_config(settings)
+
+
+# -- where the models come from ------------------------------------------------------------------
+
+
+class Source:
+    """One family's checkpoint for every variant: full-size from configs, or the tiny one."""
+
+    def __init__(self, family: str, tiny: bool, device: str) -> None:
+        from t2i_core import get_registry
+
+        self.family = family
+        self.tiny = tiny
+        self.device = device
+        registry = get_registry()
+        self.base = registry.providers.get(family)
+        if tiny:
+            if self.base is None:
+                raise SystemExit(
+                    f"--tiny needs the t2i-{family} plugin installed (family {family!r} is not registered)"
+                )
+            from t2i_core.tiny import ensure_built
+
+            self.folder = ensure_built(self.base.name, self.base.tiny_version, self.base.build_tiny)
+            self.model, self.load_family = f"tiny:{family}", None
+            self.provider = self.base
+            self.source = f"tiny:{family}"
+        else:
+            self.folder = CONFIGS / family
+            self.model, self.load_family = str(self.folder), f"bench-{family}"
+            self.provider = _register_config_provider(registry, family, self.folder, self.base, device)
+            self.source = json.loads((self.folder / "model_index.json").read_text())["source"]
+
+    def raw_pipeline(self, dtype: Any) -> Any:
+        """A fresh pipeline on the benchmark device, loaded the way a diffusers user does."""
+        if self.tiny:
+            pipeline = self.provider.load(str(self.folder), {"torch_dtype": dtype, "use_safetensors": True})
+            pipeline.to(self.device)
+        else:
+            pipeline = build_pipeline(self.folder, dtype, self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def native_size(self) -> int:
+        if self.tiny:
+            import torch
+
+            height, _ = self.provider.native_size(self.provider.load(str(self.folder), {"torch_dtype": torch.float32}))
+            return height
+        return int(json.loads((self.folder / "model_index.json").read_text())["size"])
+
+
+def _register_config_provider(registry: Any, family: str, folder: Path, base: Any, device: str) -> Any:
+    """Register (through the public plugin API) a provider whose `load` builds from config files."""
+    from t2i_core import FamilyDefaults, ModelProvider, hookimpl
+
+    name = f"bench-{family}"
+    if name in registry.providers:
+        return registry.providers[name]
+    delegate = base if base is not None else ModelProvider()
+
+    class ConfigProvider(ModelProvider):
+        """``family``'s provider, except that weights are random, built from ``benchmarks/configs``."""
+
+        defaults = base.defaults if base is not None else FamilyDefaults()
+
+        def load(self, source: str, load_kwargs: Any) -> Any:
+            import torch
+
+            return build_pipeline(folder, load_kwargs.get("torch_dtype", torch.float32), device)
+
+        def share(self, pipeline: Any) -> Any:
+            return delegate.share(pipeline)
+
+        def native_size(self, pipeline: Any) -> tuple[int, int]:
+            size = int(json.loads((folder / "model_index.json").read_text())["size"])
+            return size, size
+
+        def scheduler_owner(self, pipeline: Any) -> Any:
+            return delegate.scheduler_owner(pipeline)
+
+        def check(self, request: Any) -> dict[str, Any]:
+            return dict(delegate.check(request)) if base is not None else super().check(request)
+
+        def call_kwargs(self, request: Any, options: Any) -> dict[str, Any]:
+            return dict(delegate.call_kwargs(request, options))
+
+        def run(self, pipeline: Any, kwargs: dict[str, Any], progress: Any = None) -> list[Any]:
+            return list(delegate.run(pipeline, kwargs, progress))
+
+    ConfigProvider.name = name
+    provider = ConfigProvider()
+
+    class Plugin:
+        @hookimpl
+        def register_providers(self, register: Callable[[Any], None]) -> None:
+            register(provider)
+
+    registry.register_plugin(Plugin(), name)
+    return provider
+
+
+# -- the variants ----------------------------------------------------------------------------------
+
+
+def accelerators_of(variant: str) -> list[str] | None:
+    """The accelerator names a ``t2i-<preset>`` / ``t2i:<a>+<b>`` variant loads with; None for raw ones."""
+    if variant.startswith("t2i-"):
+        return [variant.removeprefix("t2i-")]
+    if variant.startswith("t2i:"):
+        return variant.removeprefix("t2i:").split("+")
+    if variant in ("raw-eager", "raw-compiled"):
+        return None
+    raise SystemExit(f"unknown variant {variant!r}: raw-eager, raw-compiled, t2i-<preset> or t2i:<name>+<name>")
+
+
+def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple[Runner, list[str]]:
+    """Load `variant` and return (a function seed → images, the accelerators it resolved to)."""
+    import torch
+
+    from t2i_core import GenerationRequest, load
+
+    request = GenerationRequest(
+        prompt=PROMPT,
+        height=settings["size"],
+        width=settings["size"],
+        num_inference_steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"],
+        num_images=settings["batch"],
+        seed=SEED,
+    )
+    names = accelerators_of(variant)
+    if names is not None:
+        engine = load(source.model, family=source.load_family, device=source.device, accelerators=names, cache=False)
+        return (lambda seed: engine.generate(request.evolve(seed=seed)).images), list(engine.accelerators)
+
+    dtype = getattr(torch, settings["dtype"])
+    pipeline = source.raw_pipeline(dtype)
+    applied = [settings["dtype"]]
+    if variant == "raw-compiled":
+        owner = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky's combined pipeline
+        owner.unet.to(memory_format=torch.channels_last)
+        mode = "reduce-overhead" if source.device.startswith("cuda") else None
+        owner.unet = torch.compile(owner.unet, mode=mode, fullgraph=True)
+        applied += ["channels_last", f"torch.compile(unet, mode={mode!r}, fullgraph=True)"]
+    # The arguments t2i passes for this request, so that both sides do the same work.
+    kwargs = source.provider.call_kwargs(request, source.provider.check(request))
+
+    def run(seed: int) -> list[Any]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return list(pipeline(**kwargs, generator=generator).images)
+
+    return run, applied
+
+
+def measure(variant: str, source: Source, settings: dict[str, Any], *, first_only: bool = False) -> dict[str, Any]:
+    import torch
+
+    cuda = source.device.startswith("cuda")
+    record: dict[str, Any] = {"variant": variant}
+    with _fresh_memory(cuda):
+        start = time.perf_counter()
+        run, applied = make_runner(variant, source, settings)
+        record["accelerators"] = applied
+        _sync(cuda)
+        loaded = time.perf_counter()
+        if cuda:
+            # Peak memory of making images: the random weights are built on the GPU before an
+            # offloading stack moves them out, which a real checkpoint load does not do.
+            torch.cuda.reset_peak_memory_stats()
+        first = run(SEED)
+        _sync(cuda)
+        done = time.perf_counter()
+        record.update(load_s=loaded - start, first_image_s=done - loaded, ttfi_s=done - start)
+        if first_only:
+            return record
+        for _ in range(settings["warmup"]):
+            run(SEED)
+        times, cpu_times = [], []
+        for index in range(settings["runs"]):
+            _sync(cuda)
+            begin, cpu_begin = time.perf_counter(), time.process_time()
+            run(SEED + 1 + index)
+            _sync(cuda)
+            times.append(time.perf_counter() - begin)
+            cpu_times.append(time.process_time() - cpu_begin)
+        per_call = statistics.median(times)
+        record.update(
+            s_per_image=per_call / settings["batch"],
+            it_per_s=settings["steps"] / per_call,
+            s_per_image_min=min(times) / settings["batch"],
+            runs=len(times),
+            peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        )
+        if not cuda:
+            # CPU seconds of this process: steadier than wall time on a shared machine.
+            record["cpu_s_per_image"] = statistics.median(cpu_times) / settings["batch"]
+        record["_first_image"] = first[0]
+        del run
+    return record
+
+
+@contextlib.contextmanager
+def _fresh_memory(cuda: bool) -> Iterator[None]:
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()  # compiled code of this variant never serves the next one
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def image_difference(image: Any, reference: Any) -> dict[str, float]:
+    import numpy as np
+
+    ours, theirs = np.asarray(image, dtype=np.int16), np.asarray(reference, dtype=np.int16)
+    difference = np.abs(ours - theirs)
+    return {"max_abs_diff": int(difference.max()), "mean_abs_diff": round(float(difference.mean()), 3)}
+
+
+def warm_first_image(variant: str, family: str, argv: list[str]) -> dict[str, Any]:
+    """Time to first image of `variant` in a new process, reusing this run's compile cache."""
+    command = [sys.executable, __file__, *argv, "--family", family, "--variants", variant, "--child"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ.copy())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"warm run failed ({done.returncode}): {tail[0]}"}
+    return dict(json.loads(lines[-1]))
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    import t2i_core
+
+    info: dict[str, Any] = {
+        "device": device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "t2i_core": t2i_core.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        info["gpu"] = torch.cuda.get_device_name(index)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        with contextlib.suppress(ImportError):
+            import triton
+
+            info["triton"] = triton.__version__
+    else:
+        from t2i_core.builtins.compilation import device_key
+
+        info["cpu"] = device_key("cpu")
+    return info
+
+
+def summarise(records: list[dict[str, Any]]) -> None:
+    """Speed-ups against both raw baselines, and each image's distance from raw eager's."""
+    by_name = {r["variant"]: r for r in records if "error" not in r}
+    reference = by_name.get("raw-eager") or next(iter(by_name.values()), None)
+    for record in records:
+        if "error" in record:
+            continue
+        if reference is not None:
+            record["image_vs"] = reference["variant"]
+            record.update(image_difference(record["_first_image"], reference["_first_image"]))
+        # On CPU, this process's CPU seconds: other load on a shared machine inflates wall time.
+        basis = "cpu_s_per_image" if "cpu_s_per_image" in record else "s_per_image"
+        for base in ("raw-eager", "raw-compiled"):
+            if base in by_name and record is not by_name[base]:
+                record[f"speedup_vs_{base}"] = round(by_name[base][basis] / record[basis], 3)
+                record["speedup_basis"] = basis
+    for record in records:
+        record.pop("_first_image", None)
+        for key, value in list(record.items()):
+            if isinstance(value, float):
+                record[key] = round(value, 4)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default sd15")
+    parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny:<family> checkpoints instead of full-size ones")
+    parser.add_argument("--size", type=int, default=None, help="height = width (default: the family's native size)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the family's (CFG on)")
+    parser.add_argument("--dtype", default=None, help="raw variants' dtype: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated")
+    parser.add_argument("--runs", type=int, default=5, help="timed images per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed images after the first")
+    parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh one: cold)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache first-image runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("-o", "--output", default=None, help="write the JSON here too")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cache_dir is None and not args.child:
+        args.cache_dir = tempfile.mkdtemp(prefix="t2i-bench-inductor-")
+    if args.cache_dir is not None:
+        # Set before torch reads it; t2i's compile accelerators honour a folder the user chose.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    families = args.family or ["sd15"]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for variant in variants:
+        accelerators_of(variant)
+    report: dict[str, Any] = {
+        "benchmark": "t2i accelerators vs raw diffusers",
+        "mode": "tiny checkpoints" if args.tiny else "full-size architectures, random weights",
+        "environment": environment(device),
+        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "results": {},
+    }
+    for family in families:
+        source = Source(family, args.tiny, device)
+        guidance = args.guidance_scale if args.guidance_scale is not None else source.provider.defaults.guidance_scale
+        settings = {
+            "size": args.size or source.native_size(),
+            "steps": args.steps,
+            "batch": args.batch,
+            "guidance_scale": guidance,
+            "dtype": args.dtype or ("float16" if device.startswith("cuda") else "float32"),
+            "runs": args.runs,
+            "warmup": args.warmup,
+        }
+        if args.child:
+            record = measure(variants[0], source, settings, first_only=True)
+            print(json.dumps(record))
+            return record
+        records = []
+        for variant in variants:
+            try:
+                record = measure(variant, source, settings)
+            except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+                record = {
+                    "variant": variant,
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                }
+            records.append(record)
+            print(f"[{family}] {variant}: {_brief(record)}", file=sys.stderr)
+        if not args.no_warm:
+            parent_args = [
+                a for a in _strip(argv, ("--family", "--variants", "--output", "-o", "--cache-dir")) if a != "--no-warm"
+            ]
+            for record in records:
+                compiled = any("compile" in name for name in record.get("accelerators", []))
+                if "error" not in record and compiled:
+                    warm = warm_first_image(
+                        record["variant"], family, [*parent_args, "--cache-dir", str(args.cache_dir)]
+                    )
+                    record["ttfi_warm_s"] = warm.get("ttfi_s", warm.get("error"))
+                    record["ttfi_warm_load_s"] = warm.get("load_s")
+        summarise(records)
+        report["results"][family] = {"checkpoint": source.source, "settings": settings, "variants": records}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return report
+
+
+def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` without the given options and their values."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in options:
+            skip = True
+            continue
+        if any(arg.startswith(f"{option}=") for option in options):
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _brief(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return str(record["error"])
+    return f"first image {record['ttfi_s']:.2f}s, {record['s_per_image']:.3f} s/image, {record['it_per_s']:.2f} it/s"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The accelerator benchmark runs on CPU (tiny checkpoints) and reports what it claims to."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_accelerators.py"
+
+
+def bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_accelerators", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_tiny_run_reports_every_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # main() sets it; undo after
+    output = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--steps", "2", "--runs", "2", "--warmup", "0", "--no-warm"]
+    argv += [
+        "--variants",
+        "raw-eager,t2i-auto,t2i:fp32+fuse_qkv+channels_last,t2i:fp32+vae_slicing",
+        "--cache-dir",
+        str(tmp_path / "inductor"),
+    ]
+    report = bench().main([*argv, "-o", str(output)])
+
+    assert json.loads(output.read_text()) == report
+    environment = report["environment"]
+    assert environment["device"] == "cpu" and environment["torch"] and environment["diffusers"]
+    family = report["results"]["sd15"]
+    assert family["settings"] == {
+        "size": 64,
+        "steps": 2,
+        "batch": 1,
+        "guidance_scale": 7.5,
+        "dtype": "float32",
+        "runs": 2,
+        "warmup": 0,
+    }
+    records = {r["variant"]: r for r in family["variants"]}
+    assert list(records) == ["raw-eager", "t2i-auto", "t2i:fp32+fuse_qkv+channels_last", "t2i:fp32+vae_slicing"]
+    for record in records.values():
+        assert "error" not in record, record
+        assert record["s_per_image"] > 0 and record["cpu_s_per_image"] > 0 and record["runs"] == 2
+        assert record["it_per_s"] == pytest.approx(2 / record["s_per_image"], rel=1e-3)
+        assert record["ttfi_s"] == pytest.approx(record["load_s"] + record["first_image_s"], abs=1e-3)
+        assert record["peak_gpu_memory_gib"] is None
+        assert record["image_vs"] == "raw-eager"
+    assert records["t2i-auto"]["accelerators"] == ["fp32"]
+    assert records["t2i:fp32+fuse_qkv+channels_last"]["accelerators"] == ["fp32", "fuse_qkv", "channels_last"]
+    # t2i with auto on CPU is plain fp32: exactly raw diffusers' image.
+    assert records["t2i-auto"]["max_abs_diff"] == 0 and records["raw-eager"]["max_abs_diff"] == 0
+    assert records["t2i:fp32+fuse_qkv+channels_last"]["max_abs_diff"] <= 1
+    assert records["t2i:fp32+vae_slicing"]["max_abs_diff"] == 0
+    assert "speedup_vs_raw-eager" in records["t2i-auto"]
+
+
+def test_unknown_variant_is_refused() -> None:
+    with pytest.raises(SystemExit, match="unknown variant 'turbo'"):
+        bench().main(["--device", "cpu", "--tiny", "--variants", "turbo", "--no-warm", "--cache-dir", "unused"])
+
+
+def test_configs_build_the_real_architectures() -> None:
+    """Parameter counts of the full-size models built from benchmarks/configs (on the meta device)."""
+    import torch
+
+    module = bench()
+    # Millions of parameters as published: exact figures for SD1.5/SDXL, Kandinsky's rounded
+    # ones (its README: U-Net 1.22B, prior 1B, image encoder 1.8B, MoVQ 67M) with their rounding.
+    expected = {
+        ("sd15", "unet"): (859.5, 0.002),
+        ("sd15", "vae"): (83.65, 0.002),
+        ("sd15", "text_encoder"): (123.06, 0.002),
+        ("sdxl", "unet"): (2567.5, 0.002),
+        ("sdxl", "text_encoder_2"): (694.7, 0.002),
+        ("kandinsky22", "unet"): (1220, 0.03),
+        ("kandinsky22", "prior_prior"): (1000, 0.03),
+        ("kandinsky22", "prior_image_encoder"): (1800, 0.03),
+        ("kandinsky22", "movq"): (67, 0.03),
+    }
+    for (family, component), (millions, tolerance) in expected.items():
+        folder = module.CONFIGS / family
+        library, class_name = json.loads((folder / "model_index.json").read_text())["components"][component]
+        config = json.loads((folder / f"{component}.json").read_text())
+        model = module._build_component(library, class_name, config, Path("unused"), "meta")
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert count == pytest.approx(millions, rel=tolerance), f"{family}/{component}: {count:.1f}M"
+        assert next(model.parameters()).device == torch.device("meta")
