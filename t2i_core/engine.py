@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ import attrs
 
 from . import schedulers
 from ._manager import Registry, get_registry
-from .accelerator import Accelerator, LoadContext
+from .accelerator import PHASES, Accelerator, LoadContext
 from .conditioner import Call
 from .errors import (
     IncompatibleAcceleratorsError,
     InvalidRequestError,
     ModelNotFoundError,
+    T2IError,
     UndetectedFamilyError,
     UnsupportedFeatureError,
 )
@@ -348,7 +349,7 @@ def _load_pipeline(
     try:
         pipeline = resolved.provider.load(resolved.source, load_kwargs)
     except Exception as exc:
-        raise _load_error(model, resolved, exc) from exc
+        raise _load_error(model, resolved, exc, allow_pickle) from exc
     placed = False
     for accelerator in chosen:
         if accelerator.phase == "placement":
@@ -363,20 +364,17 @@ def _load_pipeline(
 
 
 def _after_placement(accelerator: Accelerator) -> bool:
-    from .accelerator import PHASES
-
     return PHASES.index(accelerator.phase) > PHASES.index("placement")
 
 
-def _load_error(model: str, resolved: _Resolved, exc: Exception) -> Exception:
-    from .errors import T2IError
-
+def _load_error(model: str, resolved: _Resolved, exc: Exception, allow_pickle: bool) -> Exception:
     if isinstance(exc, T2IError):
         return exc
     text = str(exc)
-    if (
-        "safetensors" in text.lower() and "use_safetensors" in text
-    ) or "Could not find the necessary `safetensors`" in text:
+    missing_safetensors = ".safetensors" in text and (
+        "no file named" in text.lower() or "could not find" in text.lower()
+    )
+    if not allow_pickle and (missing_safetensors or "Could not find the necessary `safetensors`" in text):
         return ModelNotFoundError(
             model, "it has no safetensors weights; pass allow_pickle=True (--allow-pickle) to load .bin files"
         )
@@ -386,8 +384,3 @@ def _load_error(model: str, resolved: _Resolved, exc: Exception) -> Exception:
         model,
         f"diffusers could not load it as a {resolved.family} pipeline ({type(exc).__name__}: {text.splitlines()[0] if text else ''})",
     )
-
-
-def describe_families(registry: Registry | None = None) -> Mapping[str, ModelProvider]:
-    """The registered families by name."""
-    return dict((registry or get_registry()).providers)

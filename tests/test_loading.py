@@ -176,3 +176,22 @@ def test_clear_cache_drops_weights() -> None:
     t2i_core.clear_cache()
     second = load("tiny:sd15", device="cpu")
     assert first.pipeline.unet is not second.pipeline.unet
+
+
+def test_pickle_weights_need_consent(sd15_folder: str, tmp_path: Path) -> None:
+    """Safetensors only by default; .bin (pickle) weights load with allow_pickle=True."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(sd15_folder, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    assert not list((folder / "unet").glob("*.safetensors"))
+    with pytest.raises(ModelNotFoundError) as caught:
+        load(str(folder), device="cpu", cache=False)
+    assert "allow_pickle=True" in str(caught.value) and str(folder) in str(caught.value)
+    engine = load(str(folder), device="cpu", cache=False, allow_pickle=True)
+    reference = load(sd15_folder, device="cpu", cache=False)
+    request = t2i_core.GenerationRequest(prompt="a cat", seed=2, num_inference_steps=2)
+    assert list(engine.generate(request).images[0].getdata()) == list(reference.generate(request).images[0].getdata())
