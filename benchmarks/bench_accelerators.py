@@ -4,7 +4,7 @@
     python benchmarks/bench_accelerators.py --device cpu --tiny          # seconds; what CI runs
 
 Full-size mode (the default) builds each family's real architecture with random weights from
-the config files in ``benchmarks/configs/<family>/`` (speed does not depend on weight values;
+the config files each family plugin ships in ``t2i_<family>/architecture/`` (speed does not depend on weight values;
 nothing is downloaded): SD1.5 at 512², SDXL at 1024², Kandinsky 2.2 at 512², 30 steps, batch 1,
 classifier-free guidance at the family's default scale. ``--tiny`` uses the families'
 ``tiny:<family>`` checkpoints instead; ``--size`` runs full-size architectures at a small size.
@@ -41,7 +41,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def architecture(family: str) -> Path:
+    """The family's full-size config files, shipped with its plugin (``ModelProvider.architecture_folder``)."""
+    from t2i_core import get_registry
+
+    folder = get_registry().provider(family).architecture_folder()
+    if folder is None:
+        raise SystemExit(f"family {family!r} ships no architecture/ config folder; use --tiny")
+    return folder
+
 FAMILIES = ("sd15", "sdxl", "kandinsky22")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "t2i-quick", "t2i-fast")
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -126,7 +136,7 @@ class Source:
             self.provider = self.base
             self.source = f"tiny:{family}"
         else:
-            self.folder = CONFIGS / family
+            self.folder = architecture(family)
             self.model, self.load_family = str(self.folder), f"bench-{family}"
             self.provider = _register_config_provider(registry, family, self.folder, self.base, device)
             self.source = json.loads((self.folder / "model_index.json").read_text())["source"]
@@ -160,7 +170,7 @@ def _register_config_provider(registry: Any, family: str, folder: Path, base: An
     delegate = base if base is not None else ModelProvider()
 
     class ConfigProvider(ModelProvider):
-        """``family``'s provider, except that weights are random, built from ``benchmarks/configs``."""
+        """``family``'s provider, except that weights are random, built from the plugin's ``architecture/`` configs."""
 
         defaults = base.defaults if base is not None else FamilyDefaults()
 

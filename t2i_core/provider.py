@@ -133,6 +133,20 @@ class ModelProvider:
         """
         raise NotImplementedError(f"family {self.name!r} offers no tiny checkpoint")
 
+    def architecture_folder(self) -> Path | None:
+        """The full-size architecture as config files only (``model_index.json`` and one JSON per
+        component, no weights), shipped in the plugin's ``architecture/`` folder; None if absent.
+
+        Benchmarks build random-weight full-size pipelines from it: speed does not depend on weights.
+        """
+        import sys
+
+        module = sys.modules.get(type(self).__module__)
+        if module is None or getattr(module, "__file__", None) is None:
+            return None
+        folder = Path(str(module.__file__)).resolve().parent / "architecture"
+        return folder if (folder / "model_index.json").is_file() else None
+
     # -- loading ---------------------------------------------------------------------------
     def load(self, source: str, load_kwargs: Mapping[str, Any]) -> Any:
         """Load the pipeline from `source` (hub id or local folder) with diffusers' `from_pretrained` kwargs."""

@@ -124,6 +124,8 @@ def test_third_party_provider_with_its_own_tiny_checkpoint(plugin_registry: Regi
 
     info = plugin_registry.register_plugin(types.SimpleNamespace(register_providers=register_providers), "my-plugin")
     assert info.error is None and info.registered == ["provider:my-sd"]
+    assert MyFamily().architecture_folder() is None  # ships no architecture/ configs
+    assert StableDiffusion15().architecture_folder() is not None
     engine = t2i_core.load("tiny:my-sd", device="cpu")
     assert engine.family == "my-sd"
     result = engine.generate(GenerationRequest(prompt="a cat", seed=1, num_inference_steps=1))
