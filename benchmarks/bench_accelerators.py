@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def architecture(family: str) -> Path:
     """The family's full-size config files, shipped with its plugin (``ModelProvider.architecture_folder``)."""
     from t2i_core import get_registry
@@ -51,6 +50,7 @@ def architecture(family: str) -> Path:
     if folder is None:
         raise SystemExit(f"family {family!r} ships no architecture/ config folder; use --tiny")
     return folder
+
 
 FAMILIES = ("sd15", "sdxl", "kandinsky22")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "t2i-quick", "t2i-fast")
