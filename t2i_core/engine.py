@@ -134,7 +134,7 @@ class Engine:
         """Check `request` against this engine and fill in defaults and the seed; no image work."""
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
-        schedulers.check(request.scheduler)
+        schedulers.check(request.scheduler, self.provider.schedulers, self.family)
         options = self.provider.check(request)
         self._check_conditioners(request)
         defaults = self.provider.defaults
@@ -278,6 +278,8 @@ def _accelerator_names(accelerators: Iterable[str] | None, registry: Registry) -
         return ["auto"] if "auto" in registry.presets else []
     if isinstance(accelerators, str):
         accelerators = [accelerators]
+    if not isinstance(accelerators, Iterable):
+        raise InvalidRequestError("accelerators", accelerators, "None or a list of accelerator or preset names")
     names = list(accelerators)
     for name in names:
         if not isinstance(name, str):
@@ -350,6 +352,7 @@ def _load_pipeline(
         pipeline = resolved.provider.load(resolved.source, load_kwargs)
     except Exception as exc:
         raise _load_error(model, resolved, exc, allow_pickle) from exc
+    resolved.provider.check_pipeline(model, pipeline)
     placed = False
     for accelerator in chosen:
         if accelerator.phase == "placement":

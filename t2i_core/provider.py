@@ -6,13 +6,14 @@ family's defaults, and runs the pipeline with the call arguments the conditioner
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -96,6 +97,8 @@ class Option:
         if self.choices is not None and item not in self.choices:
             raise InvalidRequestError(field, whole, self.describe())
         number: Any = item
+        if isinstance(number, float) and not math.isfinite(number):
+            raise InvalidRequestError(field, whole, self.describe())
         if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
             raise InvalidRequestError(field, whole, self.describe())
         return item
@@ -120,6 +123,8 @@ class ModelProvider:
     description: ClassVar[str] = ""
     #: bump when the tiny checkpoint's recipe changes, so caches are rebuilt
     tiny_version: ClassVar[int] = 1
+    #: the named schedulers (t2i_core.schedulers) the family's pipeline can run; None = all of them
+    schedulers: ClassVar[tuple[str, ...] | None] = None
 
     # -- discovery -------------------------------------------------------------------------
     def detect(self, model_index: Mapping[str, Any]) -> bool:
@@ -153,6 +158,19 @@ class ModelProvider:
         from diffusers import AutoPipelineForText2Image
 
         return AutoPipelineForText2Image.from_pretrained(source, **load_kwargs)
+
+    def check_pipeline(self, model: str, pipeline: Any) -> None:
+        """Refuse a loaded pipeline this family cannot run (e.g. ``family="sdxl"`` forced onto SD 1.5).
+
+        The default accepts instances of `pipeline_classes` (or of their subclasses).
+        """
+        names = {cls.__name__ for cls in type(pipeline).__mro__}
+        if self.pipeline_classes and not names.intersection(self.pipeline_classes):
+            raise ModelNotFoundError(
+                model,
+                f"it loads as a {type(pipeline).__name__}, which family {self.name!r} cannot run "
+                f"(expected {' or '.join(self.pipeline_classes)}); check --family / family=",
+            )
 
     def share(self, pipeline: Any) -> Any:
         """A new pipeline object over the same weights, with its own scheduler (for the engine cache)."""

@@ -18,7 +18,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    # PLMS (skip_prk_steps) as Stable Diffusion uses it: the Runge-Kutta warm-up needs >= 4 steps.
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 
 
@@ -27,9 +28,15 @@ def names() -> tuple[str, ...]:
     return (DEFAULT, *SCHEDULERS)
 
 
-def check(name: str | None) -> None:
-    if name is not None and name != DEFAULT and name not in SCHEDULERS:
+def check(name: str | None, supported: tuple[str, ...] | None = None, family: str = "") -> None:
+    """Refuse an unknown name, or one the family's pipeline cannot run (`supported`; None = all)."""
+    if name is None or name == DEFAULT:
+        return
+    if name not in SCHEDULERS:
         raise InvalidRequestError("scheduler", name, "one of " + ", ".join(names()))
+    if supported is not None and name not in supported:
+        allowed = ", ".join((DEFAULT, *supported))
+        raise InvalidRequestError("scheduler", name, f"one of the schedulers family {family!r} can run: {allowed}")
 
 
 def build(name: str, base_config: Any) -> Any:

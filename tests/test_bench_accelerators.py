@@ -63,9 +63,10 @@ def test_cpu_tiny_run_reports_every_variant(tmp_path: Path, monkeypatch: pytest.
     assert "speedup_vs_raw-eager" in records["t2i-auto"]
 
 
-def test_unknown_variant_is_refused() -> None:
+def test_unknown_variant_is_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # main() sets it; monkeypatch restores it
     with pytest.raises(SystemExit, match="unknown variant 'turbo'"):
-        bench().main(["--device", "cpu", "--tiny", "--variants", "turbo", "--no-warm", "--cache-dir", "unused"])
+        bench().main(["--device", "cpu", "--tiny", "--variants", "turbo", "--no-warm", "--cache-dir", str(tmp_path)])
 
 
 def test_configs_build_the_real_architectures() -> None:

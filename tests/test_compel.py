@@ -377,3 +377,15 @@ def test_sdxl_weighted_and(sdxl_engine: Any, raw_sdxl: Any) -> None:
     assert_images_equal(result.images, expected)
     unweighted = sdxl_engine.generate(request(prompt.replace("(1, 0.6)", "()"), negative_prompt="ugly", seed=5))
     assert not np.array_equal(as_array(unweighted.images[0]), as_array(result.images[0]))
+
+
+@pytest.mark.parametrize("text", ["()1.3", "()", "( )1.5", '("a", "b").blend(-1, 1)', '("a", "b").blend(0, 0)'])
+def test_prompts_with_nothing_to_encode_are_refused(text: str) -> None:
+    from t2i_core import InvalidRequestError, load
+
+    engine = load("tiny:sd15", device="cpu")
+    for field in ("prompt", "negative_prompt"):
+        fields = {"prompt": "a cat", field: text}
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.generate(GenerationRequest(prompt_weighting="compel", seed=1, num_inference_steps=1, **fields))
+        assert caught.value.field == field and caught.value.value == text

@@ -424,6 +424,26 @@ def test_controlnet_for_another_base_is_refused(engine: Any, monkeypatch: pytest
     assert "this sd15 model (cross_attention_dim=32" in str(error)
 
 
+def test_controlnet_with_other_depth_is_refused(engine: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from diffusers import ControlNetModel
+    from t2i_controlnet import IncompatibleControlNetError
+
+    base = dict(engine.pipeline.unet.config)
+    folder = tmp_path / "deeper"
+    ControlNetModel(
+        block_out_channels=base["block_out_channels"],
+        layers_per_block=base["layers_per_block"] + 1,
+        down_block_types=base["down_block_types"],
+        cross_attention_dim=base["cross_attention_dim"],
+        attention_head_dim=base["attention_head_dim"],
+        norm_num_groups=base["norm_num_groups"],
+        conditioning_embedding_out_channels=(16, 32),
+    ).save_pretrained(folder)
+    error = refusal(engine, monkeypatch, Control(image=noise_image(0, 8, 8), model=str(folder)))
+    assert isinstance(error, IncompatibleControlNetError)
+    assert f"layers_per_block={base['layers_per_block'] + 1}" in str(error)
+
+
 def test_tiny_sdxl_controlnet_on_sd15_is_refused(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("t2i_sdxl")
     from t2i_controlnet import IncompatibleControlNetError

@@ -195,3 +195,16 @@ def test_pickle_weights_need_consent(sd15_folder: str, tmp_path: Path) -> None:
     reference = load(sd15_folder, device="cpu", cache=False)
     request = t2i_core.GenerationRequest(prompt="a cat", seed=2, num_inference_steps=2)
     assert list(engine.generate(request).images[0].getdata()) == list(reference.generate(request).images[0].getdata())
+
+
+def test_forcing_another_family_onto_a_checkpoint_is_refused(sd15_folder: str) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        load(sd15_folder, family="sdxl", device="cpu", cache=False)
+    message = str(caught.value)
+    assert "StableDiffusionPipeline" in message and "'sdxl'" in message and "--family" in message
+
+
+@pytest.mark.parametrize("value", [5, 2.5])
+def test_accelerators_must_be_names(value: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="accelerators"):
+        load("tiny:sd15", device="cpu", accelerators=value)

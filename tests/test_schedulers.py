@@ -64,3 +64,39 @@ def test_unknown_scheduler_lists_the_names(sd15_engine: Any) -> None:
         sd15_engine.generate(GenerationRequest(prompt=PROMPT, scheduler="turbo"))
     message = str(caught.value)
     assert "scheduler='turbo'" in message and "dpm++-2m-karras" in message and "default" in message
+
+
+FAMILIES = ("sd15", "sdxl", "kandinsky22")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_scheduler_a_family_offers_runs_and_the_rest_are_refused(family: str) -> None:
+    engine = load(f"tiny:{family}", device="cpu")
+    offered = engine.provider.schedulers or tuple(named.SCHEDULERS)
+    for name in named.SCHEDULERS:
+        request = GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=2, scheduler=name, height=64, width=64)
+        if name in offered:
+            assert engine.generate(request).images[0].size == (64, 64), name
+        else:
+            with pytest.raises(InvalidRequestError) as caught:
+                engine.generate(request)
+            assert f"family {family!r} can run" in str(caught.value) and offered[0] in str(caught.value)
+
+
+def test_kandinsky_scheduler_matches_diffusers_decoder_scheduler() -> None:
+    import diffusers
+    from diffusers import AutoPipelineForText2Image
+
+    engine = load("tiny:kandinsky22", device="cpu")
+    raw = AutoPipelineForText2Image.from_pretrained(engine.source)
+    raw.set_progress_bar_config(disable=True)
+    class_name, overrides = named.SCHEDULERS["dpm++-2m-karras"]
+    scheduler = getattr(diffusers, class_name).from_config(raw.decoder_pipe.scheduler.config, **overrides)
+    raw.decoder_pipe.scheduler = scheduler
+    expected = raw(PROMPT, num_inference_steps=3, height=64, width=64, generator=cpu_generators(8, 1)).images
+    result = engine.generate(
+        GenerationRequest(
+            prompt=PROMPT, seed=8, num_inference_steps=3, height=64, width=64, scheduler="dpm++-2m-karras"
+        )
+    )
+    assert_images_equal(result.images, expected)

@@ -6,6 +6,8 @@ prompt into the ``prompt_embeds`` family of pipeline arguments.
 
 from __future__ import annotations
 
+import math
+
 import functools
 import warnings
 from typing import Any
@@ -40,6 +42,12 @@ def check_syntax(field: str, text: str) -> None:
         conjunction = parse(text)
     except Exception as exc:  # noqa: BLE001 - pyparsing and float() errors alike mean a malformed prompt
         raise InvalidRequestError(field, text, f"{allowed} ({type(exc).__name__}: {exc})") from None
+    if not conjunction.prompts:
+        raise InvalidRequestError(field, text, f"{allowed}, with some text (an empty group such as () has none)")
+    for prompt in conjunction.prompts:
+        weights = getattr(prompt, "weights", None) if isinstance(prompt, Blend) else None
+        if weights is not None and (not all(math.isfinite(w) for w in weights) or sum(weights) == 0):
+            raise InvalidRequestError(field, text, f"{allowed}; .blend() weights must be finite and not sum to 0")
     if getattr(conjunction, "lora_weights", None):
         raise InvalidRequestError(field, text, f"{allowed}; withLora() is not supported (Compel does not apply LoRAs)")
     for prompt in _flattened(conjunction):

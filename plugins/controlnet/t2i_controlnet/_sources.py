@@ -22,6 +22,8 @@ TINY_FAMILIES = ("sd15", "sdxl")
 TINY_VERSION = 1
 #: the config entries that must agree between a ControlNet and the base UNet it steers
 MATCHED_KEYS = ("cross_attention_dim", "addition_embed_type", "block_out_channels")
+#: entries that must agree too where both configs write them (older configs may omit them)
+MATCHED_IF_PRESENT = ("layers_per_block", "down_block_types", "transformer_layers_per_block")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CONTROLNET_CLASS = "ControlNetModel"
@@ -129,12 +131,14 @@ def _looks_like_path(model: str) -> bool:
 
 def check_fits(source: Source, base_config: Mapping[str, Any], family: str, field: str) -> None:
     """Refuse a ControlNet whose residuals cannot feed this base UNet."""
-    theirs = {key: _plain(source.config.get(key)) for key in MATCHED_KEYS}
-    ours = {key: _plain(base_config.get(key)) for key in MATCHED_KEYS}
+    present = [k for k in MATCHED_IF_PRESENT if source.config.get(k) is not None and base_config.get(k) is not None]
+    keys = [*MATCHED_KEYS, *present]
+    theirs = {key: _plain(source.config.get(key)) for key in keys}
+    ours = {key: _plain(base_config.get(key)) for key in keys}
     if theirs == ours:
         return
     wanted = ", ".join(f"{key}={value!r}" for key, value in ours.items())
-    found = ", ".join(f"{key}={theirs[key]!r}" for key in MATCHED_KEYS if theirs[key] != ours[key])
+    found = ", ".join(f"{key}={theirs[key]!r}" for key in keys if theirs[key] != ours[key])
     raise IncompatibleControlNetError(
         field,
         source.model,

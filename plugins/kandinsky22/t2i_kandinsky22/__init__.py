@@ -31,6 +31,10 @@ class Kandinsky22(ModelProvider):
     name = "kandinsky22"
     aliases: ClassVar[Mapping[str, str]] = {"kandinsky22": "kandinsky-community/kandinsky-2-2-decoder"}
     pipeline_classes = (COMBINED, DECODER)
+    # The decoder passes `generator` to scheduler.step() and never calls scale_model_input(): only
+    # schedulers that take the one and need not the other denoise correctly (unipc, lms and pndm
+    # raise; euler and euler-ancestral would run on unscaled inputs).
+    schedulers = ("ddim", "ddpm", "dpm++-2m", "dpm++-2m-karras")
     # diffusers' defaults for the combined pipeline; 512x512 is read from the checkpoint (so tiny stays tiny).
     defaults = FamilyDefaults(num_inference_steps=100, guidance_scale=4.0)
     options = (
