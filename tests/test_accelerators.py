@@ -690,3 +690,23 @@ def test_a_new_process_reuses_the_persistent_compile_cache(tmp_path: Any) -> Non
     (cold_hits, cold_misses), (warm_hits, warm_misses) = (map(int, r.stdout.split()[-2:]) for r in runs)
     assert cold_misses > 0 and cold_hits == 0
     assert warm_hits > 0 and warm_misses == 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "kandinsky22"])
+def test_images_stay_within_tolerance_on_the_other_families(family: str) -> None:
+    """The bounds of docs/optimize.md, on tiny SDXL and Kandinsky 2.2 too (3 steps, levels of 255)."""
+    from t2i_core import GenerationRequest
+
+    request = GenerationRequest(prompt="a red fox", negative_prompt="blurry", seed=3, num_inference_steps=3)
+
+    def picture(*accelerators: str) -> np.ndarray:
+        engine = load(f"tiny:{family}", device="cpu", accelerators=list(accelerators), cache=False)
+        return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+    reference = picture("fp32")
+    bounds = {("fp32", "sdpa"): 0, ("fp32", "channels_last"): 1, ("fp32", "fuse_qkv"): 1}
+    if family == "sdxl":  # Kandinsky's random-weight prior makes half precision meaningless (docs/optimize.md)
+        bounds.update({("fp16",): 3, ("bf16",): 8})
+    for stack, bound in bounds.items():
+        distance = int(np.abs(picture(*stack) - reference).max())
+        assert distance <= bound, f"{'+'.join(stack)} is {distance} levels from fp32 on {family}"
