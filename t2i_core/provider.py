@@ -173,13 +173,18 @@ class ModelProvider:
             )
 
     def share(self, pipeline: Any) -> Any:
-        """A new pipeline object over the same weights, with its own scheduler (for the engine cache)."""
+        """A new pipeline object over the same weights, for the engine cache.
+
+        Models (torch modules) are shared; everything with per-call state — the scheduler,
+        tokenizers (whose padding settings change on every call), image processors — is the
+        engine's own copy, so engines in different threads never interfere.
+        """
         import copy
 
-        # from_pipe casts every component to its torch_dtype (float32 when not given), in place on
-        # the shared weights: the pipeline's own dtype keeps an fp16/bf16 engine as it was loaded.
-        scheduler = copy.deepcopy(pipeline.scheduler)
-        return type(pipeline).from_pipe(pipeline, scheduler=scheduler, torch_dtype=pipeline.dtype)
+        shared = copy.copy(pipeline)
+        for name, component in private_components(pipeline).items():
+            setattr(shared, name, component)
+        return shared
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:
         """The (height, width) the checkpoint was made for."""
@@ -228,3 +233,15 @@ def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
         return callback_kwargs
 
     return on_step_end
+
+
+def private_components(pipeline: Any) -> dict[str, Any]:
+    """`pipeline.components`, with every component that is not a torch module deep-copied."""
+    import copy
+
+    import torch
+
+    return {
+        name: component if component is None or isinstance(component, torch.nn.Module) else copy.deepcopy(component)
+        for name, component in pipeline.components.items()
+    }

@@ -167,6 +167,8 @@ def test_engine_cache_shares_weights_not_schedulers() -> None:
     assert first is not second
     assert first.pipeline.unet is second.pipeline.unet
     assert first.pipeline.scheduler is not second.pipeline.scheduler
+    assert first.pipeline.tokenizer is not second.pipeline.tokenizer  # padding state changes per call
+    assert first.pipeline.vae is second.pipeline.vae and first.pipeline.text_encoder is second.pipeline.text_encoder
     fresh = load("tiny:sd15", device="cpu", cache=False)
     assert fresh.pipeline.unet is not first.pipeline.unet
 
@@ -208,3 +210,23 @@ def test_forcing_another_family_onto_a_checkpoint_is_refused(sd15_folder: str) -
 def test_accelerators_must_be_names(value: Any) -> None:
     with pytest.raises(InvalidRequestError, match="accelerators"):
         load("tiny:sd15", device="cpu", accelerators=value)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "kandinsky22"])
+def test_cached_engines_in_threads_make_the_serial_images(family: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    engines = [load(f"tiny:{family}", device="cpu") for _ in range(3)]
+    prompts = ["a cat", "a very long and detailed prompt about a lighthouse at dusk " * 3, "x"]
+    requests = [t2i_core.GenerationRequest(prompt=p, seed=i, num_inference_steps=2) for i, p in enumerate(prompts)]
+    serial = [engines[0].generate(r).images[0].tobytes() for r in requests]
+
+    def work(index: int) -> list[bytes]:
+        engine = engines[index]
+        return [engine.generate(requests[(index + k) % 3]).images[0].tobytes() for k in range(3)]
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(work, range(3)))
+    for index, images in enumerate(results):
+        for k, image in enumerate(images):
+            assert image == serial[(index + k) % 3], f"engine {index}, request {(index + k) % 3} differs in a thread"

@@ -6,9 +6,8 @@ prompt into the ``prompt_embeds`` family of pipeline arguments.
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 import warnings
 from typing import Any
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
+from t2i_core.provider import private_components
 
 from . import _tiny
 from ._prior import COMBINED, DECODER, DEFAULT_PRIOR, Priors, model_card_prior
@@ -93,13 +94,8 @@ class Kandinsky22(ModelProvider):
         return pipeline
 
     def share(self, pipeline: Any) -> Any:
-        import copy
-
-        components = dict(pipeline.components)
-        for name in ("scheduler", "prior_scheduler"):
-            if name in components:
-                components[name] = copy.deepcopy(components[name])
-        return type(pipeline)(**components)
+        # The combined pipeline builds its prior and decoder sub-pipelines from its components.
+        return type(pipeline)(**private_components(pipeline))
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:
         # The UNet declares the latent size it was trained at; the MoVQ makes one pixel of it `factor`.
