@@ -349,7 +349,9 @@ def first_image_in_new_processes(records: list[dict[str, Any]], family: str, arg
     on-disk caches for the next one, so its first image is not cold. Each compiled variant gets a
     fresh inductor folder: a first child process compiles into it (cold), a second reuses it (warm).
     """
-    parent_args = [a for a in _strip(argv, ("--family", "--variants", "--output", "-o", "--cache-dir")) if a != "--no-warm"]
+    parent_args = [
+        a for a in _strip(argv, ("--family", "--variants", "--output", "-o", "--cache-dir")) if a != "--no-warm"
+    ]
     for record in records:
         compiled = any("compile" in name for name in record.get("accelerators", []))
         if "error" in record or not compiled:
@@ -450,7 +452,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="timed images per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed images after the first")
     parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh one: cold)")
-    parser.add_argument("--no-warm", action="store_true", help="skip the cold and warm first-image runs in new processes")
+    parser.add_argument(
+        "--no-warm", action="store_true", help="skip the cold and warm first-image runs in new processes"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("-o", "--output", default=None, help="write the JSON here too")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from .accelerator import PHASES, Accelerator, LoadContext, Preset
 from .conditioner import Call, Conditioner
 from .engine import Engine, clear_cache, load
 from .errors import (
+    GenerationError,
     IncompatibleAcceleratorsError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -35,6 +36,7 @@ __all__ = [
     "Control",
     "Engine",
     "FamilyDefaults",
+    "GenerationError",
     "GenerationRequest",
     "GenerationResult",
     "IncompatibleAcceleratorsError",

@@ -112,8 +112,10 @@ class Registry:
                 for impl in caller.get_hookimpls():
                     if impl.plugin_name == info.name:
                         impl.function(register=self._collector(hook_name, info.name, pending))
+            for index, (kind, item) in enumerate(pending):
+                self._check_new(kind, item, info.name, pending[:index])
             for kind, item in pending:
-                self._store(kind, item, info.name)
+                self._table(kind)[item.name] = item
         except Exception as exc:  # noqa: BLE001
             self.pm.unregister(name=info.name)
             info.error = (
@@ -144,24 +146,28 @@ class Registry:
 
         return register
 
-    def _store(self, kind: str, item: Any, plugin: str) -> None:
+    def _table(self, kind: str) -> dict[str, Any]:
         tables: dict[str, dict[str, Any]] = {
             "provider": self.providers,
             "conditioner": self.conditioners,
             "accelerator": self.accelerators,
             "preset": self.presets,
         }
-        table = tables[kind]
-        if item.name in table or (
-            kind in ("accelerator", "preset") and item.name in {**self.accelerators, **self.presets}
-        ):
-            raise PluginError(plugin, f"{kind} {item.name!r} is already registered by another plugin")
+        return tables[kind]
+
+    def _check_new(self, kind: str, item: Any, plugin: str, earlier: list[tuple[str, Any]]) -> None:
+        """Refuse a name (or alias) already taken, by another plugin or earlier in this one."""
+        namespace = ("accelerator", "preset") if kind in ("accelerator", "preset") else (kind,)
+        taken = {name for k in namespace for name in self._table(k)}
+        taken |= {other.name for k, other in earlier if k in namespace}
+        if item.name in taken:
+            raise PluginError(plugin, f"{kind} {item.name!r} is already registered")
         if kind == "provider":
+            providers = [*self.providers.values(), *(other for k, other in earlier if k == "provider")]
             for alias in item.aliases:
-                for other in self.providers.values():
+                for other in providers:
                     if alias in other.aliases:
                         raise PluginError(plugin, f"alias {alias!r} is already registered by family {other.name!r}")
-        table[item.name] = item
 
     # -- lookups -------------------------------------------------------------------------
     def provider(self, family: str) -> ModelProvider:
@@ -196,16 +202,25 @@ class Registry:
 
 
 _registry: Registry | None = None
-_lock = threading.Lock()
+_lock = threading.RLock()
+_loading = False
 
 
 def get_registry() -> Registry:
     """The process-wide registry, loading the entry points on first use."""
-    global _registry
+    global _registry, _loading
     with _lock:
         if _registry is None:
-            registry = Registry()
-            registry.load_entry_points()
+            if _loading:
+                # A plugin module asked for the registry while being imported: refuse (the error
+                # is recorded against that plugin) rather than recurse or deadlock.
+                raise PluginError("t2i", "a plugin called get_registry() or load() while plugins were loading")
+            _loading = True
+            try:
+                registry = Registry()
+                registry.load_entry_points()
+            finally:
+                _loading = False
             _registry = registry
         return _registry
 

@@ -62,6 +62,23 @@ def non_blank(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise InvalidRequestError(attribute.name, value, "a non-empty text")
 
 
+def encodable(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Text a tokenizer can read: valid Unicode (no lone surrogates from undecodable bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(attribute.name, value, "valid UTF-8 text") from None
+
+
+def to_int(value: Any) -> Any:
+    """Accept any integral number (numpy integers included) as an int; leave the rest to validators."""
+    import numbers
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
 def chain(*validators: Validator) -> Validator:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         for validator in validators:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -107,6 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("t2i: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        # A failure t2i did not foresee: still one line, unless the user asks for the traceback.
+        if os.environ.get("T2I_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"t2i: internal error: {type(exc).__name__}: {first} (set T2I_DEBUG=1 for the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 # -- generate -------------------------------------------------------------------------------
@@ -173,6 +185,21 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
 
 
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that exists (without --overwrite) or cannot be written."""
+    try:
+        if path.is_dir():
+            raise InvalidRequestError("--output", str(path), "a file path (this is a folder)")
+        if path.exists() and not overwrite:
+            raise InvalidRequestError("--output", str(path), "a path that does not exist yet (or pass --overwrite)")
+        if not path.parent.is_dir():
+            raise InvalidRequestError("--output", str(path), "a path in an existing folder")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise InvalidRequestError("--output", str(path), f"a usable file path ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidRequestError("--output", str(path), "a path in a folder you can write to")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .request import GenerationRequest
 
@@ -191,13 +218,8 @@ def _generate(args: argparse.Namespace) -> int:
         options=_key_values(args.option, "--option", "KEY=VALUE"),
     )
     outputs = _output_paths(args.output, request.num_images)
-    if not args.overwrite:
-        for path in outputs:
-            if path.exists():
-                raise InvalidRequestError("--output", str(path), "a path that does not exist yet (or pass --overwrite)")
     for path in outputs:
-        if not path.parent.is_dir():
-            raise InvalidRequestError("--output", str(path), "a path in an existing folder")
+        _check_output(path, args.overwrite)
 
     _quiet_libraries()
     from .engine import load
@@ -236,6 +258,26 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    _forward_truncation_warnings(diffusers_logging)
+
+
+class _TruncationOnly(logging.Handler):
+    """Prints diffusers' "part of your input was truncated" records as one line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "truncated" in record.getMessage():
+            print(f"t2i: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _forward_truncation_warnings(diffusers_logging: Any) -> None:
+    """diffusers logs (not warns) when a prompt is cut at the text encoder's length: say so, in one line."""
+    logger = diffusers_logging.get_logger("diffusers")
+    if any(isinstance(handler, _TruncationOnly) for handler in logger.handlers):
+        return
+    diffusers_logging.set_verbosity_warning()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(_TruncationOnly())
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
@@ -346,7 +388,13 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def console_main() -> None:
-    raise SystemExit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `t2i plugins | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ._manager import Registry, get_registry
 from .accelerator import PHASES, Accelerator, LoadContext
 from .conditioner import Call
 from .errors import (
+    GenerationError,
     IncompatibleAcceleratorsError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -75,14 +77,20 @@ def read_model_index(model: str, source: str, is_local: bool) -> dict[str, Any]:
         path = Path(source) / "model_index.json"
         if not path.is_file():
             raise ModelNotFoundError(model, f"{path} does not exist: not a diffusers pipeline folder")
-        return dict(json.loads(path.read_text()))
-    from huggingface_hub import hf_hub_download
+    else:
+        from huggingface_hub import hf_hub_download
 
+        try:
+            path = Path(hf_hub_download(source, "model_index.json"))
+        except Exception as exc:  # noqa: BLE001 - every hub failure means the same to the user
+            raise ModelNotFoundError(model, _hub_failure(exc)) from None
     try:
-        path_name = hf_hub_download(source, "model_index.json")
-    except Exception as exc:  # noqa: BLE001 - every hub failure means the same to the user
-        raise ModelNotFoundError(model, _hub_failure(exc)) from None
-    return dict(json.loads(Path(path_name).read_text()))
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError covers JSON and Unicode decoding errors
+        raise ModelNotFoundError(model, f"{path} is not a readable model_index.json ({type(exc).__name__})") from None
+    if not isinstance(index, dict):
+        raise ModelNotFoundError(model, f"{path} is not a model_index.json (expected a JSON object)")
+    return index
 
 
 def _hub_failure(exc: BaseException) -> str:
@@ -136,6 +144,10 @@ class Engine:
             raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
         schedulers.check(request.scheduler, self.provider.schedulers, self.family)
         options = self.provider.check(request)
+        trained = getattr(self._default_scheduler.config, "num_train_timesteps", None)
+        if request.num_inference_steps is not None and trained and request.num_inference_steps > trained:
+            allowed = f"an integer in [1, {trained}] (the scheduler's training steps)"
+            raise InvalidRequestError("num_inference_steps", request.num_inference_steps, allowed)
         self._check_conditioners(request)
         defaults = self.provider.defaults
         native_height, native_width = self.provider.native_size(self.pipeline)
@@ -187,7 +199,18 @@ class Engine:
         for conditioner in self._registry.ordered_conditioners():
             if conditioner.wants(resolved):
                 conditioner.condition(self, resolved, call)
-        images = self.provider.run(call.pipeline, call.kwargs, progress)
+        try:
+            images = self.provider.run(call.pipeline, call.kwargs, progress)
+        except RuntimeError as exc:  # torch's out-of-memory errors are RuntimeErrors
+            text = str(exc)
+            out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text
+            if not out_of_memory and "allocate" not in text:
+                raise
+            raise GenerationError(
+                f"out of memory on {self.device} making {resolved.num_images} image(s) of "
+                f"{resolved.width}x{resolved.height}: lower the size or num_images, or load with "
+                f"the low-memory preset ({text.splitlines()[0] if text else type(exc).__name__})"
+            ) from None
         return GenerationResult(images=images, seeds=seeds, request=resolved, model=self.model, family=self.family)
 
     def _use_scheduler(self, name: str) -> None:
@@ -213,7 +236,7 @@ def clear_cache() -> None:
 
 
 def load(
-    model: str,
+    model: str | os.PathLike[str],
     *,
     family: str | None = None,
     device: str = "auto",
@@ -232,6 +255,8 @@ def load(
     :param allow_pickle: also load ``.bin`` (pickle) weights when a checkpoint has no safetensors.
     """
     registry = get_registry()
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequestError("model", model, "a hub id, a local folder, a family alias or tiny:<family>")
     if family is not None and not isinstance(family, str):
@@ -349,7 +374,10 @@ def _load_pipeline(
     for accelerator in chosen:
         load_kwargs.update(accelerator.load_kwargs(context))
     try:
-        pipeline = resolved.provider.load(resolved.source, load_kwargs)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; older releases t2i supports know only the first.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipeline = resolved.provider.load(resolved.source, load_kwargs)
     except Exception as exc:
         raise _load_error(model, resolved, exc, allow_pickle) from exc
     resolved.provider.check_pipeline(model, pipeline)
@@ -377,6 +405,9 @@ def _load_error(model: str, resolved: _Resolved, exc: Exception, allow_pickle: b
     missing_safetensors = ".safetensors" in text and (
         "no file named" in text.lower() or "could not find" in text.lower()
     )
+    has_pickles = not resolved.is_local or any(Path(resolved.source).glob("**/*.bin"))
+    if missing_safetensors and not has_pickles:
+        return ModelNotFoundError(model, f"some weights are missing ({text.splitlines()[0]})")
     if not allow_pickle and (missing_safetensors or "Could not find the necessary `safetensors`" in text):
         return ModelNotFoundError(
             model, "it has no safetensors weights; pass allow_pickle=True (--allow-pickle) to load .bin files"

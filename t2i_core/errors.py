@@ -90,6 +90,10 @@ class UnsupportedFeatureError(T2IError):
         super().__init__(f"family {family!r} does not support {feature}{detail}")
 
 
+class GenerationError(T2IError):
+    """Generation could not finish for a reason the request can change (e.g. out of memory)."""
+
+
 class PluginError(T2IError):
     """A plugin failed to import, or registered something invalid."""
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._validators import chain, in_range, multiple_of, non_blank, of_type, optional
+from ._validators import chain, encodable, in_range, multiple_of, non_blank, of_type, optional, to_int
 from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -114,16 +114,21 @@ class GenerationRequest:
     `GenerationResult.seeds`). See ``docs/concepts.md`` for every field.
     """
 
-    prompt: str = attrs.field(validator=chain(of_type(str), non_blank))
-    negative_prompt: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+    prompt: str = attrs.field(validator=chain(of_type(str), non_blank, encodable))
+    negative_prompt: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), encodable)))
     height: int | None = attrs.field(
-        default=None, validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8)))
+        default=None,
+        converter=to_int,
+        validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
     width: int | None = attrs.field(
-        default=None, validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8)))
+        default=None,
+        converter=to_int,
+        validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
     num_inference_steps: int | None = attrs.field(
         default=None,
+        converter=to_int,
         validator=optional(chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))),
     )
     guidance_scale: float | None = attrs.field(
@@ -133,6 +138,7 @@ class GenerationRequest:
     )
     seed: int | None = attrs.field(
         default=None,
+        converter=to_int,
         validator=optional(
             chain(
                 of_type(int, what=f"an integer in [0, {MAX_SEED}]"),
@@ -141,7 +147,9 @@ class GenerationRequest:
         ),
     )
     num_images: int = attrs.field(
-        default=1, validator=chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))
+        default=1,
+        converter=to_int,
+        validator=chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1")),
     )
     prompt_weighting: str | None = attrs.field(
         default=None, validator=optional(of_type(str, what='None or a weighting syntax name such as "compel"'))

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidRequestError
+
 TINY_PREFIX = "tiny:"
 CACHE_ENV = "T2I_CACHE"
 
@@ -35,8 +37,13 @@ def ensure_built(name: str, version: int, build: Callable[[Path], None]) -> Path
     target = cache_dir() / "tiny" / f"{name}-v{version}"
     if (target / ".complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"${CACHE_ENV}", str(cache_dir()), f"a folder t2i can create and write ({exc.strerror or exc})"
+        ) from None
     try:
         with _quiet(), _seeded(0):
             build(staging)

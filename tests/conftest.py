@@ -11,9 +11,20 @@ import numpy as np
 import pytest
 
 # Before anything imports huggingface_hub: the suite never touches the network, and it builds
-# its tiny checkpoints into its own cache (shared by pytest-xdist-free runs of one session).
+# every tiny checkpoint afresh into a cache of its own, so a broken build_tiny always fails it
+# (T2I_TEST_CACHE names a folder to reuse between runs while developing).
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("T2I_CACHE", os.path.join(tempfile.gettempdir(), "t2i-test-cache"))
+_OWN_CACHE = None if os.environ.get("T2I_TEST_CACHE") else tempfile.mkdtemp(prefix="t2i-test-cache-")
+os.environ["T2I_CACHE"] = os.environ.get("T2I_TEST_CACHE") or str(_OWN_CACHE)
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

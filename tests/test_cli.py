@@ -288,3 +288,54 @@ def test_warnings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         warnings.showwarning = original
     assert capsys.readouterr().err == "t2i: warning: prompt was truncated to 77 tokens\n"
+
+
+def test_output_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dir.png").mkdir()
+    args = ("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "dir.png"), "--overwrite")
+    assert run_cli(*args) == 2
+    assert "this is a folder" in capsys.readouterr().err
+
+
+def test_output_name_too_long(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "-o", str(tmp_path / ("a" * 300 + ".png"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usable file path" in err
+
+
+def test_truncated_prompt_is_one_warning_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompt = "a very detailed cat " * 40
+    assert run_cli("generate", prompt, "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "t.png")) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("t2i: warning: The following part of your input was truncated")
+    assert err.count("\n") == 1
+
+
+def test_unexpected_failure_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from t2i_sd15 import StableDiffusion15
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("something deep inside\nwith more lines")
+
+    monkeypatch.setattr(StableDiffusion15, "run", broken)
+    monkeypatch.delenv("T2I_DEBUG", raising=False)
+    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "u.png")) == 1
+    assert capsys.readouterr().err == (
+        "t2i: internal error: ValueError: something deep inside (set T2I_DEBUG=1 for the traceback)\n"
+    )
+    monkeypatch.setenv("T2I_DEBUG", "1")
+    with pytest.raises(ValueError, match="something deep inside"):
+        run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "v.png"))
+
+
+def test_broken_pipe_is_quiet() -> None:
+    code = "import subprocess, sys; p = subprocess.Popen(['t2i', 'plugins'], stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.close(); print(p.wait(), repr(p.stderr.read()))"
+    import shutil
+
+    if shutil.which("t2i") is None:
+        pytest.skip("the t2i console script is not on PATH")
+    proc = _subprocess("-c", code)
+    status, err = proc.stdout.strip().split(" ", 1)
+    assert status == "0" and err == "b''", proc.stdout

@@ -230,3 +230,37 @@ def test_cached_engines_in_threads_make_the_serial_images(family: str) -> None:
     for index, images in enumerate(results):
         for k, image in enumerate(images):
             assert image == serial[(index + k) % 3], f"engine {index}, request {(index + k) % 3} differs in a thread"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_corrupt_model_index(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "model_index.json").write_bytes(content)
+    with pytest.raises(ModelNotFoundError, match="model_index.json"):
+        load(str(tmp_path), device="cpu")
+
+
+def test_unusable_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    monkeypatch.setenv("T2I_CACHE", str(a_file))
+    with pytest.raises(InvalidRequestError, match=r"\$T2I_CACHE=.*a folder t2i can create and write"):
+        ensure_built("demo", 1, lambda folder: None)
+
+
+def test_more_steps_than_the_scheduler_was_trained_with(sd15_engine: Any) -> None:
+    request = t2i_core.GenerationRequest(prompt="a", num_inference_steps=1001, scheduler="ddim")
+    with pytest.raises(InvalidRequestError, match=r"num_inference_steps=1001.*\[1, 1000\]"):
+        sd15_engine.generate(request)
+
+
+def test_path_objects_name_local_folders(sd15_folder: str) -> None:
+    assert load(Path(sd15_folder), device="cpu").source == sd15_folder
+
+
+def test_out_of_memory_is_a_generation_error(sd15_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(sd15_engine.provider, "run", exhausted)
+    with pytest.raises(t2i_core.GenerationError, match="out of memory on cpu making 2 image\\(s\\) of 64x64"):
+        sd15_engine.generate(t2i_core.GenerationRequest(prompt="a", num_images=2, num_inference_steps=1))

@@ -237,3 +237,43 @@ def test_every_hook_has_tests() -> None:
     source = Path(__file__).read_text()
     for name in _hook_names():
         assert re.search(rf"\"\"\"{name}:", source), f"no test documents hook {name}"
+
+
+def test_plugin_asking_for_the_registry_while_loading_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from t2i_core import _manager
+
+    module = types.ModuleType("t2i_reentrant_plugin")
+    module.__dict__["registry"] = None
+
+    def load_module() -> Any:
+        module.registry = t2i_core.get_registry()  # would deadlock or recurse without the guard
+        return module
+
+    entry = types.SimpleNamespace(name="reentrant", dist=None, load=load_module)
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [*real(group=group), entry])
+    monkeypatch.setattr(_manager, "_registry", None)
+    monkeypatch.setitem(sys.modules, "t2i_reentrant_plugin", module)
+    registry = t2i_core.get_registry()
+    assert "while plugins were loading" in (registry.plugins["reentrant"].error or "")
+    assert "sd15" in registry.providers
+
+
+def test_a_plugin_failing_halfway_registers_nothing(plugin_registry: Registry) -> None:
+    from t2i_sd15 import StableDiffusion15
+
+    class NewFamily(StableDiffusion15):
+        name = "newfam"
+        aliases = {}
+
+    def register_providers(register: Callable[[ModelProvider], None]) -> None:
+        register(NewFamily())
+        register(StableDiffusion15())  # a clash: the whole plugin is refused
+
+    info = plugin_registry.register_plugin(
+        types.SimpleNamespace(register_providers=hookimpl(register_providers)), "half"
+    )
+    assert info.error is not None and "'sd15' is already registered" in info.error
+    assert "newfam" not in plugin_registry.providers and info.registered == []

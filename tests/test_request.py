@@ -128,3 +128,19 @@ def test_valid_values_are_accepted(height: int, width: int, steps: int, guidance
 def test_every_invalid_size_is_refused(size: int) -> None:
     with pytest.raises(InvalidRequestError, match="multiple of 8"):
         GenerationRequest(prompt="p", height=size)
+
+
+def test_text_must_be_valid_unicode() -> None:
+    with pytest.raises(InvalidRequestError, match="prompt=.*valid UTF-8"):
+        GenerationRequest(prompt="a cat \udcff")
+    with pytest.raises(InvalidRequestError, match="negative_prompt=.*valid UTF-8"):
+        GenerationRequest(prompt="a cat", negative_prompt="\udcff")
+    assert GenerationRequest(prompt="猫と宇宙飛行士 🚀").prompt == "猫と宇宙飛行士 🚀"
+
+
+def test_numpy_integers_are_integers() -> None:
+    import numpy as np
+
+    request = GenerationRequest(prompt="a", seed=np.int64(5), height=np.int32(64), num_images=np.uint8(2))
+    assert (request.seed, request.height, request.num_images) == (5, 64, 2)
+    assert type(request.seed) is int

@@ -158,8 +158,15 @@ def has_variant(source: str, variant: str) -> bool:
         from huggingface_hub import list_repo_files
 
         return any(f".{variant}." in name for name in list_repo_files(source))
-    except Exception:  # noqa: BLE001 - offline or unknown: load the default weights
+    except Exception:  # noqa: BLE001 - offline or unreachable: look at what the local cache holds
+        pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached either: load the default weights
         return False
+    return any(cached.glob(f"*/{pattern}")) or any(cached.glob(pattern))
 
 
 # -- presets ---------------------------------------------------------------------------------
