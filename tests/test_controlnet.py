@@ -689,3 +689,19 @@ def test_offloaded_engine_is_refused_naming_the_accelerator(monkeypatch: pytest.
             )
     finally:
         remove_hook_from_module(engine.pipeline.unet)
+
+
+def test_engines_over_shared_base_weights_share_controlnet_weights() -> None:
+    from t2i_core import load
+
+    one, two = load("tiny:sd15", device="cpu"), load("tiny:sd15", device="cpu")
+    assert one.pipeline.unet is two.pipeline.unet
+    request = GenerationRequest(
+        prompt="a cat", seed=1, num_inference_steps=1, controls=(Control(image=noise_image(0, 8, 8), model=TINY),)
+    )
+    first, second = one.generate(request), two.generate(request)
+    assert first.images[0].tobytes() == second.images[0].tobytes()
+    assert one.state["controlnet"].models == two.state["controlnet"].models  # the very same model objects
+    (model,) = one.state["controlnet"].models.values()
+    assert model is next(iter(two.state["controlnet"].models.values()))
+    assert one.state["controlnet"].pipelines is not two.state["controlnet"].pipelines

@@ -7,6 +7,8 @@ components, so switching between controlled and plain requests reloads nothing.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -164,10 +166,25 @@ def _pipeline(engine: Engine, state: _EngineState, sources: list[Source]) -> Any
     return pipeline
 
 
+#: base UNet → `Source.location` → loaded ControlNet: engines over the same cached base weights
+#: share their ControlNets' weights too (weakly held: they go when the base weights go)
+_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_LOADING = threading.Lock()
+
+
 def _model(state: _EngineState, source: Source, unet: Any) -> Any:
     model = state.models.get(source.location)
-    if model is not None:
-        return model
+    if model is None:
+        with _LOADING:
+            loaded = _LOADED.setdefault(unet, {})
+            model = loaded.get(source.location)
+            if model is None:
+                model = loaded[source.location] = _load_model(source, unet)
+        state.models[source.location] = model
+    return model
+
+
+def _load_model(source: Source, unet: Any) -> Any:
     from diffusers import ControlNetModel
 
     try:
@@ -178,9 +195,7 @@ def _model(state: _EngineState, source: Source, unet: Any) -> Any:
         if "safetensors" in text.lower():
             reason = "it has no safetensors weights (t2i loads ControlNets from safetensors only)"
         raise ModelNotFoundError(source.model, f"diffusers could not load it as a ControlNet ({reason})") from exc
-    model = model.to(unet.device)
-    state.models[source.location] = model
-    return model
+    return model.to(unet.device)
 
 
 @hookimpl
