@@ -84,16 +84,9 @@ class Registry:
             return
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
-        for kind, table in (
-            ("provider", self.providers),
-            ("conditioner", self.conditioners),
-            ("accelerator", self.accelerators),
-            ("preset", self.presets),
-        ):
-            for item in info.registered:
-                prefix = f"{kind}:"
-                if item.startswith(prefix):
-                    table.pop(item[len(prefix) :], None)  # type: ignore[attr-defined]
+        for item in info.registered:
+            kind, _, item_name = item.partition(":")
+            self._table(kind).pop(item_name, None)
 
     def _add(self, plugin: object, info: PluginInfo) -> PluginInfo:
         self.plugins[info.name] = info

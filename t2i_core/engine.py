@@ -38,6 +38,23 @@ from .request import GenerationRequest, GenerationResult
 from .tiny import TINY_PREFIX, ensure_built
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_NAMESPACED_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(value: str, *, namespaced: bool = False) -> bool:
+    """Whether `value` is shaped like a Hugging Face Hub id (``name`` or ``owner/name``).
+
+    Paths never are: they start with ``.``, ``/`` or ``~``, or hold a backslash or two slashes.
+    `namespaced` requires the ``owner/`` part.
+    """
+    return bool((_NAMESPACED_HUB_ID if namespaced else _HUB_ID).match(value))
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -94,8 +111,7 @@ def read_model_index(model: str, source: str, is_local: bool) -> dict[str, Any]:
 
 
 def _hub_failure(exc: BaseException) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
+    if hub_offline():
         return "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
     name = type(exc).__name__
     if "RepositoryNotFound" in name:
@@ -346,7 +362,7 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
         if not path.is_dir():
             raise ModelNotFoundError(model, "it is a file; expected a diffusers pipeline folder")
         source, is_local = str(path), True
-    elif _looks_like_path(model) or not _HUB_ID.match(model):
+    elif not is_hub_id(model):
         raise ModelNotFoundError(model, f"the local folder {path} does not exist (and it is not a hub id)")
     else:
         source, is_local = model, False
@@ -357,10 +373,6 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
         if provider.detect(index):
             return _Resolved(source=source, family=provider.name, provider=provider, is_local=is_local)
     raise UndetectedFamilyError(model, index.get("_class_name"), registry.providers)
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
 
 def _load_pipeline(

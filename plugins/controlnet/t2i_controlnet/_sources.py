@@ -5,8 +5,6 @@ Everything here reads configs only; weights are loaded by the conditioner, once 
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError
+from t2i_core.engine import hub_offline, is_hub_id
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 #: the families that offer a tiny ControlNet, built from that family's tiny checkpoint
@@ -25,7 +24,6 @@ MATCHED_KEYS = ("cross_attention_dim", "addition_embed_type", "block_out_channel
 #: entries that must agree too where both configs write them (older configs may omit them)
 MATCHED_IF_PRESENT = ("layers_per_block", "down_block_types", "transformer_layers_per_block")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CONTROLNET_CLASS = "ControlNetModel"
 _TINY_NAMES = ", ".join(f"{TINY_PREFIX}controlnet-{family}" for family in TINY_FAMILIES)
 ALLOWED_MODELS = f"a hub id, a local ControlNet folder or one of {_TINY_NAMES}"
@@ -54,7 +52,7 @@ def resolve(model: str, field: str) -> Source:
         if not (path / "config.json").is_file():
             raise InvalidRequestError(field, model, f"{ALLOWED_MODELS} ({path} has no config.json)")
         return Source(model, str(path), _read_config(model, str(path), field))
-    if _looks_like_path(model) or not _HUB_ID.match(model):
+    if not is_hub_id(model):
         raise InvalidRequestError(field, model, f"{ALLOWED_MODELS} (the folder {path} does not exist)")
     return Source(model, model, _read_config(model, model, field))
 
@@ -119,14 +117,10 @@ def _read_config(model: str, location: str, field: str) -> Mapping[str, Any]:
 
 
 def _why(exc: BaseException) -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return "not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
     first_line = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {first_line}"
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
 
 def check_fits(source: Source, base_config: Mapping[str, Any], family: str, field: str) -> None:

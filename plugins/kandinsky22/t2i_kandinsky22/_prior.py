@@ -11,7 +11,6 @@ with its own prior scheduler.
 from __future__ import annotations
 
 import copy
-import re
 import threading
 import weakref
 from collections.abc import Mapping
@@ -38,7 +37,6 @@ TINY_PRIOR = f"{TINY_PREFIX}{_tiny.NAME}"
 PRIOR_CLASSES = (PRIOR, COMBINED)
 
 FIELD = "options['prior']"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @attrs.frozen
@@ -184,7 +182,7 @@ class Priors:
 
 
 def _check(value: str) -> PriorSource:
-    from t2i_core.engine import read_model_index
+    from t2i_core.engine import is_hub_id, read_model_index
 
     if value.startswith(TINY_PREFIX):
         if value != TINY_PRIOR:
@@ -192,7 +190,7 @@ def _check(value: str) -> PriorSource:
         return PriorSource(path=str(ensure_built(_tiny.NAME, _tiny.VERSION, _tiny.build)), class_name=COMBINED)
     source = PRIOR_ALIASES.get(value, value)
     path = Path(source).expanduser()
-    if not path.is_dir() and (path.exists() or not _HUB_ID.match(source)):
+    if not path.is_dir() and (path.exists() or not is_hub_id(source, namespaced=True)):
         raise InvalidRequestError(FIELD, value, f"{_allowed()} (there is no folder {path})")
     is_local = path.is_dir()
     index = read_model_index(source, str(path) if is_local else source, is_local=is_local)

@@ -10,7 +10,6 @@ each engine gets its own refiner pipeline object and scheduler.
 from __future__ import annotations
 
 import copy
-import re
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -51,7 +50,6 @@ SHARED_ARGUMENTS = (
     "negative_target_size",
 )
 _FIELD = "options['refiner']"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @attrs.frozen(kw_only=True)
@@ -108,7 +106,7 @@ class Refiners:
         return source
 
     def _resolve(self, value: str) -> str:
-        from t2i_core.engine import read_model_index
+        from t2i_core.engine import is_hub_id, read_model_index
 
         if value.startswith(TINY_PREFIX):
             if value not in _tiny.TINY_REFINERS:
@@ -117,7 +115,7 @@ class Refiners:
             return str(ensure_built(name, version, _tiny.build_refiner))
         source = REFINER_ALIASES.get(value, value)
         path = Path(source).expanduser()
-        if not path.is_dir() and (path.exists() or not _HUB_ID.match(source)):
+        if not path.is_dir() and (path.exists() or not is_hub_id(source, namespaced=True)):
             raise InvalidRequestError(_FIELD, value, f"{_allowed()} (there is no folder {path})")
         is_local = path.is_dir()
         if is_local:
