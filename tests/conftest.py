@@ -56,6 +56,15 @@ def tiny_folder(family: str) -> str:
     return str(ensure_built(provider.name, provider.tiny_version, provider.build_tiny))
 
 
+def raw_pipeline(folder: str) -> Any:
+    """The checkpoint at `folder` as raw diffusers loads it, the reference of every parity test."""
+    from diffusers import AutoPipelineForText2Image
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @pytest.fixture(scope="session")
 def sd15_folder() -> str:
     return tiny_folder("sd15")
@@ -63,11 +72,7 @@ def sd15_folder() -> str:
 
 @pytest.fixture(scope="session")
 def raw_sd15(sd15_folder: str) -> Any:
-    from diffusers import AutoPipelineForText2Image
-
-    pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return raw_pipeline(sd15_folder)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, tiny_folder
+from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 from PIL import Image
 
 from t2i_core import Call, GenerationRequest, InvalidRequestError, UnsupportedFeatureError, get_registry, load
@@ -247,11 +247,7 @@ def sdxl_engine() -> Any:
 @pytest.fixture(scope="module")
 def raw_sdxl() -> Any:
     pytest.importorskip("t2i_sdxl")
-    from diffusers import AutoPipelineForText2Image
-
-    pipeline = AutoPipelineForText2Image.from_pretrained(tiny_folder("sdxl"))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return raw_pipeline(tiny_folder("sdxl"))
 
 
 def sdxl_compel(pipeline: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, tiny_folder
+from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 from PIL import Image
 
 from t2i_core import (
@@ -37,11 +37,7 @@ def k22_folder() -> str:
 
 @pytest.fixture(scope="module")
 def raw_k22(k22_folder: str) -> Any:
-    from diffusers import AutoPipelineForText2Image
-
-    pipeline = AutoPipelineForText2Image.from_pretrained(k22_folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return raw_pipeline(k22_folder)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +65,10 @@ def split(tmp_path_factory: pytest.TempPathFactory, k22_folder: str) -> SimpleNa
 @pytest.fixture(scope="module")
 def raw_split(split: SimpleNamespace) -> Any:
     """diffusers' own pairing: the auto pipeline loads the prior that the decoder's model card names."""
-    from diffusers import AutoPipelineForText2Image, KandinskyV22CombinedPipeline
+    from diffusers import KandinskyV22CombinedPipeline
 
-    pipeline = AutoPipelineForText2Image.from_pretrained(split.carded)
+    pipeline = raw_pipeline(split.carded)
     assert isinstance(pipeline, KandinskyV22CombinedPipeline)
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import assert_images_equal, cpu_generators
+from conftest import assert_images_equal, cpu_generators, raw_pipeline
 
 from t2i_core import GenerationRequest, InvalidRequestError, load
 from t2i_core import schedulers as named
@@ -85,11 +85,9 @@ def test_every_scheduler_a_family_offers_runs_and_the_rest_are_refused(family: s
 
 def test_kandinsky_scheduler_matches_diffusers_decoder_scheduler() -> None:
     import diffusers
-    from diffusers import AutoPipelineForText2Image
 
     engine = load("tiny:kandinsky22", device="cpu")
-    raw = AutoPipelineForText2Image.from_pretrained(engine.source)
-    raw.set_progress_bar_config(disable=True)
+    raw = raw_pipeline(engine.source)
     class_name, overrides = named.SCHEDULERS["dpm++-2m-karras"]
     scheduler = getattr(diffusers, class_name).from_config(raw.decoder_pipe.scheduler.config, **overrides)
     raw.decoder_pipe.scheduler = scheduler

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, tiny_folder
+from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 
 from t2i_core import (
     GenerationRequest,
@@ -50,11 +50,7 @@ def refiner_folder() -> str:
 
 @pytest.fixture(scope="session")
 def raw_sdxl(sdxl_folder: str) -> Any:
-    from diffusers import AutoPipelineForText2Image
-
-    pipeline = AutoPipelineForText2Image.from_pretrained(sdxl_folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return raw_pipeline(sdxl_folder)
 
 
 @pytest.fixture(scope="session")
