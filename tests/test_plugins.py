@@ -14,7 +14,7 @@ import pytest
 
 import t2i_core
 from t2i_core import Conditioner, GenerationRequest, ModelProvider, hookimpl, hookspecs
-from t2i_core._manager import LOAD_PLUGINS_ENV, Registry
+from t2i_core._manager import LOAD_PLUGINS_ENV, PluginWarning, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,8 +104,10 @@ def test_duplicate_family_is_refused(plugin_registry: Registry) -> None:
     from t2i_sd15 import StableDiffusion15
 
     plugin = types.SimpleNamespace(register_providers=hookimpl(lambda register: register(StableDiffusion15())))
-    info = plugin_registry.register_plugin(plugin, "copycat")
+    with pytest.warns(PluginWarning, match=r"plugin 'copycat' \(registered in-process\).*\(t2i-sd15 0\.1\.0\)"):
+        info = plugin_registry.register_plugin(plugin, "copycat")
     assert info.error is not None and "already registered" in info.error
+    assert info.registered == [] and len(info.warnings) == 1
 
 
 def test_third_party_provider_with_its_own_tiny_checkpoint(plugin_registry: Registry) -> None:
@@ -261,6 +263,29 @@ def test_plugin_asking_for_the_registry_while_loading_is_an_error(monkeypatch: p
     assert "sd15" in registry.providers
 
 
+def test_a_clash_refuses_only_that_item(plugin_registry: Registry) -> None:
+    from t2i_sd15 import StableDiffusion15
+
+    class NewFamily(StableDiffusion15):
+        name = "newfam"
+        aliases = {}
+
+    def register_providers(register: Callable[[ModelProvider], None]) -> None:
+        register(StableDiffusion15())  # a clash: this item is refused, the rest of the plugin loads
+        register(NewFamily())
+
+    real = plugin_registry.providers["sd15"]
+    with pytest.warns(PluginWarning, match="provider 'sd15' is already registered"):
+        info = plugin_registry.register_plugin(
+            types.SimpleNamespace(register_providers=hookimpl(register_providers)), "half"
+        )
+    assert info.error is None and info.registered == ["provider:newfam"]
+    assert "plugin 'sd15' (t2i-sd15 0.1.0)" in info.warnings[0]
+    assert plugin_registry.providers["sd15"] is real and "newfam" in plugin_registry.providers
+    plugin_registry.unregister_plugin("half")
+    assert "newfam" not in plugin_registry.providers and plugin_registry.providers["sd15"] is real
+
+
 def test_a_plugin_failing_halfway_registers_nothing(plugin_registry: Registry) -> None:
     from t2i_sd15 import StableDiffusion15
 
@@ -270,10 +295,27 @@ def test_a_plugin_failing_halfway_registers_nothing(plugin_registry: Registry) -
 
     def register_providers(register: Callable[[ModelProvider], None]) -> None:
         register(NewFamily())
-        register(StableDiffusion15())  # a clash: the whole plugin is refused
+        raise RuntimeError("half done")  # what it meant to offer is unknown: the whole plugin is refused
 
     info = plugin_registry.register_plugin(
         types.SimpleNamespace(register_providers=hookimpl(register_providers)), "half"
     )
-    assert info.error is not None and "'sd15' is already registered" in info.error
+    assert info.error == "plugin 'half': RuntimeError: half done"
     assert "newfam" not in plugin_registry.providers and info.registered == []
+    assert not plugin_registry.pm.has_plugin("half")
+
+
+def test_accelerators_and_presets_share_one_namespace(plugin_registry: Registry) -> None:
+    preset = t2i_core.Preset(name="fp32", description="takes an accelerator's name", stacks={"*": ("fp32",)})
+    mine = t2i_core.Preset(name="my-stack", description="a free name", stacks={"*": ("fp32",)})
+
+    @hookimpl
+    def register_accelerators(register: Callable[[Any], None]) -> None:
+        register(preset)
+        register(mine)
+
+    with pytest.warns(PluginWarning, match=r"preset 'fp32' is already registered \(as an accelerator\) by plugin"):
+        info = plugin_registry.register_plugin(
+            types.SimpleNamespace(register_accelerators=register_accelerators), "stacks"
+        )
+    assert info.registered == ["preset:my-stack"] and "fp32" not in plugin_registry.presets
