@@ -218,16 +218,26 @@ class GenerationResult:
         return data
 
     def save(self, path: str | os.PathLike[str], index: int = 0, *, overwrite: bool = False) -> None:
-        """Write image `index` as a PNG with its metadata; never replaces a file unless `overwrite`."""
+        """Write image `index` as a PNG with its metadata; never replaces a file unless `overwrite`.
+
+        The PNG is written to a hidden temporary file in the same folder and renamed into place,
+        so an interrupted or failed save leaves no partial file (and, with `overwrite`, the old
+        file intact). Raises `InvalidRequestError` (field ``output``) when the file exists and
+        `overwrite` is false, and `OutputError` when it cannot be written (e.g. a full disk).
+        """
         from PIL.PngImagePlugin import PngInfo
+
+        from ._files import write_atomically
 
         info = PngInfo()
         for key, value in self.metadata(index).items():
-            info.add_text(key, value)
-        mode = "wb" if overwrite else "xb"
+            if "\0" in value:
+                info.add_itxt(key, value)  # tEXt forbids NUL (it ends the keyword); iTXt carries any UTF-8
+            else:
+                info.add_text(key, value)
+        image = self.images[index]
         try:
-            with open(path, mode) as handle:
-                self.images[index].save(handle, format="PNG", pnginfo=info)
+            write_atomically(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), overwrite=overwrite)
         except FileExistsError:
             raise InvalidRequestError(
                 "output", str(path), "a path that does not exist yet (or pass overwrite)"
