@@ -6,15 +6,18 @@ never imports torch, diffusers or transformers.
 
 from __future__ import annotations
 
-from ._manager import get_registry, reset_registry
+from ._locks import loading_lock
+from ._manager import PluginWarning, get_registry, reset_registry
 from .accelerator import PHASES, Accelerator, LoadContext, Preset
 from .conditioner import Call, Conditioner
-from .engine import Engine, clear_cache, load
+from .engine import DegenerateImageWarning, Engine, PromptTruncatedWarning, clear_cache, load
 from .errors import (
+    GenerationCancelled,
     GenerationError,
     IncompatibleAcceleratorsError,
     InvalidRequestError,
     ModelNotFoundError,
+    OutputError,
     PluginError,
     T2IError,
     UndetectedFamilyError,
@@ -34,8 +37,10 @@ __all__ = [
     "Call",
     "Conditioner",
     "Control",
+    "DegenerateImageWarning",
     "Engine",
     "FamilyDefaults",
+    "GenerationCancelled",
     "GenerationError",
     "GenerationRequest",
     "GenerationResult",
@@ -45,8 +50,11 @@ __all__ = [
     "ModelNotFoundError",
     "ModelProvider",
     "Option",
+    "OutputError",
     "PluginError",
+    "PluginWarning",
     "Preset",
+    "PromptTruncatedWarning",
     "T2IError",
     "UndetectedFamilyError",
     "UnknownAcceleratorError",
@@ -58,5 +66,6 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "load",
+    "loading_lock",
     "reset_registry",
 ]

@@ -10,12 +10,17 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import InvalidRequestError, T2IError
+from .errors import InvalidRequestError, OutputError, T2IError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .request import GenerationRequest
 
 EXIT_USAGE = 2
 
@@ -63,7 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--output", "-o", default="t2i.png", metavar="OUT.png", help="output PNG (numbered with --num-images)"
     )
-    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    existing = gen.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    existing.add_argument(
+        "--skip-existing",
+        dest="skip_existing",
+        action="store_true",
+        help="keep outputs that exist and save only the missing ones (finishes an interrupted --num-images run)",
+    )
     gen.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also load .bin (pickle) weights")
 
     plugins = commands.add_parser("plugins", help="list plugins and what they register", description="List plugins.")
@@ -185,13 +197,23 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists (without --overwrite) or cannot be written."""
+def _check_output(path: Path, existing_ok: bool) -> None:
+    """Refuse, before any work, an output that exists (unless `existing_ok`) or cannot be written."""
     try:
+        if path.is_symlink() and not path.exists():
+            raise InvalidRequestError(
+                "--output",
+                str(path),
+                f"a file path, not a dangling symbolic link (to {os.readlink(path)}, which does not exist)",
+            )
         if path.is_dir():
             raise InvalidRequestError("--output", str(path), "a file path (this is a folder)")
-        if path.exists() and not overwrite:
-            raise InvalidRequestError("--output", str(path), "a path that does not exist yet (or pass --overwrite)")
+        if path.exists() and not existing_ok:
+            raise InvalidRequestError(
+                "--output",
+                str(path),
+                "a path that does not exist yet (or pass --overwrite, or --skip-existing to keep it)",
+            )
         if not path.parent.is_dir():
             raise InvalidRequestError("--output", str(path), "a path in an existing folder")
     except OSError as exc:  # e.g. a name too long for the file system
@@ -219,7 +241,20 @@ def _generate(args: argparse.Namespace) -> int:
     )
     outputs = _output_paths(args.output, request.num_images)
     for path in outputs:
-        _check_output(path, args.overwrite)
+        _check_output(path, args.overwrite or args.skip_existing)
+    kept: dict[int, dict[str, str]] = {}
+    if args.skip_existing:
+        kept = _kept_outputs(outputs)
+        if kept:
+            request = _resume(request, kept, outputs, args.model)
+        if len(kept) == len(outputs):
+            assert request.seed is not None
+            for index, path in enumerate(outputs):
+                print(f"{path}  (seed {request.seed + index}, kept)")
+            print(f"nothing to do: all {len(outputs)} output(s) exist")
+            return 0
+    missing = [path for index, path in enumerate(outputs) if index not in kept]
+    _check_space(missing, _MIN_PNG_BYTES)
 
     _quiet_libraries()
     from .engine import load
@@ -232,12 +267,149 @@ def _generate(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )
     resolved, _ = engine.resolve(request)  # report bad options before the progress bar starts
+    if kept:
+        _check_same_run(kept, outputs, resolved, engine)
+    _check_space(missing, _png_bound(resolved))
     with _progress_bar(resolved.num_inference_steps or 0) as progress:
         result = engine.generate(request, progress=progress)
+    # The whole batch is generated even when some images are kept: image i of a batch equals a
+    # lone run of seed s + i only up to rounding, so a smaller batch would not remake it exactly.
     for index, path in enumerate(outputs):
-        result.save(path, index, overwrite=args.overwrite)
+        if index in kept:
+            print(f"{path}  (seed {result.seeds[index]}, kept)")
+            continue
+        try:
+            result.save(path, index, overwrite=args.overwrite)
+        except OutputError as exc:
+            if len(outputs) == 1:
+                raise
+            hint = f"{exc.reason}; rerun with --skip-existing to make the missing images"
+            raise OutputError(exc.path, hint, exc.errno) from None
         print(f"{path}  (seed {result.seeds[index]})")
     return 0
+
+
+#: Room a PNG needs at the very least: with less free space, t2i refuses before loading the model.
+_MIN_PNG_BYTES = 16 * 1024
+
+
+def _png_bound(request: GenerationRequest) -> int:
+    """The most bytes one RGB PNG of `request` with t2i's metadata can take (stored, not compressed)."""
+    assert request.height is not None and request.width is not None
+    raw = request.height * (request.width * 3 + 1)  # a filter byte per row
+    text = len(request.prompt) + len(request.negative_prompt or "")
+    return raw + raw // 1000 + 4 * text + 8 * 1024  # deflate's framing; UTF-8 text; chunks and other fields
+
+
+def _check_space(paths: list[Path], bytes_per_image: int) -> None:
+    """Refuse, before the work, to write PNGs into a folder that clearly has no room for them."""
+    if not paths:
+        return
+    folder = paths[0].parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # the folder was checked already; some file systems cannot say
+        return
+    needed = len(paths) * bytes_per_image
+    if free < needed:
+        raise OutputError(
+            str(paths[0]),
+            f"no space left on the device: {_size(free)} free in {folder}, "
+            f"{len(paths)} image(s) may need up to {_size(needed)}; nothing was written",
+        )
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    value, unit = count / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def _kept_outputs(outputs: list[Path]) -> dict[int, dict[str, str]]:
+    """For --skip-existing: the outputs that exist, by index, with their PNG text metadata."""
+    from PIL import Image
+
+    kept = {}
+    for index, path in enumerate(outputs):
+        if not path.exists():
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()  # a PNG cut short (by an older t2i, or a copy) fails here
+                text = getattr(image, "text", {})
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InvalidRequestError(
+                "--output",
+                str(path),
+                f"a complete PNG to keep with --skip-existing (it cannot be read: {exc}); "
+                "move it away or pass --overwrite instead",
+            ) from None
+        kept[index] = {str(key): str(value) for key, value in text.items()}
+    return kept
+
+
+def _resume(
+    request: GenerationRequest, kept: dict[int, dict[str, str]], outputs: list[Path], model: str
+) -> GenerationRequest:
+    """The request that made the kept outputs: without --seed, the seed read from the first of them."""
+    first = min(kept)
+    seed = request.seed
+    if seed is None:
+        try:
+            seed = int(kept[first]["seed"]) - first
+        except (KeyError, ValueError):
+            seed = -1
+        if seed < 0:
+            raise InvalidRequestError(
+                "--output",
+                str(outputs[first]),
+                "a PNG saved by t2i, whose metadata holds its seed, to keep with --skip-existing "
+                "(or pass the run's --seed)",
+            )
+        request = request.evolve(seed=seed)
+    for index, text in kept.items():
+        identity = {
+            "seed": str(seed + index),
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or "",
+            "model": model,
+        }
+        _check_metadata(outputs[index], text, identity)
+    return request
+
+
+def _check_same_run(
+    kept: dict[int, dict[str, str]], outputs: list[Path], resolved: GenerationRequest, engine: Engine
+) -> None:
+    """Every kept output carries exactly the metadata this run would write into it (steps, size, ...)."""
+    from .request import GenerationResult
+
+    assert resolved.seed is not None
+    seeds = [resolved.seed + index for index in range(len(outputs))]
+    expected = GenerationResult(images=[], seeds=seeds, request=resolved, model=engine.model, family=engine.family)
+    for index, text in kept.items():
+        _check_metadata(outputs[index], text, expected.metadata(index))
+
+
+def _check_metadata(path: Path, text: dict[str, str], expected: dict[str, str]) -> None:
+    for key, value in expected.items():
+        if text.get(key) != value:
+            found = f"its {key} is {_clip(text[key])}" if key in text else f"it has no {key} in its metadata"
+            raise InvalidRequestError(
+                "--output",
+                str(path),
+                f"an image of this same run to keep with --skip-existing, but {found} "
+                f"(this run: {_clip(value)}); pass --overwrite to replace it or choose another --output",
+            )
+
+
+def _clip(value: str, limit: int = 60) -> str:
+    return repr(value) if len(value) <= limit else repr(value[: limit - 3] + "...")
 
 
 def _quiet_libraries() -> None:
@@ -259,14 +431,34 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     _forward_truncation_warnings(diffusers_logging)
+    _prefix_t2i_log_records()
+
+
+class _OneLine(logging.Handler):
+    """Prints t2i's own log records (e.g. an accelerator that changed nothing) as ``t2i: warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno < logging.ERROR else "error"
+        print(f"t2i: {level}: {record.getMessage()}", file=sys.stderr)
+
+
+def _prefix_t2i_log_records() -> None:
+    logger = logging.getLogger("t2i")
+    if not any(isinstance(handler, _OneLine) for handler in logger.handlers):
+        logger.addHandler(_OneLine(level=logging.WARNING))
+    logger.propagate = False
 
 
 class _TruncationOnly(logging.Handler):
     """Prints diffusers' "part of your input was truncated" records as one line on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "truncated" in record.getMessage():
-            print(f"t2i: warning: {record.getMessage()}", file=sys.stderr)
+        message = record.getMessage()
+        if "truncated" in message:
+            head, _, dropped = message.partition(": ")
+            if len(dropped) > 80:
+                dropped = f"{dropped[:80]!r}... ({len(dropped)} characters)"
+            print(f"t2i: warning: {head}: {dropped}", file=sys.stderr)
 
 
 def _forward_truncation_warnings(diffusers_logging: Any) -> None:
@@ -315,16 +507,26 @@ class _progress_bar:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from ._manager import get_registry
+    import warnings
 
-    registry = get_registry()
+    from ._manager import SLOW_IMPORT_SECONDS, PluginWarning, get_registry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # listed below, with the plugin they concern
+        registry = get_registry()
     plugins = []
     for info in registry.plugins.values():
         entry: dict[str, Any] = {
             "name": info.name,
             "distribution": info.distribution,
             "version": info.version,
+            "source": info.source,
+            "entry_point": info.entry_point,
+            "module": info.module,
+            "location": info.location,
+            "import_seconds": None if info.import_seconds is None else round(info.import_seconds, 3),
             "registers": info.registered,
+            "warnings": info.warnings,
             "error": info.error,
         }
         plugins.append(entry)
@@ -360,9 +562,17 @@ def _plugins(args: argparse.Namespace) -> int:
         return 0
     for entry in plugins:
         where = f"{entry['distribution']} {entry['version']}" if entry["distribution"] else "registered in-process"
-        print(f"{entry['name']}  ({where})")
+        tag = "" if entry["source"] == "in-process" else f"  {entry['source']}"
+        print(f"{entry['name']}  ({where}){tag}")
+        if entry["source"] == "third-party" and entry["location"]:
+            print(f"  from {entry['location']}")
         if entry["error"]:
             print(f"  ERROR: {entry['error']}")
+        for warning in entry["warnings"]:
+            print(f"  WARNING: {warning}")
+        seconds = entry["import_seconds"]
+        if seconds is not None and seconds > SLOW_IMPORT_SECONDS:
+            print(f"  SLOW: importing it took {seconds:.1f} s, which delays every t2i command")
         for item in entry["registers"]:
             print(f"  {item}")
     print()

@@ -8,23 +8,27 @@ the provider run it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import secrets
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from . import schedulers
+from ._locks import loading_lock
 from ._manager import Registry, get_registry
 from .accelerator import PHASES, Accelerator, LoadContext
 from .conditioner import Call
 from .errors import (
+    GenerationCancelled,
     GenerationError,
     IncompatibleAcceleratorsError,
     InvalidRequestError,
@@ -119,10 +123,35 @@ def _hub_failure(exc: BaseException) -> str:
     return f"it could not be fetched from the Hugging Face Hub ({name}); check the id and the network"
 
 
+#: Largest image `generate()` accepts by default, in pixels (height x width): 2048x2048.
+#: ``T2I_MAX_PIXELS`` or `Engine.max_pixels` changes it.
+DEFAULT_MAX_PIXELS = 2048 * 2048
+MAX_PIXELS_ENV = "T2I_MAX_PIXELS"
+#: Largest guidance scale a request may ask for; beyond it every model's output saturates.
+MAX_GUIDANCE_SCALE = 100.0
+#: Step counts every scheduler runs; beyond it the limit is found by trying the scheduler.
+SURE_STEPS = 100
+
+
+def _default_max_pixels() -> int:
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 64:
+        raise InvalidRequestError(f"${MAX_PIXELS_ENV}", text, "an integer number of pixels >= 64")
+    return value
+
+
 class Engine:
     """A loaded model, with its accelerators applied, ready to generate images.
 
-    An engine is not thread-safe: use one per thread (a cached `load()` shares the weights).
+    An engine is safe to share between threads: calls to `generate` on one engine run one at
+    a time, in the order they take its lock, and each gives exactly the images it would give
+    alone. Engines from the same cached `load()` share the weights and run in parallel.
     """
 
     def __init__(
@@ -150,6 +179,10 @@ class Engine:
         owner = provider.scheduler_owner(pipeline)
         self._default_scheduler = owner.scheduler
         self._schedulers: dict[str, Any] = {}
+        self._step_limits: dict[str, int] = {}
+        #: largest height x width a request may ask for (default `DEFAULT_MAX_PIXELS` or ``$T2I_MAX_PIXELS``)
+        self.max_pixels = _default_max_pixels()
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"Engine(model={self.model!r}, family={self.family!r}, device={self.device!r}, accelerators={self.accelerators!r})"
@@ -158,12 +191,23 @@ class Engine:
         """Check `request` against this engine and fill in defaults and the seed; no image work."""
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
+        with self._lock:
+            return self._resolve(request)
+
+    def _resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, dict[str, Any]]:
         schedulers.check(request.scheduler, self.provider.schedulers, self.family)
         options = self.provider.check(request)
-        trained = getattr(self._default_scheduler.config, "num_train_timesteps", None)
-        if request.num_inference_steps is not None and trained and request.num_inference_steps > trained:
-            allowed = f"an integer in [1, {trained}] (the scheduler's training steps)"
-            raise InvalidRequestError("num_inference_steps", request.num_inference_steps, allowed)
+        if request.guidance_scale is not None and request.guidance_scale > MAX_GUIDANCE_SCALE:
+            raise InvalidRequestError(
+                "guidance_scale", request.guidance_scale, f"a number in [0, {MAX_GUIDANCE_SCALE:g}]"
+            )
+        scheduler_name = request.scheduler or schedulers.DEFAULT
+        # Every scheduler runs short schedules; only long ones are tried against the scheduler.
+        if request.num_inference_steps is not None and request.num_inference_steps > SURE_STEPS:
+            limit = self._step_limit(scheduler_name)
+            if request.num_inference_steps > limit:
+                allowed = f"an integer in [1, {limit}] (the most steps the {scheduler_name} scheduler can take)"
+                raise InvalidRequestError("num_inference_steps", request.num_inference_steps, allowed)
         self._check_conditioners(request)
         defaults = self.provider.defaults
         native_height, native_width = self.provider.native_size(self.pipeline)
@@ -173,9 +217,22 @@ class Engine:
             num_inference_steps=request.num_inference_steps or defaults.num_inference_steps,
             guidance_scale=defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             seed=secrets.randbelow(2**32) if request.seed is None else request.seed,
-            scheduler=request.scheduler or schedulers.DEFAULT,
+            scheduler=scheduler_name,
         )
+        assert resolved.height is not None and resolved.width is not None
+        if resolved.height * resolved.width > self.max_pixels:
+            raise InvalidRequestError(
+                "height x width",
+                f"{resolved.height}x{resolved.width}",
+                f"at most {self.max_pixels} pixels per image (Engine.max_pixels / ${MAX_PIXELS_ENV})",
+            )
         return resolved, options
+
+    def _step_limit(self, name: str) -> int:
+        """The most inference steps scheduler `name` can run (its timesteps must index its training schedule)."""
+        if name not in self._step_limits:
+            self._step_limits[name] = schedulers.max_steps(self._scheduler(name))
+        return self._step_limits[name]
 
     def _check_conditioners(self, request: GenerationRequest) -> None:
         conditioners = self._registry.ordered_conditioners()
@@ -201,10 +258,21 @@ class Engine:
                 conditioner.prepare(self, request)
 
     def generate(self, request: GenerationRequest, *, progress: ProgressCallback | None = None) -> GenerationResult:
-        """Make `request.num_images` images. `progress(step, total)` is called after each denoising step."""
+        """Make `request.num_images` images.
+
+        `progress(step, total)` is called after each denoising step; if it returns ``False`` or
+        raises `GenerationCancelled`, the call stops there and raises `GenerationCancelled` (the
+        engine stays ready for the next request). Safe to call from several threads.
+        """
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
+        with self._lock:
+            return self._generate(request, progress)
+
+    def _generate(self, request: GenerationRequest, progress: ProgressCallback | None) -> GenerationResult:
         import torch
 
-        resolved, options = self.resolve(request)
+        resolved, options = self._resolve(request)
         assert resolved.seed is not None
         seeds = [resolved.seed + i for i in range(resolved.num_images)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -215,8 +283,18 @@ class Engine:
         for conditioner in self._registry.ordered_conditioners():
             if conditioner.wants(resolved):
                 conditioner.condition(self, resolved, call)
+        if resolved.prompt_weighting is None:
+            keeps_long = [
+                c.weighting
+                for c in self._registry.ordered_conditioners()
+                if c.weighting and c.weighting.endswith("-long") and (c.families is None or self.family in c.families)
+            ]
+            warn_truncated_prompts(call.pipeline, call.kwargs, keeps_long[0] if keeps_long else None)
         try:
-            images = self.provider.run(call.pipeline, call.kwargs, progress)
+            with _quiet_truncation(call.pipeline):
+                images = self.provider.run(call.pipeline, call.kwargs, progress)
+        except GenerationCancelled:
+            raise
         except RuntimeError as exc:  # torch's out-of-memory errors are RuntimeErrors
             text = str(exc)
             out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text
@@ -227,22 +305,132 @@ class Engine:
                 f"{resolved.width}x{resolved.height}: lower the size or num_images, or load with "
                 f"the low-memory preset ({text.splitlines()[0] if text else type(exc).__name__})"
             ) from None
+        _warn_degenerate(images, resolved)
         return GenerationResult(images=images, seeds=seeds, request=resolved, model=self.model, family=self.family)
 
-    def _use_scheduler(self, name: str) -> None:
-        owner = self.provider.scheduler_owner(self.pipeline)
+    def _scheduler(self, name: str) -> Any:
         if name == schedulers.DEFAULT:
-            owner.scheduler = self._default_scheduler
-            return
+            return self._default_scheduler
         if name not in self._schedulers:
             self._schedulers[name] = schedulers.build(name, self._default_scheduler.config)
-        owner.scheduler = self._schedulers[name]
+        return self._schedulers[name]
+
+    def _use_scheduler(self, name: str) -> None:
+        self.provider.scheduler_owner(self.pipeline).scheduler = self._scheduler(name)
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder reads; the rest of it has no effect."""
+
+
+class DegenerateImageWarning(UserWarning):
+    """An image came out a single flat colour: usually an overflow (guidance, half precision)."""
+
+
+#: (tokenizer attribute, the pipeline argument it reads)
+_TOKENIZED = (("tokenizer", "prompt"), ("tokenizer", "negative_prompt"), ("prior_tokenizer", "prompt"))
+
+
+def warn_truncated_prompts(pipeline: Any, kwargs: dict[str, Any], long_weighting: str | None = None) -> None:
+    """Warn, in one short line per prompt, when a text encoder will cut a prompt.
+
+    `long_weighting` names a prompt weighting that keeps long prompts whole, for the hint.
+    """
+    warned: set[str] = set()
+    for attribute, argument in _TOKENIZED:
+        tokenizer = getattr(pipeline, attribute, None)
+        text = kwargs.get(argument)
+        if tokenizer is None or not isinstance(text, str) or argument in warned:
+            continue
+        window = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if not 0 < window < 100_000:
+            continue
+        ids = tokenizer(text, truncation=False, add_special_tokens=True, verbose=False).input_ids
+        if len(ids) <= window:
+            continue
+        dropped = len(ids) - window
+        words = text.split()
+        head = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+        hint = f"; prompt_weighting={long_weighting!r} keeps it whole" if long_weighting else ""
+        warnings.warn(
+            PromptTruncatedWarning(
+                f"{argument} is {len(ids)} tokens, the text encoder reads {window}: the last {dropped} "
+                f"tokens are ignored ({argument} starts {head!r}{hint})"
+            ),
+            stacklevel=4,
+        )
+        warned.add(argument)
+
+
+class _DropTruncationRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "truncated because" not in record.getMessage()
+
+
+_DROP_TRUNCATION = _DropTruncationRecords()
+
+
+@contextlib.contextmanager
+def _quiet_truncation(pipeline: Any) -> Iterator[None]:
+    """diffusers logs the whole cut-off text (100 KB for a 100 KB prompt); t2i has already warned."""
+    # The pipeline's own module, and those of the pipelines it chains (Kandinsky's prior_pipe, ...).
+    pipelines = [pipeline, *(value for value in vars(pipeline).values() if hasattr(value, "components"))]
+    loggers = {logging.getLogger(type(each).__module__) for each in pipelines}
+    for logger in loggers:
+        logger.addFilter(_DROP_TRUNCATION)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_DROP_TRUNCATION)
+
+
+def _warn_degenerate(images: list[Any], request: GenerationRequest) -> None:
+    for index, image in enumerate(images):
+        extrema = image.getextrema()
+        bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+        if all(low == high for low, high in bands):
+            warnings.warn(
+                DegenerateImageWarning(
+                    f"image {index} is a single flat colour {tuple(low for low, _ in bands)}: the model's output "
+                    f"overflowed (guidance_scale={request.guidance_scale:g}; half precision can also overflow)"
+                ),
+                stacklevel=4,
+            )
 
 
 # -- loading ---------------------------------------------------------------------------------
 
 _cache: dict[tuple[Any, ...], Any] = {}
 _cache_lock = threading.Lock()
+#: one lock per cache key, so that threads asking for the same model wait for one load
+_key_locks: dict[tuple[Any, ...], threading.Lock] = {}
+
+
+def _cached_pipeline(
+    key: tuple[Any, ...],
+    model: str,
+    resolved: _Resolved,
+    chosen: tuple[Accelerator, ...],
+    context: LoadContext,
+    allow_pickle: bool,
+) -> Any:
+    """The cached pipeline for `key`, loading it once however many threads ask at the same time."""
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _cache_lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        with loading_lock:
+            pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
+        with _cache_lock:
+            _cache[key] = pipeline
+        return pipeline
 
 
 def clear_cache() -> None:
@@ -291,16 +479,11 @@ def load(
     )
     _check_accelerators(chosen, context)
     key = (resolved.family, resolved.source, device, context.accelerators, allow_pickle)
-    with _cache_lock:
-        cached = _cache.get(key) if cache else None
-    if cached is not None:
-        pipeline = resolved.provider.share(cached)
+    if cache:
+        pipeline = resolved.provider.share(_cached_pipeline(key, model, resolved, chosen, context, allow_pickle))
     else:
-        pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
-        if cache:
-            with _cache_lock:
-                _cache[key] = pipeline
-            pipeline = resolved.provider.share(pipeline)
+        with loading_lock:
+            pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
     pipeline.set_progress_bar_config(disable=True)
     return Engine(
         model=model,
@@ -352,13 +535,18 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
         provider = registry.provider(tiny_family)
         if family is not None and family != tiny_family:
             raise InvalidRequestError("family", family, f"{tiny_family!r} (the family of {model}) or None")
-        folder = ensure_built(provider.name, provider.tiny_version, provider.build_tiny)
+        with loading_lock:
+            folder = ensure_built(provider.name, provider.tiny_version, provider.build_tiny)
         return _Resolved(source=str(folder), family=provider.name, provider=provider, is_local=True)
     for provider in registry.providers.values():
         if model in provider.aliases and (family is None or family == provider.name):
             return _Resolved(source=provider.aliases[model], family=provider.name, provider=provider, is_local=False)
     path = Path(model).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name too long for the file system (and far too long for a hub id)
+        raise ModelNotFoundError(model, f"it is neither a local folder nor a hub id ({exc.strerror or exc})") from None
+    if exists:
         if not path.is_dir():
             raise ModelNotFoundError(model, "it is a file; expected a diffusers pipeline folder")
         source, is_local = str(path), True
@@ -375,6 +563,20 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
     raise UndetectedFamilyError(model, index.get("_class_name"), registry.providers)
 
 
+def _check_components(model: str, folder: Path) -> None:
+    """Name the component folder a local checkpoint lacks (``vae/``) before diffusers trips on it."""
+    if not (folder / "model_index.json").is_file():
+        return  # a provider that loads another layout; it names what is missing itself
+    index = read_model_index(model, str(folder), True)
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or None in spec:
+            continue
+        if not (folder / name).is_dir():
+            raise ModelNotFoundError(
+                model, f"its component folder {name}/ is missing from {folder} (model_index.json lists {spec[1]})"
+            )
+
+
 def _load_pipeline(
     model: str,
     resolved: _Resolved,
@@ -382,6 +584,8 @@ def _load_pipeline(
     context: LoadContext,
     allow_pickle: bool,
 ) -> Any:
+    if resolved.is_local:
+        _check_components(model, Path(resolved.source))
     load_kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     for accelerator in chosen:
         load_kwargs.update(accelerator.load_kwargs(context))

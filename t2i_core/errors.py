@@ -94,6 +94,18 @@ class GenerationError(T2IError):
     """Generation could not finish for a reason the request can change (e.g. out of memory)."""
 
 
+class GenerationCancelled(T2IError):
+    """The progress callback stopped a generation (it returned ``False`` or raised this).
+
+    `step` and `total` say where it stopped, when t2i knows. The engine stays usable.
+    """
+
+    def __init__(self, message: str = "generation cancelled", *, step: int | None = None, total: int | None = None):
+        self.step = step
+        self.total = total
+        super().__init__(message)
+
+
 class PluginError(T2IError):
     """A plugin failed to import, or registered something invalid."""
 
@@ -101,3 +113,25 @@ class PluginError(T2IError):
         self.plugin = plugin
         self.message = message
         super().__init__(f"plugin {plugin!r}: {message}")
+
+
+class OutputError(T2IError, OSError):
+    """An output file cannot be written: a full disk, a read-only folder, a name too long, ...
+
+    t2i writes outputs atomically, so when this is raised nothing is half-written: the file is
+    absent, or the file that was there is unchanged. `path` is the output, `reason` what went
+    wrong; `errno` is the operating system's error number when there is one (it is an `OSError`).
+    """
+
+    def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(f"output={path!r} cannot be written: {reason}")
+        self.path = path
+        self.reason = reason
+        self.errno = errno
+        self.strerror = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[type[OutputError], tuple[str, str, int | None]]:
+        return (type(self), (self.path, self.reason, self.errno))

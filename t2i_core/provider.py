@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import GenerationCancelled, InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from .request import GenerationRequest
 
-ProgressCallback = Callable[[int, int], None]
+#: ``progress(step, total)``; returning ``False`` (or raising `GenerationCancelled`) cancels the generation
+ProgressCallback = Callable[[int, int], "bool | None"]
 
 _TYPE_NAMES = {int: "integer", float: "number", str: "text", bool: "boolean"}
 
@@ -227,9 +228,18 @@ class ModelProvider:
         return list(pipeline(**kwargs).images)
 
 
+def report_progress(progress: ProgressCallback, step: int, total: int) -> None:
+    """Call `progress(step, total)`; raise `GenerationCancelled` when it asks to stop.
+
+    Providers that run their own loops (several pipelines in a row) report through this.
+    """
+    if progress(step, total) is False:
+        raise GenerationCancelled(f"generation cancelled at step {step} of {total}", step=step, total=total)
+
+
 def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
     def on_step_end(pipeline: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        progress(step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0))
+        report_progress(progress, step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0))
         return callback_kwargs
 
     return on_step_end

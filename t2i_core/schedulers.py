@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._locks import loading_lock
 from .errors import InvalidRequestError
 
 DEFAULT = "default"
@@ -41,8 +42,68 @@ def check(name: str | None, supported: tuple[str, ...] | None = None, family: st
 
 def build(name: str, base_config: Any) -> Any:
     """A new scheduler `name`, configured from `base_config` (the checkpoint's scheduler config)."""
-    import diffusers
+    with loading_lock:  # diffusers' lazy attribute lookup is not thread-safe
+        import diffusers
 
-    class_name, overrides = SCHEDULERS[name]
-    scheduler_class = getattr(diffusers, class_name)
+        class_name, overrides = SCHEDULERS[name]
+        scheduler_class = getattr(diffusers, class_name)
     return scheduler_class.from_config(base_config, **overrides)
+
+
+_limits: dict[str, int] = {}
+
+
+def max_steps(scheduler: Any) -> int:
+    """The most inference steps `scheduler` can run.
+
+    Found by trying, on a copy: a schedule is usable when the whole loop of ``step`` calls runs
+    (with stand-in model outputs). With ``steps_offset=1`` (Stable Diffusion's DDIM and PNDM)
+    1000 steps would reach timestep 1000 of a 0..999 schedule; DPM-Solver++ at 1000 steps runs
+    off the end of its sigmas. The answer is cached per scheduler class and configuration.
+    """
+    import json
+
+    key = type(scheduler).__name__ + json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+    if key not in _limits:
+        _limits[key] = _search_max_steps(scheduler)
+    return _limits[key]
+
+
+def _search_max_steps(scheduler: Any) -> int:
+    import copy
+    import inspect
+
+    import torch
+
+    trained = int(getattr(scheduler.config, "num_train_timesteps", 0) or 0)
+    if trained <= 0:
+        return 1000
+    trial = copy.deepcopy(scheduler)
+    takes_generator = "generator" in inspect.signature(trial.step).parameters
+
+    def usable(steps: int) -> bool:
+        sample = torch.zeros(1, 1, 1, 1)
+        extra = {"generator": torch.Generator("cpu").manual_seed(0)} if takes_generator else {}
+        try:
+            trial.set_timesteps(steps, device="cpu")
+            timesteps = trial.timesteps
+            if len(timesteps) == 0 or float(timesteps.max()) >= trained or float(timesteps.min()) < 0:
+                return False
+            for timestep in timesteps:
+                model_input = trial.scale_model_input(sample, timestep)
+                sample = trial.step(torch.zeros_like(model_input), timestep, sample, **extra).prev_sample
+        except Exception:  # noqa: BLE001 - IndexError, AssertionError, ...: whatever breaks, the count is not usable
+            return False
+        return True
+
+    for steps in (trained, trained - 1, trained - 2):
+        if usable(steps):
+            return steps
+    low, high = 1, trained - 2  # usable(low) is assumed, usable(high) is not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if usable(middle):
+            low = middle
+        else:
+            high = middle
+    return low

@@ -307,7 +307,9 @@ def test_truncated_prompt_is_one_warning_line(tmp_path: Path, capsys: pytest.Cap
     prompt = "a very detailed cat " * 40
     assert run_cli("generate", prompt, "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "t.png")) == 0
     err = capsys.readouterr().err
-    assert err.startswith("t2i: warning: The following part of your input was truncated")
+    assert err.startswith(
+        "t2i: warning: prompt is 642 tokens, the text encoder reads 77: the last 565 tokens are ignored"
+    )
     assert err.count("\n") == 1
 
 

@@ -21,6 +21,7 @@ from t2i_core import (
     InvalidRequestError,
     ModelNotFoundError,
     hookimpl,
+    loading_lock,
 )
 
 from ._images import ImageReader, parse_preprocess, sized
@@ -151,16 +152,17 @@ def _pipeline(engine: Engine, state: _EngineState, sources: list[Source]) -> Any
     pipeline = state.pipelines.get(key)
     if pipeline is not None:
         return pipeline
-    import diffusers
-
     base = engine.pipeline
     models = [_model(state, source, base.unet) for source in sources]
-    pipeline_class = getattr(diffusers, PIPELINES[engine.family])
-    # from_pipe casts every component to its torch_dtype (float32 when not given): the base's own
-    # dtype keeps the shared weights as they are.
-    pipeline = pipeline_class.from_pipe(
-        base, controlnet=models[0] if len(models) == 1 else models, torch_dtype=base.unet.dtype
-    )
+    with loading_lock:
+        import diffusers
+
+        pipeline_class = getattr(diffusers, PIPELINES[engine.family])
+        # from_pipe casts every component to its torch_dtype (float32 when not given): the base's own
+        # dtype keeps the shared weights as they are.
+        pipeline = pipeline_class.from_pipe(
+            base, controlnet=models[0] if len(models) == 1 else models, torch_dtype=base.unet.dtype
+        )
     pipeline.set_progress_bar_config(**getattr(base, "_progress_bar_config", {}))
     state.pipelines[key] = pipeline
     return pipeline
@@ -185,10 +187,11 @@ def _model(state: _EngineState, source: Source, unet: Any) -> Any:
 
 
 def _load_model(source: Source, unet: Any) -> Any:
-    from diffusers import ControlNetModel
-
     try:
-        model = ControlNetModel.from_pretrained(source.location, torch_dtype=unet.dtype, use_safetensors=True)
+        with loading_lock:
+            from diffusers import ControlNetModel
+
+            model = ControlNetModel.from_pretrained(source.location, torch_dtype=unet.dtype, use_safetensors=True)
     except Exception as exc:
         text = str(exc)
         reason = text.splitlines()[0] if text else type(exc).__name__

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
-from t2i_core.provider import private_components
+from t2i_core.provider import private_components, report_progress
 
 from . import _tiny
 from ._prior import COMBINED, DECODER, DEFAULT_PRIOR, Priors, model_card_prior
@@ -174,7 +174,7 @@ def _progress(progress: ProgressCallback, index: int, count: int) -> Callable[..
 
     def on_step_end(decoder: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         total = int(decoder.num_timesteps)
-        progress(index * total + step + 1, count * total)
+        report_progress(progress, index * total + step + 1, count * total)
         return callback_kwargs
 
     return on_step_end

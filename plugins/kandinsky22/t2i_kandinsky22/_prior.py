@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -121,7 +121,8 @@ class Priors:
         return paired
 
     def _pair(self, pipeline: Any, decoder: Any, prior: PriorSource) -> Any:
-        from diffusers import KandinskyV22CombinedPipeline
+        with loading_lock:
+            from diffusers import KandinskyV22CombinedPipeline
 
         if _offloaded(decoder):
             raise UnsupportedFeatureError(
@@ -150,18 +151,19 @@ class Priors:
 
     def _load(self, pipeline: Any, prior: PriorSource) -> Any:
         """The prior pipeline at `prior`, loaded like the decoder of `pipeline` and placed on its device."""
-        from diffusers import KandinskyV22CombinedPipeline, KandinskyV22PriorPipeline
-
         kwargs = self._load_kwargs(pipeline, prior)
         try:
-            if prior.class_name == PRIOR:
-                loaded = KandinskyV22PriorPipeline.from_pretrained(prior.path, **kwargs)
-            else:
-                # The decoder's own UNet and MoVQ stand in for the checkpoint's: only its prior is read.
-                combined = KandinskyV22CombinedPipeline.from_pretrained(
-                    prior.path, unet=pipeline.unet, movq=pipeline.movq, **kwargs
-                )
-                loaded = combined.prior_pipe
+            with loading_lock:
+                from diffusers import KandinskyV22CombinedPipeline, KandinskyV22PriorPipeline
+
+                if prior.class_name == PRIOR:
+                    loaded = KandinskyV22PriorPipeline.from_pretrained(prior.path, **kwargs)
+                else:
+                    # The decoder's own UNet and MoVQ stand in for the checkpoint's: only its prior is read.
+                    combined = KandinskyV22CombinedPipeline.from_pretrained(
+                        prior.path, unet=pipeline.unet, movq=pipeline.movq, **kwargs
+                    )
+                    loaded = combined.prior_pipe
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else ""
             raise ModelNotFoundError(

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, schedulers
+from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock, schedulers
+from t2i_core.provider import report_progress
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -141,7 +142,8 @@ class Refiners:
                 shared = loaded[source]
             # from_pipe casts every component to torch_dtype (float32 when not given): keep the base's.
             scheduler = copy.deepcopy(shared.scheduler)
-            pipeline = type(shared).from_pipe(shared, scheduler=scheduler, torch_dtype=shared.unet.dtype)
+            with loading_lock:
+                pipeline = type(shared).from_pipe(shared, scheduler=scheduler, torch_dtype=shared.unet.dtype)
             pipeline.set_progress_bar_config(disable=True)
             mine[source] = _EngineRefiner(pipeline=pipeline, default_scheduler=pipeline.scheduler)
         return mine[source]
@@ -181,9 +183,11 @@ def _allowed() -> str:
 def _load(base: Any, source: str) -> Any:
     """Load the refiner with the base's second text encoder and VAE, dtype and device."""
     import torch
-    from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from t2i_core.builtins.accelerators import has_variant
+
+    with loading_lock:
+        from diffusers import StableDiffusionXLImg2ImgPipeline
 
     if _offloaded(base):
         raise UnsupportedFeatureError("sdxl", "the refiner with CPU offloading (cpu_offload, sequential_offload)")
@@ -197,7 +201,8 @@ def _load(base: Any, source: str) -> Any:
     if dtype == torch.float16 and has_variant(source, "fp16"):
         kwargs["variant"] = "fp16"
     try:
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(source, **kwargs)
+        with loading_lock:
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelNotFoundError(
@@ -229,7 +234,7 @@ def _steps_before(scheduler: Any, steps: int, fraction: float) -> int:
 
 def _progress(progress: ProgressCallback, done: int, total: int) -> Callable[..., dict[str, Any]]:
     def on_step_end(_pipeline: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        progress(done + step + 1, total)
+        report_progress(progress, done + step + 1, total)
         return callback_kwargs
 
     return on_step_end
