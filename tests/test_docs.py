@@ -46,3 +46,13 @@ def test_readme_has_the_three_commands_up_front() -> None:
         't2i generate "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k" --model tiny:sd15 -o astronaut.png',
         "python -m pytest -q",
     ]
+
+
+def test_reliability_table_names_real_tests() -> None:
+    """Every test docs/reliability.md cites exists, so the table cannot drift from the suite."""
+    page = (DOCS / "reliability.md").read_text()
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", page)
+    assert len(cited) > 40
+    for file, name in cited:
+        source = (ROOT / file).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"docs/reliability.md cites {file}::{name}, which does not exist"
