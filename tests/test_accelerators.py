@@ -2,8 +2,10 @@
 combinations are refused before loading, and images stay within a stated tolerance of fp32.
 
 Tolerances (tiny SD1.5, 3 steps, CPU, levels of 255 per pixel, against plain fp32):
-sdpa, cpu_offload, vae_slicing and vae_tiling at native size: 0 (bit-exact); fuse_qkv,
-channels_last, torch.compile: <= 1; fp16 <= 3; bf16 <= 8. Measured on an x86 CPU: 0 for sdpa and
+sdpa, vae_slicing (batch 1) and vae_tiling at native size: 0 (bit-exact), as on CPU they leave
+the computation as it is; cpu_offload, fuse_qkv, channels_last, torch.compile: <= 1, as they
+change it (offloading copies the weights to new memory, where float32 matmuls may round
+differently); fp16 <= 3; bf16 <= 8. Measured on an x86 CPU: 0 for sdpa, cpu_offload and
 fuse_qkv, 1 for channels_last and compile, 1 for fp16, 4 for bf16.
 """
 
@@ -132,7 +134,9 @@ def test_fp32_weights(fp32: Any) -> None:
     assert {p.dtype for p in fp32.pipeline.unet.parameters()} == {torch.float32}
 
 
-def test_sdpa_replaces_classic_attention_and_is_bit_exact(registry: Any, reference: dict[int, np.ndarray]) -> None:
+def test_sdpa_replaces_classic_attention_and_is_bit_exact(
+    registry: Any, fp32: Any, reference: dict[int, np.ndarray]
+) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
     engine = tiny("fp32")
@@ -144,6 +148,9 @@ def test_sdpa_replaces_classic_attention_and_is_bit_exact(registry: Any, referen
 
     loaded = tiny("fp32", "sdpa")
     assert attention_processors(loaded.pipeline.unet) == {"AttnProcessor2_0"}
+    # The fp32 reference runs diffusers' default processors, SDPA already: sdpa changes nothing
+    # on a freshly loaded pipeline, so the two do the same work and compare bit for bit.
+    assert attention_processors(fp32.pipeline.unet) == attention_processors(fp32.pipeline.vae) == {"AttnProcessor2_0"}
     for seed in SEEDS:
         assert levels(image(loaded, seed), reference[seed]) == 0
 
@@ -221,7 +228,9 @@ def test_channels_last_converts_convolution_weights(reference: dict[int, np.ndar
 def test_vae_tiling_and_slicing(reference: dict[int, np.ndarray], fp32: Any, registry: Any) -> None:
     engine = tiny("fp32", "vae_tiling", "vae_slicing")
     assert engine.pipeline.vae.use_tiling and engine.pipeline.vae.use_slicing
-    # At the tiny checkpoint's native size the image fits one tile: nothing changes.
+    # At the tiny checkpoint's native size the image fits one tile and a lone image is no batch to
+    # slice: the VAE decodes as without them, so the images compare bit for bit.
+    assert engine.pipeline.vae.tile_sample_min_size >= max(reference[SEEDS[0]].shape[:2])
     for seed in SEEDS:
         assert levels(image(engine, seed), reference[seed]) == 0
     # Slicing decodes a batch image by image: one level of batched-matmul rounding at most.
@@ -284,11 +293,14 @@ def test_cpu_offload_installs_model_hooks(registry: Any, reference: dict[int, np
     # An engine-cache copy of the pipeline sees the same hooks, so it runs on the GPU too.
     assert engine.provider.share(pipeline)._execution_device == torch.device("cuda:0")
 
-    # With the CPU as the "accelerator" the hooks run here: offloading changes no pixel.
+    # With the CPU as the "accelerator" the hooks run here. Not the same computation as the
+    # reference: each hook moves its model to "cpu:0", which copies the weights out of the
+    # checkpoint's memory map into new memory, where float32 matmuls may round differently on some
+    # CPUs (0 levels measured here on SD1.5, 1 on Kandinsky 2.2 on an AMD EPYC): at most 1 level.
     local = tiny("fp32")
     registry.accelerator("cpu_offload").apply(local.pipeline, context(local, "cpu"))
     assert isinstance(local.pipeline.unet._hf_hook, CpuOffload)
-    assert levels(image(local), reference[SEEDS[0]]) == 0
+    assert levels(image(local), reference[SEEDS[0]]) <= 1
 
 
 def test_sequential_offload_installs_layer_hooks(registry: Any) -> None:
@@ -704,6 +716,8 @@ def test_images_stay_within_tolerance_on_the_other_families(family: str) -> None
         return np.asarray(engine.generate(request).images[0], dtype=np.int16)
 
     reference = picture("fp32")
+    # sdpa: every family's default attention processors are SDPA ones already, so the same work (0);
+    # channels-last and fused projections change the kernels (1).
     bounds = {("fp32", "sdpa"): 0, ("fp32", "channels_last"): 1, ("fp32", "fuse_qkv"): 1}
     if family == "sdxl":  # Kandinsky's random-weight prior makes half precision meaningless (docs/optimize.md)
         bounds.update({("fp16",): 3, ("bf16",): 8})
