@@ -600,12 +600,22 @@ def test_regional_compile_falls_back_to_resnet_and_attention_blocks() -> None:
     ],
 )
 def test_compile_options_per_device_and_stack(
-    registry: Any, device: str, dtype: str, stack: tuple[str, ...], unet_mode: str | None, vae_mode: str | None
+    registry: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: str,
+    stack: tuple[str, ...],
+    unet_mode: str | None,
+    vae_mode: str | None,
 ) -> None:
+    from t2i_core.builtins import compilation
+
     engine = tiny("fp32")  # the options depend on the stack's names, not on the weights
     calls: dict[str, dict[str, Any]] = {}
-    for name, module in (("unet", engine.pipeline.unet), ("vae", engine.pipeline.vae.decoder)):
-        module.compile = lambda _name=name, **options: calls.__setitem__(_name, options)
+    owners = {engine.pipeline.unet.forward.__func__: "unet", engine.pipeline.vae.decoder.forward.__func__: "vae"}
+    monkeypatch.setattr(
+        compilation, "compile_function", lambda function, options: calls.__setitem__(owners[function.__func__], options)
+    )
     ctx = LoadContext(
         model=engine.model,
         source=engine.source,
@@ -620,17 +630,24 @@ def test_compile_options_per_device_and_stack(
     assert calls["vae"] == {"mode": vae_mode, "fullgraph": False, "dynamic": False}
 
 
-def test_compiled_vae_skips_cuda_graphs_when_the_pipeline_upcasts_it(registry: Any) -> None:
+@pytest.mark.parametrize(("family", "mode"), [("sdxl", None), ("sd15", "reduce-overhead")])
+def test_compiled_vae_skips_cuda_graphs_only_when_the_pipeline_upcasts_it(
+    registry: Any, monkeypatch: pytest.MonkeyPatch, family: str, mode: str | None
+) -> None:
+    """SDXL's pipeline casts an fp16 VAE with force_upcast to fp32 around every decode; SD 1.5's
+    VAE config inherits force_upcast=True too, but its pipeline never upcasts (no upcast_vae)."""
     import torch
 
-    engine = tiny("fp32")
+    from t2i_core.builtins import compilation
+
+    engine = load(f"tiny:{family}", device="cpu", accelerators=["fp32"], cache=False)
     vae = engine.pipeline.vae
     vae.to(torch.float16)
-    vae.register_to_config(force_upcast=True)  # as SDXL's VAE: cast to fp32 around every decode
+    vae.register_to_config(force_upcast=True)
     calls: list[dict[str, Any]] = []
-    vae.decoder.compile = lambda **options: calls.append(options)
+    monkeypatch.setattr(compilation, "compile_function", lambda function, options: calls.append(options))
     registry.accelerator("compile-vae").compile(engine.pipeline, context(engine, "cuda"))
-    assert calls == [{"mode": None, "fullgraph": False, "dynamic": False}]
+    assert calls == [{"mode": mode, "fullgraph": False, "dynamic": False}]
 
 
 @pytest.fixture
@@ -674,9 +691,11 @@ def test_regional_compile_recompiles_for_size_and_batch_only(
 
 @pytest.mark.slow
 def test_full_compile_and_compiled_vae(compile_cache: Any, reference: dict[int, np.ndarray]) -> None:
+    from t2i_core.builtins.compilation import compiled_call
+
     engine = tiny("fp32", "compile", "compile-vae")
-    assert engine.pipeline.unet._compiled_call_impl is not None
-    assert engine.pipeline.vae.decoder._compiled_call_impl is not None
+    assert compiled_call(engine.pipeline.unet) is not None
+    assert compiled_call(engine.pipeline.vae.decoder) is not None
     for seed in SEEDS:
         assert levels(image(engine, seed), reference[seed]) <= 1
 

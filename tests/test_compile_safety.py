@@ -1,0 +1,191 @@
+"""The compiled call's promises, checked on CPU: CUDA-graph outputs safe to keep, no recompile
+for a timestep dtype, visible recompiles, and the CUDA-graph choices per family and pipeline.
+
+CUDA graphs do not exist on a CPU, so `cuda_graph_like` stands in for their one property that
+matters here: every replay writes its output into the same static buffer. Without the clone a
+scheduler that keeps past model outputs (PNDM's ``ets``, DPM-Solver's ``model_outputs``) reads
+overwritten values and the image changes; with it, every scheduler gives the uncompiled image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from t2i_core import GenerationRequest, LoadContext, load, schedulers
+from t2i_core.builtins import compilation
+
+STEPS = 3
+
+
+def cuda_graph_like(function: Any, options: dict[str, Any]) -> Any:
+    """Runs `function` eagerly and returns its outputs in one static buffer per output, as CUDA graph replays do."""
+    import torch
+
+    static: dict[int, Any] = {}
+
+    def into_static(index: int, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        buffer = static.get(index)
+        if buffer is None or buffer.shape != value.shape:
+            buffer = static[index] = torch.empty_like(value)
+        buffer.copy_(value)
+        return buffer
+
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        output = function(*args, **kwargs)
+        if isinstance(output, tuple):
+            return tuple(into_static(i, v) for i, v in enumerate(output))
+        if isinstance(output, dict):
+            return type(output)(**{k: into_static(i, v) for i, (k, v) in enumerate(output.items())})
+        return into_static(0, output)
+
+    return replay
+
+
+@pytest.fixture
+def plain() -> Any:
+    return load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
+
+
+def compiled_engine(monkeypatch: pytest.MonkeyPatch, *, clone: bool) -> Any:
+    """A tiny SD 1.5 engine whose UNet runs through `CompiledCall` with `cuda_graph_like` replays."""
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
+    monkeypatch.setattr(compilation, "compile_function", cuda_graph_like)
+    call = compilation.install_compiled(
+        engine.pipeline.unet, "unet", {"mode": "reduce-overhead"}, normalise_timestep=True
+    )
+    if not clone:
+        call.cuda_graphs = False  # what t2i did before: hand the static buffer straight to the scheduler
+    return engine
+
+
+def generate(engine: Any, **fields: Any) -> bytes:
+    fields.setdefault("num_inference_steps", STEPS)
+    fields.setdefault("seed", 3)
+    return engine.generate(GenerationRequest(prompt="a lighthouse", **fields)).images[0].tobytes()
+
+
+def test_reused_outputs_break_a_scheduler_that_keeps_them(monkeypatch: pytest.MonkeyPatch, plain: Any) -> None:
+    """The hazard is real: without the clone, PNDM (SD 1.5's default) makes another image."""
+    engine = compiled_engine(monkeypatch, clone=False)
+    assert generate(engine, guidance_scale=1.0) != generate(plain, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_every_scheduler_gets_its_exact_image_from_cuda_graph_outputs(
+    monkeypatch: pytest.MonkeyPatch, plain: Any, guidance_scale: float
+) -> None:
+    marks: list[int] = []
+    import torch
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    engine = compiled_engine(monkeypatch, clone=True)
+    call = compilation.compiled_call(engine.pipeline.unet)
+    assert call is not None
+    for name in schedulers.names():
+        marks.clear()
+        calls_before = call.calls
+        size = {"height": 32, "width": 32}  # 4x4 latents: ten schedulers in seconds
+        ours = generate(engine, scheduler=name, guidance_scale=guidance_scale, **size)
+        assert ours == generate(plain, scheduler=name, guidance_scale=guidance_scale, **size), name
+        assert len(marks) == call.calls - calls_before > 0, "each UNet call starts a new CUDA-graph step"
+
+
+def test_each_call_marks_a_step_and_clones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    engine = compiled_engine(monkeypatch, clone=True)
+    unet = engine.pipeline.unet
+    sample = torch.zeros(1, 4, 8, 8)
+    text = torch.zeros(1, 77, 32)
+    first = unet(sample, torch.tensor(10), encoder_hidden_states=text, return_dict=False)[0]
+    second = unet(sample + 1, torch.tensor(20), encoder_hidden_states=text, return_dict=False)[0]
+    assert len(marks) == 2
+    assert first.data_ptr() != second.data_ptr() and not torch.equal(first, second)
+
+
+@pytest.fixture
+def eager_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Real dynamo tracing and guards, with the eager backend instead of inductor (seconds, not minutes)."""
+    import torch
+
+    def traced(function: Any, options: dict[str, Any]) -> Any:
+        return torch.compile(function, backend="eager", dynamic=options.get("dynamic"))
+
+    monkeypatch.setattr(compilation, "compile_function", traced)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_recompiles_are_warned_with_their_cause_and_counted(eager_dynamo: None, plain: Any) -> None:
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32", "compile"], cache=False)
+    call = compilation.compiled_call(engine.pipeline.unet)
+    assert call is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compilation.RecompileWarning)
+        first = generate(engine)
+        # int64 timesteps (PNDM) and float ones (Euler, DPM-Solver) share one graph.
+        generate(engine, scheduler="euler")
+        generate(engine, scheduler="dpm++-2m", seed=4, prompt_weighting=None)
+    assert first == generate(plain), "the eager backend does the uncompiled work"
+    with pytest.warns(
+        compilation.RecompileWarning,
+        match=r"unet compiled again: argument 0 \[2, 4, 32, 32\] float32 -> \[2, 4, 24, 32\]",
+    ):
+        generate(engine, height=48)
+    with pytest.warns(compilation.RecompileWarning, match=r"argument 0 \[2, 4, 32, 32\] float32 -> \[1, 4, 32, 32\]"):
+        generate(engine, guidance_scale=1.0)
+    stats = compilation.compile_stats(engine.pipeline)
+    assert stats["unet"]["compiles"] == 3 and stats["unet"]["input_kinds"] == 3
+
+
+def test_the_recompile_limit_is_never_passed_silently(eager_dynamo: None) -> None:
+    import torch
+
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32", "compile"], cache=False)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for height in (64, 56, 48):
+            generate(engine, height=height, num_inference_steps=1)
+    messages = [str(w.message) for w in caught if issubclass(w.category, compilation.RecompileWarning)]
+    assert any("past torch's recompile limit (2" in message for message in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("family", "device", "mode"),
+    [("sd15", "cuda", "reduce-overhead"), ("sdxl", "cuda", None), ("kandinsky22", "cuda", None), ("sd15", "cpu", None)],
+)
+def test_regional_cuda_graphs_per_family(family: str, device: str, mode: str | None) -> None:
+    assert compilation.regional_mode(family, device) == mode
+
+
+def test_regional_cuda_graphs_mark_a_step_per_denoiser_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from t2i_core import get_registry
+
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
+    options: list[dict[str, Any]] = []
+    monkeypatch.setattr(type(engine.pipeline.unet), "compile_repeated_blocks", lambda self, **kw: options.append(kw))
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    context = LoadContext(
+        model=engine.model,
+        source=engine.source,
+        family="sd15",
+        provider=engine.provider,
+        device="cuda",
+        accelerators=("fp16", "compile-regional"),
+    )
+    get_registry().accelerator("compile-regional").compile(engine.pipeline, context)
+    assert options == [{"fullgraph": True, "mode": "reduce-overhead"}]
+    generate(engine, num_inference_steps=2, scheduler="ddim")
+    assert len(marks) == 2  # one per UNet call (guidance batches both halves in one call)
