@@ -14,8 +14,8 @@ import attrs
 if TYPE_CHECKING:
     from .provider import ModelProvider
 
-#: The phases, in the order they are applied.
 PHASES: tuple[str, ...] = ("dtype", "attention", "fusion", "layout", "placement", "memory", "compile")
+"""The accelerator phases, in the order they are applied; an `Accelerator.phase` is one of them."""
 
 
 @attrs.frozen(kw_only=True)
@@ -54,6 +54,22 @@ class Accelerator:
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         """Transform the loaded pipeline in place."""
+
+
+def is_offloaded(module: Any) -> bool:
+    """Whether offloading moves `module`'s weights (a torch module, or any of its submodules).
+
+    True for accelerate's model and sequential offload hooks and diffusers' group offloading:
+    models that move in and out of the device around each call, so a model placed beside them
+    with ``.to(device)`` would meet its inputs on the wrong device.
+    """
+    for submodule in module.modules():
+        if hasattr(submodule, "_hf_hook"):
+            return True
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("group_offloading") is not None:
+            return True
+    return False
 
 
 @attrs.frozen(kw_only=True)

@@ -369,7 +369,7 @@ def test_impossible_combinations_are_refused(
 
 
 def test_low_memory_preset_with_compile_is_refused(pretend_cuda: None) -> None:
-    with pytest.raises(IncompatibleAcceleratorsError, match="cpu_offload excludes compile"):
+    with pytest.raises(IncompatibleAcceleratorsError, match="group_offload excludes compile"):
         load("tiny:sd15", device="cuda", accelerators=["low-memory", "compile"], cache=False)
 
 
@@ -499,7 +499,7 @@ EXPECTED_PRESETS = {
     ("fast", "cpu"): ("fp32", "sdpa"),
     ("quick", "cuda"): ("fp16", "sdpa", "fuse_qkv", "channels_last", "compile-regional"),
     ("quick", "cpu"): ("fp32", "sdpa"),
-    ("low-memory", "cuda"): ("fp16", "sdpa", "cpu_offload", "vae_tiling", "vae_slicing"),
+    ("low-memory", "cuda"): ("fp16", "sdpa", "group_offload", "vae_tiling", "vae_slicing"),
     ("low-memory", "mps"): ("fp16", "sdpa", "vae_tiling", "vae_slicing"),
     ("low-memory", "cpu"): ("fp32", "sdpa", "vae_tiling", "vae_slicing"),
 }
@@ -761,3 +761,30 @@ def test_fuse_qkv_frees_the_projections_it_replaces(family: str) -> None:
     assert parameter_bytes(fused) == parameter_bytes(plain)
     request = GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=2)
     assert levels(as_array(fused.generate(request).images[0]), as_array(plain.generate(request).images[0])) <= 1
+
+
+def test_group_offload_streams_layers_and_keeps_the_image(registry: Any, fp32: Any) -> None:
+    """Leaf-level group offload, run with the CPU as its "GPU" (no side stream there): every layer
+    is onloaded only while it runs, and the image stays within a level of plain fp32 (the onload
+    copies weights into new memory, whose alignment can change float32 rounding)."""
+    from t2i_core.accelerator import is_offloaded
+
+    engine = tiny("fp32")
+    assert not is_offloaded(engine.pipeline.unet)
+    registry.accelerator("group_offload").apply(engine.pipeline, context(engine, "cpu"))
+    assert is_offloaded(engine.pipeline.unet) and is_offloaded(engine.pipeline.vae)
+    request = GenerationRequest(prompt=PROMPT, seed=SEEDS[0], num_inference_steps=STEPS)
+    assert levels(as_array(engine.generate(request).images[0]), as_array(fp32.generate(request).images[0])) <= 1
+
+
+def test_vae_tiling_applies_at_sdxl_native_size() -> None:
+    """SDXL's VAE config says 1024-pixel tiles, so tiling would do nothing at 1024x1024; t2i caps tiles at 512."""
+    from t2i_core.builtins.memory import MAX_TILE
+
+    engine = load("tiny:sdxl", device="cpu", accelerators=["fp32"], cache=False)
+    vae = engine.pipeline.vae
+    factor = vae.tile_sample_min_size // vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 1024, 1024 // factor  # as the real SDXL VAE
+    get_registry_accelerator = engine._registry.accelerator
+    get_registry_accelerator("vae_tiling").apply(engine.pipeline, context(engine, "cpu"))
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (MAX_TILE, MAX_TILE // factor)

@@ -32,6 +32,28 @@ class SequentialOffload(Accelerator):
         pipeline.enable_sequential_cpu_offload(device=context.device)
 
 
+class GroupOffload(Accelerator):
+    name = "group_offload"
+    phase = "placement"
+    devices = ("cuda",)
+    conflicts = ("cpu_offload", "sequential_offload", "compile", "compile-regional", "compile-vae")
+    description = (
+        "keeps weights in CPU memory and streams each layer to the GPU as it runs, prefetched on a "
+        "side stream (diffusers group offloading, leaf level): about sequential_offload's memory, far faster"
+    )
+
+    def apply(self, pipeline: Any, context: LoadContext) -> None:
+        on_cuda = context.device.split(":", 1)[0] == "cuda"
+        pipeline.enable_group_offload(
+            onload_device=context.device, offload_type="leaf_level", use_stream=on_cuda, non_blocking=on_cuda
+        )
+
+
+#: the largest tile `vae_tiling` decodes in one piece, in pixels: SDXL's VAE would otherwise take
+#: 1024x1024 (its config's sample_size) as one tile, and tiling would do nothing at its native size
+MAX_TILE = 512
+
+
 class VaeTiling(Accelerator):
     name = "vae_tiling"
     phase = "memory"
@@ -43,6 +65,10 @@ class VaeTiling(Accelerator):
         tiled = [vae for vae in autoencoders(pipeline).values() if hasattr(vae, "use_tiling")]
         for vae in tiled:
             vae.enable_tiling()
+            if getattr(vae, "tile_sample_min_size", 0) > MAX_TILE and hasattr(vae, "tile_latent_min_size"):
+                factor = vae.tile_sample_min_size // vae.tile_latent_min_size
+                vae.tile_sample_min_size = MAX_TILE
+                vae.tile_latent_min_size = MAX_TILE // factor
         if not tiled:
             nothing_to_do(self.name, pipeline, "tiled decoding")
 
@@ -60,4 +86,4 @@ class VaeSlicing(Accelerator):
             nothing_to_do(self.name, pipeline, "sliced decoding")
 
 
-ACCELERATORS: tuple[Accelerator, ...] = (CpuOffload(), SequentialOffload(), VaeTiling(), VaeSlicing())
+ACCELERATORS: tuple[Accelerator, ...] = (CpuOffload(), SequentialOffload(), GroupOffload(), VaeTiling(), VaeSlicing())

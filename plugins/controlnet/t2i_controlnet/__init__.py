@@ -24,6 +24,8 @@ from t2i_core import (
     loading_lock,
 )
 
+from t2i_core.accelerator import is_offloaded
+
 from ._images import ImageReader, parse_preprocess, sized
 from ._sources import IncompatibleControlNetError, Source, check_fits, resolve, tiny_controlnet_folder
 
@@ -105,7 +107,7 @@ def _check_placement(engine: Engine) -> None:
     import torch
 
     modules = [c for c in engine.pipeline.components.values() if isinstance(c, torch.nn.Module)]
-    if any(hasattr(module, "_hf_hook") for module in modules):
+    if any(is_offloaded(module) for module in modules):
         offloading = [name for name in engine.accelerators if "offload" in name] or ["CPU offloading"]
         raise IncompatibleAcceleratorsError(
             offloading, "ControlNet controls need the base model kept on one device; load the engine without offloading"

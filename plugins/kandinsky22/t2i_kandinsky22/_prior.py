@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
+from t2i_core.accelerator import is_offloaded
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -227,7 +228,7 @@ def model_card_prior(source: str) -> str | None:
 def _offloaded(decoder: Any) -> bool:
     # Offloading hooks move the decoder's models on and off the GPU around its calls; a prior
     # placed beside them with .to() would meet its inputs on the wrong device.
-    return any(hasattr(module, "_hf_hook") for model in (decoder.unet, decoder.movq) for module in model.modules())
+    return any(is_offloaded(model) for model in (decoder.unet, decoder.movq))
 
 
 def _allowed() -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock, schedulers
+from t2i_core.accelerator import is_offloaded
 from t2i_core.provider import report_progress
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
@@ -216,7 +217,7 @@ def _offloaded(base: Any) -> bool:
     # Offloading hooks move shared modules on and off the GPU around the base's calls; a refiner
     # placed with .to() beside them would meet its inputs on the wrong device.
     shared = (base.unet, base.text_encoder_2, base.vae)
-    return any(hasattr(module, "_hf_hook") for component in shared for module in component.modules())
+    return any(is_offloaded(component) for component in shared)
 
 
 def _timesteps(scheduler: Any, steps: int) -> Any:
