@@ -28,6 +28,7 @@ makes three promises on every device:
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -42,6 +43,8 @@ from ._components import autoencoders, denoisers
 
 #: set to 0 to leave inductor's cache folder alone (it then defaults to /tmp/torchinductor_<user>)
 COMPILE_CACHE_ENV = "T2I_COMPILE_CACHE"
+#: a file written by ``t2i warmup``: its compiled artefacts are loaded before the first compile
+ARTIFACTS_ENV = "T2I_COMPILE_ARTIFACTS"
 #: block classes compiled regionally when a denoiser declares no ``_repeated_blocks`` of its own
 #: (Kandinsky 2.2's UNet has no transformer blocks; its ResNet and attention blocks repeat)
 FALLBACK_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
@@ -264,6 +267,9 @@ class _Compile(Accelerator):
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         activate_compile_cache(context.device)
+        artifacts = os.environ.get(ARTIFACTS_ENV)
+        if artifacts:
+            load_compile_artifacts(artifacts)
         self.compile(pipeline, context)
 
     def compile(self, pipeline: Any, context: LoadContext) -> None:
@@ -459,3 +465,76 @@ def activate_compile_cache(device: str) -> Path | None:
 
 
 ACCELERATORS: tuple[Accelerator, ...] = (Compile(), CompileRegional(), CompileVae())
+
+
+# -- portable compile artefacts (torch's "mega-cache") ------------------------------------------
+
+_loaded_artifacts: set[str] = set()
+
+
+def save_compile_artifacts(path: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, int]:
+    """Write every compiled artefact this process made or used to `path` (atomically).
+
+    The file is torch's portable cache (``torch.compiler.save_cache_artifacts``): inductor's FX
+    graphs and kernels, AOTAutograd graphs, and on CUDA triton kernels and autotuning results. A
+    later process, on this machine or another with the same GPU, torch and model, loads it with
+    `load_compile_artifacts` (or ``T2I_COMPILE_ARTIFACTS``) and skips code generation.
+    Returns the number of artefacts of each kind; raises `GenerationError` when nothing was compiled.
+    """
+    import torch
+
+    from t2i_core import GenerationError
+    from t2i_core._files import write_atomically
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        raise GenerationError("nothing was compiled in this process: no compile artefacts to save")
+    data, info = saved
+    write_atomically(path, lambda handle: handle.write(data), overwrite=overwrite)
+    return {kind: len(keys) for kind, keys in info.artifacts.items()}
+
+
+def load_compile_artifacts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Load a file from `save_compile_artifacts` into this process's compile caches (once per file).
+
+    Call it before the first compiled call; the compile accelerators do when ``T2I_COMPILE_ARTIFACTS``
+    names the file. Artefacts of another torch, GPU or model are never used: torch keys each one
+    by its graph, inputs and compiler, so they only miss.
+    """
+    import torch
+
+    from t2i_core import ModelNotFoundError
+
+    key = os.path.abspath(path)
+    if key in _loaded_artifacts:
+        return {}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelNotFoundError(
+            str(path), f"the compile artefacts file cannot be read ({exc.strerror or exc})"
+        ) from None
+    activate_compile_cache(_device_of_artifacts())
+    torch_log = logging.getLogger("torch.compiler._cache")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # torch logs a traceback for a damaged file, then returns None
+    try:
+        info = torch.compiler.load_cache_artifacts(data)
+    except Exception as exc:  # noqa: BLE001 - torch raises its own types for foreign or damaged files
+        info, reason = None, f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "damaged, or written by another torch"
+    finally:
+        torch_log.setLevel(level)
+    if info is None:
+        raise ModelNotFoundError(str(path), f"not a compile artefacts file of this torch ({reason})")
+    _loaded_artifacts.add(key)
+    return {kind: len(keys) for kind, keys in info.artifacts.items()}
+
+
+def _device_of_artifacts() -> str:
+    # The cache folder is keyed by device; the first activation in a process picks it, and the
+    # compile accelerators activate before loading, so this only matters for a direct call.
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
