@@ -490,7 +490,11 @@ def save_compile_artifacts(path: str | os.PathLike[str], *, overwrite: bool = Fa
     if saved is None:
         raise GenerationError("nothing was compiled in this process: no compile artefacts to save")
     data, info = saved
-    write_atomically(path, lambda handle: handle.write(data), overwrite=overwrite)
+
+    def write(handle: Any) -> None:
+        handle.write(data)
+
+    write_atomically(path, write, overwrite=overwrite)
     return {kind: len(keys) for kind, keys in info.artifacts.items()}
 
 
