@@ -1,7 +1,7 @@
 """t2i's accelerator presets against raw diffusers, side by side in one process.
 
     python benchmarks/bench_accelerators.py --family sd15 [--family sdxl ...] [--device cuda] [-o out.json]
-    python benchmarks/bench_accelerators.py --device cpu --tiny          # seconds; what CI runs
+    python benchmarks/bench_accelerators.py --device cpu --tiny          # over 20 minutes (compiles)
 
 Full-size mode (the default) builds each family's real architecture with random weights from
 the config files each family plugin ships in ``t2i_<family>/architecture/`` (speed does not depend on weight values;
@@ -9,20 +9,33 @@ nothing is downloaded): SD1.5 at 512², SDXL at 1024², Kandinsky 2.2 at 512², 
 classifier-free guidance at the family's default scale. ``--tiny`` uses the families'
 ``tiny:<family>`` checkpoints instead; ``--size`` runs full-size architectures at a small size.
 
-Variants, run one after another in this process on identical weights:
+Variants, on identical weights:
 
 - ``raw-eager``: diffusers alone, fp16 (fp32 on CPU), the pipeline as loaded.
 - ``raw-compiled``: that plus channels-last and ``torch.compile(mode="reduce-overhead")`` on the
   UNet, as diffusers' documentation recommends (default mode off CUDA: no CUDA graphs there).
+- ``raw-fast``: raw-compiled plus the lossless tricks of t2i's ``fast`` (fused QKV projections
+  and a compiled VAE decoder), so that what ``fast`` adds beyond them is visible.
 - ``t2i-<preset>``: ``t2i_core.load(..., accelerators=[preset])`` (auto, quick, fast, low-memory),
   or ``t2i:<name>+<name>`` for any stack of accelerators.
 
-For each: load time, time to first image with a cold compile cache (a fresh inductor folder per
-run unless ``--cache-dir``), then with the cache warm (a new process per compiled variant,
-each in new processes on a fresh inductor folder per compiled variant; ``--no-warm`` skips
-them and leaves the in-process first image, which earlier compiled variants may have warmed), seconds per image and iterations per second over ``--runs`` images
-after ``--warmup`` more, peak GPU memory while making images, and how far its image is from raw
-eager's (levels of 255). Everything is written as JSON with the GPU and library versions.
+Two phases (``--phase``; ``all`` runs both), each writing the JSON (``-o``) after every step, so
+a run cut off by a time limit still reports what it measured:
+
+- ``steady``: every variant is loaded in this process, makes its first image and ``--warmup``
+  more, then the variants take turns, one timed image each, for ``--runs`` rounds (ABAB..., the
+  order reversed every other round), so they all see the same machine state; the ratios of
+  each round are reported against both raw baselines.
+- ``first-image``: each compiled variant in new processes, killed after ``--child-timeout``
+  seconds: *cold* with fresh inductor and Triton cache folders, *warm* from the folders the cold
+  run filled, and *mega-cache* with fresh folders plus the portable artefacts file the cold run
+  saved (``torch.compiler.save_cache_artifacts``; t2i loads it through ``T2I_COMPILE_ARTIFACTS``).
+  Each child reports its load and first-image times, peak allocated and reserved GPU memory of
+  that variant alone, dynamo's graph and recompile counts, inductor's cache hits and misses,
+  CUDA-graph skips, and for t2i variants `compile_stats`.
+
+Everything is written as JSON with the GPU and library versions; each image's distance from
+raw eager's is in levels of 255.
 """
 
 from __future__ import annotations
@@ -54,7 +67,8 @@ def architecture(family: str) -> Path:
 
 
 FAMILIES = ("sd15", "sdxl", "kandinsky22")
-DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "t2i-quick", "t2i-fast")
+DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "raw-fast", "t2i-quick", "t2i-fast")
+RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast")
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 SEED = 31
 
@@ -220,13 +234,13 @@ def accelerators_of(variant: str) -> list[str] | None:
         return [variant.removeprefix("t2i-")]
     if variant.startswith("t2i:"):
         return variant.removeprefix("t2i:").split("+")
-    if variant in ("raw-eager", "raw-compiled"):
+    if variant in RAW_VARIANTS:
         return None
     raise SystemExit(f"unknown variant {variant!r}: raw-eager, raw-compiled, t2i-<preset> or t2i:<name>+<name>")
 
 
-def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple[Runner, list[str]]:
-    """Load `variant` and return (a function seed → images, the accelerators it resolved to)."""
+def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple[Runner, list[str], Any]:
+    """Load `variant` and return (a function seed → images, the accelerators it resolved to, its pipeline)."""
     import torch
 
     from t2i_core import GenerationRequest, load
@@ -239,21 +253,37 @@ def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple
         guidance_scale=settings["guidance_scale"],
         num_images=settings["batch"],
         seed=SEED,
+        scheduler=settings.get("scheduler"),
     )
     names = accelerators_of(variant)
     if names is not None:
         engine = load(source.model, family=source.load_family, device=source.device, accelerators=names, cache=False)
-        return (lambda seed: engine.generate(request.evolve(seed=seed)).images), list(engine.accelerators)
+        run = lambda seed: engine.generate(request.evolve(seed=seed)).images  # noqa: E731
+        return run, list(engine.accelerators), engine.pipeline
 
     dtype = getattr(torch, settings["dtype"])
     pipeline = source.raw_pipeline(dtype)
     applied = [settings["dtype"]]
-    if variant == "raw-compiled":
+    if settings.get("scheduler"):
+        from t2i_core import schedulers
+
+        owner = source.provider.scheduler_owner(pipeline)
+        owner.scheduler = schedulers.build(settings["scheduler"], owner.scheduler.config)
+    if variant in ("raw-compiled", "raw-fast"):
         owner = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky's combined pipeline
-        owner.unet.to(memory_format=torch.channels_last)
         mode = "reduce-overhead" if source.device.startswith("cuda") else None
+        if variant == "raw-fast" and hasattr(owner.unet, "fuse_qkv_projections"):
+            owner.unet.fuse_qkv_projections()
+            applied.append("unet.fuse_qkv_projections()")
+        owner.unet.to(memory_format=torch.channels_last)
         owner.unet = torch.compile(owner.unet, mode=mode, fullgraph=True)
         applied += ["channels_last", f"torch.compile(unet, mode={mode!r}, fullgraph=True)"]
+        vae = getattr(owner, "vae", None) or getattr(owner, "movq", None)
+        if variant == "raw-fast" and vae is not None:
+            if hasattr(vae, "fuse_qkv_projections"):
+                vae.fuse_qkv_projections()
+            vae.decoder = torch.compile(vae.decoder, mode=mode)
+            applied.append(f"torch.compile(vae.decoder, mode={mode!r})")
     # The arguments t2i passes for this request, so that both sides do the same work.
     kwargs = source.provider.call_kwargs(request, source.provider.check(request))
 
@@ -261,7 +291,7 @@ def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple
         generator = torch.Generator("cpu").manual_seed(seed)
         return list(pipeline(**kwargs, generator=generator).images)
 
-    return run, applied
+    return run, applied, pipeline
 
 
 def measure(variant: str, source: Source, settings: dict[str, Any], *, first_only: bool = False) -> dict[str, Any]:
@@ -271,7 +301,7 @@ def measure(variant: str, source: Source, settings: dict[str, Any], *, first_onl
     record: dict[str, Any] = {"variant": variant}
     with _fresh_memory(cuda):
         start = time.perf_counter()
-        run, applied = make_runner(variant, source, settings)
+        run, applied, pipeline = make_runner(variant, source, settings)
         record["accelerators"] = applied
         _sync(cuda)
         loaded = time.perf_counter()
@@ -284,6 +314,10 @@ def measure(variant: str, source: Source, settings: dict[str, Any], *, first_onl
         done = time.perf_counter()
         record.update(load_s=loaded - start, first_image_s=done - loaded, ttfi_s=done - start)
         if first_only:
+            if cuda:
+                record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            record["counters"] = compile_counters(pipeline)
             return record
         for _ in range(settings["warmup"]):
             run(SEED)
@@ -309,6 +343,88 @@ def measure(variant: str, source: Source, settings: dict[str, Any], *, first_onl
         record["_first_image"] = first[0]
         del run
     return record
+
+
+def compile_counters(pipeline: Any) -> dict[str, Any]:
+    """What compiling did in this process: graphs, recompiles, cache hits, CUDA-graph skips, t2i's own counts."""
+    from torch._dynamo.utils import counters
+
+    from t2i_core.builtins.compilation import compile_stats
+
+    picked = {
+        "graphs": counters["stats"].get("unique_graphs", 0),
+        "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
+        "fxgraph_cache_hit": counters["inductor"].get("fxgraph_cache_hit", 0),
+        "fxgraph_cache_miss": counters["inductor"].get("fxgraph_cache_miss", 0),
+        "autograd_cache_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
+        "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+        "t2i_compile_stats": compile_stats(pipeline),
+    }
+    return {key: value for key, value in picked.items() if value not in (0, {}) or key == "graphs"}
+
+
+def measure_interleaved(
+    variants: list[str], source: Source, settings: dict[str, Any], report: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
+    """The steady phase: load and warm every variant, then time them in turns (see the module docstring)."""
+    cuda = source.device.startswith("cuda")
+    records: list[dict[str, Any]] = []
+    runners: dict[str, Runner] = {}
+    for variant in variants:
+        record: dict[str, Any] = {"variant": variant}
+        try:
+            start = time.perf_counter()
+            run, applied, pipeline = make_runner(variant, source, settings)
+            record["accelerators"] = applied
+            _sync(cuda)
+            loaded = time.perf_counter()
+            first = run(SEED)
+            _sync(cuda)
+            record.update(load_s=loaded - start, in_process_first_image_s=time.perf_counter() - loaded)
+            for _ in range(settings["warmup"]):
+                run(SEED)
+            record["_first_image"] = first[0]
+            record["counters_after_warmup"] = compile_counters(pipeline)
+            runners[variant] = run
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+            record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        records.append(record)
+        print(
+            f"  {variant}: loaded and warm" if "error" not in record else f"  {variant}: {record['error']}",
+            file=sys.stderr,
+        )
+        report(records)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    ratios: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+    for index in range(settings["runs"]):
+        order = list(runners) if index % 2 == 0 else list(reversed(runners))
+        round_times: dict[str, float] = {}
+        for name in order:
+            _sync(cuda)
+            begin = time.perf_counter()
+            runners[name](SEED + 1 + index)
+            _sync(cuda)
+            round_times[name] = time.perf_counter() - begin
+        for name, seconds in round_times.items():
+            times[name].append(seconds)
+            for base in RAW_VARIANTS:
+                if base in round_times and base != name:
+                    ratios[name].setdefault(base, []).append(round_times[base] / seconds)
+    for record in records:
+        name = record["variant"]
+        if name not in times or not times[name]:
+            continue
+        per_call = statistics.median(times[name])
+        record.update(
+            s_per_image=per_call / settings["batch"],
+            it_per_s=settings["steps"] / per_call,
+            s_per_image_min=min(times[name]) / settings["batch"],
+            runs=len(times[name]),
+        )
+        for base, values in ratios[name].items():
+            record[f"speedup_vs_{base}"] = round(statistics.median(values), 3)
+    report(records)
+    return records
 
 
 @contextlib.contextmanager
@@ -342,38 +458,81 @@ def image_difference(image: Any, reference: Any) -> dict[str, float]:
     return {"max_abs_diff": int(difference.max()), "mean_abs_diff": round(float(difference.mean()), 3)}
 
 
-def first_image_in_new_processes(records: list[dict[str, Any]], family: str, argv: list[str]) -> None:
-    """Cold and warm time to first image of each compiled variant, each in a new process.
+def first_image_in_new_processes(
+    records: list[dict[str, Any]],
+    family: str,
+    argv: list[str],
+    timeout: float,
+    report: Callable[[], None],
+    *,
+    alone: bool = False,
+) -> None:
+    """Cold, warm and mega-cache time to first image of each compiled variant, each in a new process.
 
-    In this process, an earlier compiled variant has already warmed inductor's in-memory and
-    on-disk caches for the next one, so its first image is not cold. Each compiled variant gets a
-    fresh inductor folder: a first child process compiles into it (cold), a second reuses it (warm).
+    In one process, an earlier compiled variant warms inductor's in-memory and on-disk caches
+    for the next one, so only a new process measures a cold start. Cold: fresh inductor and
+    Triton folders (a child inheriting the parent's Triton cache would be partly warm). Warm: the
+    folders the cold run filled. Mega-cache: fresh folders plus the cold run's artefacts file.
+    With `alone`, variants that compile nothing get one new process too, for their peak memory.
     """
     parent_args = [
-        a for a in _strip(argv, ("--family", "--variants", "--output", "-o", "--cache-dir")) if a != "--no-warm"
+        a
+        for a in _strip(argv, ("--family", "--variants", "--output", "-o", "--cache-dir", "--phase"))
+        if a != "--no-warm"
     ]
     for record in records:
         compiled = any("compile" in name for name in record.get("accelerators", []))
-        if "error" in record or not compiled:
+        if "error" in record:
             continue
-        folder = tempfile.mkdtemp(prefix="t2i-bench-inductor-")
-        child_args = [*parent_args, "--cache-dir", folder]
-        cold = warm_first_image(record["variant"], family, child_args)
-        warm = warm_first_image(record["variant"], family, child_args)
-        record["ttfi_in_process_s"] = record.get("ttfi_s")
-        record["ttfi_s"] = cold.get("ttfi_s", cold.get("error"))
-        record["ttfi_warm_s"] = warm.get("ttfi_s", warm.get("error"))
-        record["ttfi_warm_load_s"] = warm.get("load_s")
+        scratch = Path(tempfile.mkdtemp(prefix="t2i-bench-first-"))
+        if not compiled:
+            if alone:  # load time, first image and peak memory of this variant alone in a process
+                fresh = {"inductor": scratch / "inductor", "triton": scratch / "triton"}
+                record["first_image_alone"] = warm_first_image(record["variant"], family, parent_args, fresh, timeout)
+                report()
+            continue
+        artefacts = scratch / "mega.cache"
+        cold_dirs = {"inductor": scratch / "cold-inductor", "triton": scratch / "cold-triton"}
+        cold = warm_first_image(record["variant"], family, parent_args, cold_dirs, timeout, save=artefacts)
+        record["first_image_cold"] = cold
+        report()
+        record["first_image_warm"] = warm_first_image(record["variant"], family, parent_args, cold_dirs, timeout)
+        report()
+        if artefacts.exists():
+            fresh = {"inductor": scratch / "mega-inductor", "triton": scratch / "mega-triton"}
+            record["first_image_megacache"] = warm_first_image(
+                record["variant"], family, parent_args, fresh, timeout, load=artefacts
+            )
+            report()
 
 
-def warm_first_image(variant: str, family: str, argv: list[str]) -> dict[str, Any]:
-    """Time to first image of `variant` in a new process, with the compile cache folder in `argv`."""
+def warm_first_image(
+    variant: str,
+    family: str,
+    argv: list[str],
+    folders: dict[str, Path],
+    timeout: float,
+    *,
+    save: Path | None = None,
+    load: Path | None = None,
+) -> dict[str, Any]:
+    """Time to first image of `variant` in a new process with the given inductor and Triton folders."""
     command = [sys.executable, __file__, *argv, "--family", family, "--variants", variant, "--child"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ.copy())
+    command += ["--cache-dir", str(folders["inductor"])]
+    if save is not None:
+        command += ["--save-artifacts", str(save)]
+    if load is not None:
+        command += ["--load-artifacts", str(load)]
+    env = {**os.environ, "TRITON_CACHE_DIR": str(folders["triton"])}
+    env.pop("T2I_COMPILE_ARTIFACTS", None)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"warm run failed ({done.returncode}): {tail[0]}"}
+        return {"error": f"child failed ({done.returncode}): {tail[0]}"}
     return dict(json.loads(lines[-1]))
 
 
@@ -425,15 +584,21 @@ def summarise(records: list[dict[str, Any]]) -> None:
             record.update(image_difference(record["_first_image"], reference["_first_image"]))
         # On CPU, this process's CPU seconds: other load on a shared machine inflates wall time.
         basis = "cpu_s_per_image" if "cpu_s_per_image" in record else "s_per_image"
-        for base in ("raw-eager", "raw-compiled"):
-            if base in by_name and record is not by_name[base]:
-                record[f"speedup_vs_{base}"] = round(by_name[base][basis] / record[basis], 3)
+        for base in RAW_VARIANTS:
+            key = f"speedup_vs_{base}"
+            if base in by_name and record is not by_name[base] and key not in record and basis in record:
+                record[key] = round(by_name[base][basis] / record[basis], 3)
                 record["speedup_basis"] = basis
     for record in records:
         record.pop("_first_image", None)
         for key, value in list(record.items()):
             if isinstance(value, float):
                 record[key] = round(value, 4)
+
+
+def _public(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` as JSON can hold them (without the kept first images)."""
+    return [{key: value for key, value in record.items() if not key.startswith("_")} for record in records]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -448,6 +613,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the family's (CFG on)")
     parser.add_argument("--dtype", default=None, help="raw variants' dtype: float16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--scheduler", default=None, help="a t2i scheduler name for every variant (default: the checkpoint's)"
+    )
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated")
     parser.add_argument("--runs", type=int, default=5, help="timed images per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed images after the first")
@@ -456,6 +624,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--no-warm", action="store_true", help="skip the cold and warm first-image runs in new processes"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--phase",
+        choices=("all", "steady", "first-image", "sequential"),
+        default="sequential",
+        help="steady: interleaved steady state; first-image: cold/warm/mega-cache in new processes; "
+        "all: both; sequential: each variant measured alone in turn (the CPU default)",
+    )
+    parser.add_argument("--child-timeout", type=float, default=480, help="seconds before a child process is killed")
+    parser.add_argument("--save-artifacts", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--load-artifacts", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", default=None, help="write the JSON here too")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -496,33 +674,91 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch": args.batch,
             "guidance_scale": guidance,
             "dtype": args.dtype or ("float16" if device.startswith("cuda") else "float32"),
+            "scheduler": args.scheduler,
             "runs": args.runs,
             "warmup": args.warmup,
         }
         if args.child:
-            record = measure(variants[0], source, settings, first_only=True)
-            print(json.dumps(record))
-            return record
-        records = []
-        for variant in variants:
-            try:
-                record = measure(variant, source, settings)
-            except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
-                record = {
-                    "variant": variant,
-                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                }
-            records.append(record)
-            print(f"[{family}] {variant}: {_brief(record)}", file=sys.stderr)
-        if not args.no_warm:
-            first_image_in_new_processes(records, family, argv)
+            return _child(variants[0], source, settings, args)
+        entry: dict[str, Any] = {"checkpoint": source.source, "settings": settings, "variants": []}
+        report["results"][family] = entry
+
+        def save(records: list[dict[str, Any]], entry: dict[str, Any] = entry) -> None:
+            entry["variants"] = _public(records)
+            _write(report, args.output)
+
+        if args.phase in ("steady", "all"):
+            records = measure_interleaved(variants, source, settings, save)
+        elif args.phase == "first-image":
+            # Only what the first-image runs need: which variants compile (nothing is loaded here).
+            records = [{"variant": v, "accelerators": _stack_of(v, device)} for v in variants]
+        else:
+            records = []
+            for variant in variants:
+                try:
+                    record = measure(variant, source, settings)
+                except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+                    record = {
+                        "variant": variant,
+                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    }
+                records.append(record)
+                print(f"[{family}] {variant}: {_brief(record)}", file=sys.stderr)
+                save(records)
+        if args.phase in ("first-image", "all") or (args.phase == "sequential" and not args.no_warm):
+            first_image_in_new_processes(
+                records,
+                family,
+                argv,
+                args.child_timeout,
+                lambda records=records: save(records),
+                alone=args.phase == "first-image",
+            )
         summarise(records)
-        report["results"][family] = {"checkpoint": source.source, "settings": settings, "variants": records}
+        save(records)
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
     return report
+
+
+def _child(variant: str, source: Source, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One first image in this fresh process (``--child``), loading or saving portable compile artefacts."""
+    import torch
+
+    if args.load_artifacts:
+        if variant.startswith("t2i"):
+            os.environ["T2I_COMPILE_ARTIFACTS"] = args.load_artifacts  # what a t2i user does
+        else:
+            torch.compiler.load_cache_artifacts(Path(args.load_artifacts).read_bytes())
+    record = measure(variant, source, settings, first_only=True)
+    if args.save_artifacts:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            Path(args.save_artifacts).write_bytes(saved[0])
+            record["artifacts_bytes"] = len(saved[0])
+    record = {key: round(value, 4) if isinstance(value, float) else value for key, value in record.items()}
+    print(json.dumps(record))
+    return record
+
+
+def _stack_of(variant: str, device: str) -> list[str]:
+    """The accelerators a variant would load with on `device`, without loading it."""
+    names = accelerators_of(variant)
+    if names is None:
+        return ["torch.compile"] if variant != "raw-eager" else []
+    from t2i_core import get_registry
+
+    return [a.name for a in get_registry().resolve_accelerators(names, device)]
+
+
+def _write(report: dict[str, Any], output: str | None) -> None:
+    """Write the report now (atomically), so that a run cut off later still leaves what it measured."""
+    if not output:
+        return
+    path = Path(output)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:

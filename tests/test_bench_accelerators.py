@@ -44,6 +44,7 @@ def test_cpu_tiny_run_reports_every_variant(tmp_path: Path, monkeypatch: pytest.
         "dtype": "float32",
         "runs": 2,
         "warmup": 0,
+        "scheduler": None,
     }
     records = {r["variant"]: r for r in family["variants"]}
     assert list(records) == ["raw-eager", "t2i-auto", "t2i:fp32+fuse_qkv+channels_last", "t2i:fp32+vae_slicing"]
@@ -95,3 +96,27 @@ def test_configs_build_the_real_architectures() -> None:
         count = sum(p.numel() for p in model.parameters()) / 1e6
         assert count == pytest.approx(millions, rel=tolerance), f"{family}/{component}: {count:.1f}M"
         assert next(model.parameters()).device == torch.device("meta")
+
+
+def test_steady_phase_interleaves_and_reports_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    output = tmp_path / "steady.json"
+    argv = ["--device", "cpu", "--tiny", "--steps", "2", "--runs", "3", "--warmup", "0", "--phase", "steady"]
+    argv += ["--variants", "raw-eager,t2i-auto,t2i:fp32+fuse_qkv", "--cache-dir", str(tmp_path / "inductor")]
+    report = bench().main([*argv, "-o", str(output)])
+    assert json.loads(output.read_text()) == report
+    records = {r["variant"]: r for r in report["results"]["sd15"]["variants"]}
+    assert list(records) == ["raw-eager", "t2i-auto", "t2i:fp32+fuse_qkv"]
+    for name, record in records.items():
+        assert record["runs"] == 3 and record["s_per_image"] > 0 and "in_process_first_image_s" in record
+        assert "counters_after_warmup" in record
+        if name != "raw-eager":
+            assert record["speedup_vs_raw-eager"] > 0  # the median of per-round ratios
+    assert records["t2i-auto"]["max_abs_diff"] == 0
+
+
+def test_a_child_that_runs_too_long_is_killed_and_reported(tmp_path: Path) -> None:
+    module = bench()
+    folders = {"inductor": tmp_path / "i", "triton": tmp_path / "t"}
+    result = module.warm_first_image("t2i-auto", "sd15", ["--device", "cpu", "--tiny"], folders, timeout=0.01)
+    assert result == {"error": "timed out after 0 s"}
