@@ -87,11 +87,13 @@ BUILTINS = (
     "channels_last",
     "cpu_offload",
     "sequential_offload",
+    "group_offload",
     "vae_tiling",
     "vae_slicing",
     "compile",
     "compile-regional",
     "compile-vae",
+    "graph-step",
 )
 PRESETS = ("auto", "fast", "quick", "low-memory")
 

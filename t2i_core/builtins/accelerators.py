@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from t2i_core import Accelerator, IncompatibleAcceleratorsError, LoadContext, Preset, hookimpl
 
-from . import compilation, layout, memory
+from . import compilation, graph_step, layout, memory
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -220,6 +220,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     *layout.ACCELERATORS,
     *memory.ACCELERATORS,
     *compilation.ACCELERATORS,
+    *graph_step.ACCELERATORS,
 )
 PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY)
 
