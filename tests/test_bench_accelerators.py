@@ -120,3 +120,16 @@ def test_a_child_that_runs_too_long_is_killed_and_reported(tmp_path: Path) -> No
     folders = {"inductor": tmp_path / "i", "triton": tmp_path / "t"}
     result = module.warm_first_image("t2i-auto", "sd15", ["--device", "cpu", "--tiny"], folders, timeout=0.01)
     assert result == {"error": "timed out after 0 s"}
+
+
+def test_the_memory_estimate_runs_on_fake_tensors() -> None:
+    spec = importlib.util.spec_from_file_location("estimate_memory", BENCH.parent / "estimate_memory.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.estimate("sd15", 256)
+    assert report["unet_fp16_batch2"]["parameters_gib"] > 1.5  # SD 1.5's 860M-parameter UNet in fp16
+    assert 0 < report["unet_fp16_batch2"]["activations_gib"] < 1
+    tile, whole = report["vae_decode_fp32_512_tile"], report["vae_decode_fp32_whole_image"]
+    assert tile["activations_gib"] >= whole["activations_gib"] > 0  # at 256², one 512 tile is the whole image
+    assert report["low_memory_peak_estimate_gib"] < report["without_offload_peak_estimate_gib"]

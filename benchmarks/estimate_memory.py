@@ -1,0 +1,132 @@
+"""Peak GPU memory of the ``low-memory`` stack, estimated on a CPU with fake tensors.
+
+    python benchmarks/estimate_memory.py [--family sdxl] [--size 1024] [-o out.json]
+
+Until a GPU measures it, this is the figure the Optimize guide states. The family's full-size
+UNet and VAE are built from the plugin's ``architecture/`` configs under torch's
+``FakeTensorMode`` (shapes and dtypes, no storage, no arithmetic), and torch's ``MemTracker``
+follows every tensor alive during one guided UNet call and one VAE decode, split into
+parameters and activations:
+
+- the UNet in fp16 at the given size, batch 2 (classifier-free guidance);
+- the VAE decoder in fp32 (SDXL's pipeline upcasts its fp16 VAE to decode), on one 512-pixel
+  tile — what ``vae_tiling`` decodes at a time — and on the whole image, for comparison.
+
+With leaf-level group offloading (``group_offload``) only the running layer and the next,
+prefetched one hold weights on the GPU: the estimate adds the two largest leaf layers of the
+model running at the time. It leaves out the CUDA context and the allocator's rounding, which
+``max_memory_reserved`` on a GPU will show on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+def _config(folder: Path, name: str) -> dict[str, Any]:
+    config = json.loads((folder / f"{name}.json").read_text())
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def _largest_leaves(model: Any, count: int = 2) -> int:
+    sizes = sorted(
+        (
+            sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            for module in model.modules()
+            if not list(module.children())
+        ),
+        reverse=True,
+    )
+    return sum(sizes[:count])
+
+
+def _peak(model: Any, run: Any) -> dict[str, float]:
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, torch.no_grad():
+        run()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    (device_peaks,) = snapshot.values()
+    by_kind = {str(getattr(kind, "value", kind)).lower(): value for kind, value in device_peaks.items()}
+    return {
+        "parameters_gib": round(by_kind.get("parameter", 0) / GIB, 3),
+        "activations_gib": round(by_kind.get("activation", 0) / GIB, 3),
+    }
+
+
+def estimate(family: str, size: int) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from t2i_core import get_registry
+
+    folder = get_registry().provider(family).architecture_folder()
+    if folder is None:
+        raise SystemExit(f"family {family!r} ships no architecture/ folder")
+    unet_config, vae_config = _config(folder, "unet"), _config(folder, "vae")
+    latent = size // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    report: dict[str, Any] = {"family": family, "size": size, "method": "FakeTensorMode + MemTracker on CPU"}
+    with FakeTensorMode():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float16)
+        try:
+            unet = UNet2DConditionModel.from_config(unet_config)
+        finally:
+            torch.set_default_dtype(default)
+        cross = unet_config["cross_attention_dim"]
+        extra: dict[str, Any] = {}
+        if unet_config.get("addition_embed_type") == "text_time":
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(2, pooled, dtype=torch.float16),
+                "time_ids": torch.zeros(2, 6, dtype=torch.float16),
+            }
+        sample = torch.zeros(2, unet_config["in_channels"], latent, latent, dtype=torch.float16)
+        text = torch.zeros(2, 77, cross, dtype=torch.float16)
+        report["unet_fp16_batch2"] = _peak(unet, lambda: unet(sample, torch.tensor(999.0), text, **extra))
+        report["unet_two_largest_layers_gib"] = _largest_leaves(unet) / GIB
+        vae = AutoencoderKL.from_config(vae_config)  # fp32: the pipeline upcasts SDXL's VAE to decode
+        tile = 512 // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        tile_latent = torch.zeros(1, vae_config["latent_channels"], tile, tile)
+        whole_latent = torch.zeros(1, vae_config["latent_channels"], latent, latent)
+        report["vae_decode_fp32_512_tile"] = _peak(vae, lambda: vae.decoder(tile_latent))
+        report["vae_decode_fp32_whole_image"] = _peak(vae, lambda: vae.decoder(whole_latent))
+        report["vae_two_largest_layers_gib"] = _largest_leaves(vae) / GIB
+    output_image = 3 * size * size * 4 / GIB  # the decoded image in fp32, kept while tiles are blended
+    unet_phase = report["unet_fp16_batch2"]["activations_gib"] + report["unet_two_largest_layers_gib"]
+    vae_phase = (
+        report["vae_decode_fp32_512_tile"]["activations_gib"] + report["vae_two_largest_layers_gib"] + output_image
+    )
+    report["low_memory_peak_estimate_gib"] = max(unet_phase, vae_phase)
+    report["without_offload_peak_estimate_gib"] = (
+        report["unet_fp16_batch2"]["parameters_gib"]
+        + report["unet_fp16_batch2"]["activations_gib"]
+        + report["vae_decode_fp32_whole_image"]["parameters_gib"]
+    )
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sdxl")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("-o", "--output", default=None)
+    args = parser.parse_args()
+    report = estimate(args.family, args.size)
+    text = json.dumps(report, indent=2, default=lambda value: round(value, 3))
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
