@@ -189,3 +189,25 @@ def test_regional_cuda_graphs_mark_a_step_per_denoiser_call(monkeypatch: pytest.
     assert options == [{"fullgraph": True, "mode": "reduce-overhead"}]
     generate(engine, num_inference_steps=2, scheduler="ddim")
     assert len(marks) == 2  # one per UNet call (guidance batches both halves in one call)
+
+
+def test_compiling_on_cuda_tunes_inductor_like_diffusers_speed_guide(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    from t2i_core import get_registry
+
+    for name in compilation.INDUCTOR_TUNING:
+        monkeypatch.setattr(inductor_config, name, not compilation.INDUCTOR_TUNING[name])
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
+    monkeypatch.setattr(compilation, "compile_function", lambda function, options: function)
+    context = LoadContext(
+        model=engine.model,
+        source=engine.source,
+        family="sd15",
+        provider=engine.provider,
+        device="cuda",
+        accelerators=("fp16", "compile"),
+    )
+    monkeypatch.setattr(compilation, "activate_compile_cache", lambda device: None)
+    get_registry().accelerator("compile").apply(engine.pipeline, context)
+    assert {name: getattr(inductor_config, name) for name in compilation.INDUCTOR_TUNING} == compilation.INDUCTOR_TUNING

@@ -267,6 +267,8 @@ class _Compile(Accelerator):
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         activate_compile_cache(context.device)
+        if context.device.split(":", 1)[0] == "cuda":
+            tune_inductor_for_diffusion()
         artifacts = os.environ.get(ARTIFACTS_ENV)
         if artifacts:
             load_compile_artifacts(artifacts)
@@ -311,6 +313,26 @@ class CompileRegional(_Compile):
             # layer. A new call starts a new generation of graphs, so outputs of the last are freed.
             for module in targets.values():
                 module.register_forward_pre_hook(_mark_step_begin)
+
+
+#: inductor settings diffusers' own speed guide uses for its UNets and VAEs on CUDA: 1x1
+#: convolutions as matrix multiplies, a coordinate-descent search of kernel launch settings, and
+#: no epilogue fusion, which otherwise costs the tuned matmuls more than it saves
+INDUCTOR_TUNING = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+
+
+def tune_inductor_for_diffusion() -> None:
+    """Apply `INDUCTOR_TUNING` (process-wide, as inductor's config is); only values torch knows are set."""
+    import torch._inductor.config as inductor_config
+
+    for name, value in INDUCTOR_TUNING.items():
+        if hasattr(inductor_config, name):
+            setattr(inductor_config, name, value)
 
 
 def regional_mode(family: str, device: str) -> str | None:
