@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._locks import loading_lock
 from ._manager import PluginWarning, get_registry, reset_registry
 from .accelerator import PHASES, Accelerator, LoadContext, Preset
+from .batch import BatchSummary, run_batch
+from .command import Commands
 from .conditioner import Call, Conditioner
 from .engine import DegenerateImageWarning, Engine, PromptTruncatedWarning, clear_cache, load
 from .errors import (
@@ -25,20 +27,27 @@ from .errors import (
     UnknownFamilyError,
     UnsupportedFeatureError,
 )
+from .executor import Executor, ExecutorSettings, Outcome, WorkItem, Worker
 from .hookspecs import hookimpl, hookspec
 from .provider import FamilyDefaults, ModelProvider, Option
-from .request import Control, GenerationRequest, GenerationResult
+from .request import Control, Embedding, GenerationRequest, GenerationResult, Lora
 
 __version__ = "0.1.0"
+"""The version of t2i-core (see docs/versioning.md for what a version promises)."""
 
 __all__ = [
     "PHASES",
     "Accelerator",
+    "BatchSummary",
     "Call",
+    "Commands",
     "Conditioner",
     "Control",
     "DegenerateImageWarning",
+    "Embedding",
     "Engine",
+    "Executor",
+    "ExecutorSettings",
     "FamilyDefaults",
     "GenerationCancelled",
     "GenerationError",
@@ -47,9 +56,11 @@ __all__ = [
     "IncompatibleAcceleratorsError",
     "InvalidRequestError",
     "LoadContext",
+    "Lora",
     "ModelNotFoundError",
     "ModelProvider",
     "Option",
+    "Outcome",
     "OutputError",
     "PluginError",
     "PluginWarning",
@@ -60,6 +71,8 @@ __all__ = [
     "UnknownAcceleratorError",
     "UnknownFamilyError",
     "UnsupportedFeatureError",
+    "WorkItem",
+    "Worker",
     "__version__",
     "clear_cache",
     "get_registry",
@@ -68,4 +81,5 @@ __all__ = [
     "load",
     "loading_lock",
     "reset_registry",
+    "run_batch",
 ]

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import threading
 
-#: Hold it (``with t2i_core.loading_lock:``) around any ``from_pretrained``, ``from_single_file``,
-#: ``from_pipe`` or model construction in plugin code. Re-entrant: nested loads are fine.
 loading_lock = threading.RLock()
+"""The process-wide lock around model loading and construction (a re-entrant lock).
+
+Hold it (``with t2i_core.loading_lock:``) around any ``from_pretrained``, ``from_single_file``,
+``from_pipe`` or model construction in plugin code; t2i already holds it around
+`ModelProvider.load` and `ModelProvider.build_tiny`. Nested use is fine.
+"""

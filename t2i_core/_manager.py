@@ -2,13 +2,14 @@
 
 Precedence does not depend on installation order or entry-point names: t2i-core's own built-ins
 load first, then the plugins shipped from this repository, then every other plugin by
-distribution and entry-point name. A name (family, alias, conditioner, accelerator, preset)
-belongs to the plugin that registered it first; a later plugin's clashing item is refused with a
+distribution and entry-point name. A name (family, alias, conditioner, accelerator, preset,
+command) belongs to the plugin that registered it first; a later plugin's clashing item is refused with a
 warning while the rest of that plugin still loads. See docs/plugin-security.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -27,14 +28,21 @@ import pluggy
 
 from . import hookspecs
 from .accelerator import PHASES, Accelerator, Preset
+from .command import Command, Commands
 from .conditioner import Conditioner
-from .errors import PluginError, UnknownAcceleratorError, UnknownFamilyError
+from .errors import InvalidRequestError, PluginError, UnknownAcceleratorError, UnknownFamilyError
+from .executor import Executor
 from .provider import ModelProvider
 
 ENTRY_POINT_GROUP = "t2i"
 #: Comma-separated plugins to load: a name as ``t2i plugins`` shows it (``sd15``), or explicitly
 #: ``distribution:entry-point`` (``t2i-sd15:sd15``). Unset = all, empty = none; built-ins always load.
 LOAD_PLUGINS_ENV = "T2I_LOAD_PLUGINS"
+#: Set to 1 to make a plugin that fails to load an error (`PluginError` from `get_registry()`,
+#: exit status 2 from every ``t2i`` command) instead of a report: for CI.
+STRICT_PLUGINS_ENV = "T2I_STRICT_PLUGINS"
+#: Set to 1 for tracebacks: a broken plugin's in ``t2i plugins`` and in the error of `load()`.
+DEBUG_ENV = "T2I_DEBUG"
 CORE_DISTRIBUTION = "t2i-core"
 #: The distributions shipped from this repository's ``plugins/`` folder, each with the import
 #: package its entry points point into. They load right after the built-ins, before any other
@@ -46,6 +54,9 @@ FIRST_PARTY_DISTRIBUTIONS: dict[str, str] = {
     "t2i-kandinsky22": "t2i_kandinsky22",
     "t2i-compel": "t2i_compel",
     "t2i-controlnet": "t2i_controlnet",
+    "t2i-lora": "t2i_lora",
+    "t2i-server": "t2i_server",
+    "t2i-ray": "t2i_ray",
 }
 #: ``t2i plugins`` flags a plugin whose import takes longer (seconds): it delays every command.
 SLOW_IMPORT_SECONDS = 0.5
@@ -56,7 +67,15 @@ FIRST_PARTY = "first-party"  # one of FIRST_PARTY_DISTRIBUTIONS
 THIRD_PARTY = "third-party"  # any other entry point
 IN_PROCESS = "in-process"  # Registry.register_plugin
 _PRECEDENCE = (BUILTIN, FIRST_PARTY, THIRD_PARTY)
-_HOOKS = ("register_providers", "register_conditioners", "register_accelerators")
+_HOOKS = (
+    "register_providers",
+    "register_conditioners",
+    "register_accelerators",
+    "register_commands",
+    "register_executors",
+)
+#: The ``t2i`` subcommands of t2i-core itself (t2i_core/cli.py): no plugin's command may take these names.
+CORE_COMMANDS = ("generate", "plugins", "plugin", "warmup", "batch")
 _CORE_PACKAGE = Path(__file__).resolve().parent
 
 
@@ -85,6 +104,8 @@ class PluginInfo:
     location: str | None = None
     #: how long importing the entry point took; None when registered in-process
     import_seconds: float | None = None
+    #: the traceback of `error` (``t2i plugins`` shows it with T2I_DEBUG=1)
+    traceback: str | None = None
 
 
 class Registry:
@@ -97,6 +118,10 @@ class Registry:
         self.conditioners: dict[str, Conditioner] = {}
         self.accelerators: dict[str, Accelerator] = {}
         self.presets: dict[str, Preset] = {}
+        #: ``t2i`` subcommands offered by plugins, by name
+        self.commands: dict[str, Command] = {}
+        #: batch executors (``t2i batch --executor``), by name
+        self.executors: dict[str, Executor] = {}
         self.plugins: dict[str, PluginInfo] = {}
 
     # -- loading -------------------------------------------------------------------------
@@ -128,6 +153,7 @@ class Registry:
         except BaseException as exc:  # noqa: BLE001 - not even sys.exit() or a stray KeyboardInterrupt in a plugin takes t2i down
             info.import_seconds = time.perf_counter() - started
             info.error = f"plugin {key!r}: import failed: {_describe(exc)}"
+            info.traceback = _traceback(exc)
             self.plugins[key] = info
             return
         info.import_seconds = time.perf_counter() - started
@@ -168,6 +194,7 @@ class Registry:
             if self.pm.has_plugin(info.name):
                 self.pm.unregister(name=info.name)
             info.error = f"plugin {info.name!r}: registration failed: {_describe(exc)}"
+            info.traceback = _traceback(exc)
             return info
         pending: list[tuple[str, Any]] = []
         try:
@@ -175,12 +202,20 @@ class Registry:
                 caller = getattr(self.pm.hook, hook_name)
                 for impl in caller.get_hookimpls():
                     if impl.plugin_name == info.name:
-                        impl.function(register=self._collector(hook_name, info.name, pending))
+                        register = self._collector(hook_name, info.name, pending)
+                        if hook_name == "register_commands":
+                            impl.function(cli=Commands(register, info.name))
+                        else:
+                            impl.function(register=register)
+            for kind, item in pending:
+                if kind == "command":
+                    _check_command(info.name, item)
         except GeneratorExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - as at import: a plugin's hook never takes t2i down
             self.pm.unregister(name=info.name)
             info.error = str(exc) if isinstance(exc, PluginError) else f"plugin {info.name!r}: {_describe(exc)}"
+            info.traceback = _traceback(exc)
             return info
         refusals: list[str] = []
         for kind, item in pending:
@@ -202,6 +237,8 @@ class Registry:
             "register_providers": (ModelProvider,),
             "register_conditioners": (Conditioner,),
             "register_accelerators": (Accelerator, Preset),
+            "register_commands": (Command,),
+            "register_executors": (Executor,),
         }
 
         def register(item: Any) -> None:
@@ -224,11 +261,15 @@ class Registry:
             "conditioner": self.conditioners,
             "accelerator": self.accelerators,
             "preset": self.presets,
+            "command": self.commands,
+            "executor": self.executors,
         }
         return tables[kind]
 
     def _refusal(self, kind: str, item: Any) -> str | None:
         """Why `item` cannot be registered (its name or an alias is taken), naming the owner; None if it can."""
+        if kind == "command" and item.name in CORE_COMMANDS:
+            return f"command {item.name!r} is one of t2i-core's own commands"
         namespace = ("accelerator", "preset") if kind in ("accelerator", "preset") else (kind,)
         for other_kind in namespace:
             if item.name in self._table(other_kind):
@@ -258,13 +299,45 @@ class Registry:
         try:
             return self.providers[family]
         except KeyError:
-            raise UnknownFamilyError(family, self.providers) from None
+            pass
+        broken = self.failures()
+        offering = next((info for info in broken if _may_offer(info, family)), None)
+        if offering is not None:
+            error = str(offering.error)
+            if _debug() and offering.traceback:
+                error = f"{error}\n{offering.traceback}"
+            raise UnknownFamilyError(family, self.providers, plugin_error=error)
+        raise UnknownFamilyError(family, self.providers, broken_plugins=[info.name for info in broken])
+
+    def first_party(self, kind: str) -> dict[str, Any]:
+        """The items of `kind` (``"provider"``, ``"conditioner"``, ``"accelerator"``, ``"preset"``, ``"command"``)
+        registered by t2i-core's built-ins and the plugins shipped from this repository, by name.
+
+        What t2i's own tests and docs cover: items of third-party plugins are theirs to document.
+        """
+        shipped = {
+            item for info in self.plugins.values() if info.source in (BUILTIN, FIRST_PARTY) for item in info.registered
+        }
+        return {name: item for name, item in self._table(kind).items() if f"{kind}:{name}" in shipped}
 
     def accelerator(self, name: str) -> Accelerator:
         try:
             return self.accelerators[name]
         except KeyError:
             raise UnknownAcceleratorError(name, [*self.accelerators, *self.presets]) from None
+
+    def executor(self, name: str) -> Executor:
+        """The batch executor registered as `name`; `InvalidRequestError` naming the known ones if none is."""
+        try:
+            return self.executors[name]
+        except (KeyError, TypeError):
+            pass
+        known = ", ".join(sorted(self.executors)) or "none"
+        broken = next((info for info in self.failures() if isinstance(name, str) and _may_offer(info, name)), None)
+        if broken is not None:
+            raise InvalidRequestError("executor", name, f"one of {known} (its plugin failed to load: {broken.error})")
+        hint = " (install t2i-ray for ray)" if name == "ray" else ""
+        raise InvalidRequestError("executor", name, f"one of {known}{hint}")
 
     def ordered_conditioners(self) -> list[Conditioner]:
         return sorted(self.conditioners.values(), key=lambda c: (c.order, c.name))
@@ -290,6 +363,32 @@ def _label(info: PluginInfo) -> str:
     if info.distribution is None:
         return f"plugin {info.name!r} ({'registered in-process' if info.source == IN_PROCESS else 'no distribution'})"
     return f"plugin {info.name!r} ({info.distribution}{f' {info.version}' if info.version else ''})"
+
+
+def _check_command(plugin: str, command: Command) -> None:
+    """Refuse a command whose arguments cannot become a ``t2i`` subcommand (e.g. its own ``-h``)."""
+    try:
+        argparse.ArgumentParser(prog=f"t2i {command.name}", parents=[command.parser])
+    except (argparse.ArgumentError, TypeError, ValueError) as exc:
+        raise PluginError(plugin, f"command {command.name!r} has unusable arguments: {exc}") from None
+
+
+def _may_offer(info: PluginInfo, family: str) -> bool:
+    """Whether broken plugin `info` looks like the one offering `family` (``sd3``, ``t2i-sd3``, ``t2i_sd3``)."""
+    wanted = {_normalize(family), _normalize(f"t2i-{family}")}
+    module = (info.module or "").split(":", 1)[0].split(".", 1)[0]
+    names = (info.name.rpartition(":")[2], info.entry_point or "", info.distribution or "", module)
+    return any(name and _normalize(name) in wanted for name in names)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
 
 
 def _describe(exc: BaseException) -> str:
@@ -444,8 +543,23 @@ def get_registry() -> Registry:
                 registry.load_entry_points()
             finally:
                 _loading = False
+            _check_strict(registry)
             _registry = registry
         return _registry
+
+
+def _check_strict(registry: Registry) -> None:
+    """With STRICT_PLUGINS_ENV set, the first broken plugin is an error rather than a report."""
+    if os.environ.get(STRICT_PLUGINS_ENV, "").strip().lower() in ("", "0", "false", "no", "off"):
+        return
+    broken = registry.failures()
+    if broken:
+        first = broken[0]
+        detail = str(first.error).removeprefix(f"plugin {first.name!r}: ")
+        if _debug() and first.traceback:
+            detail = f"{detail}\n{first.traceback}"
+        others = f" ({len(broken) - 1} more broken plugin(s): see t2i plugins)" if len(broken) > 1 else ""
+        raise PluginError(first.name, f"it failed to load and ${STRICT_PLUGINS_ENV} is set: {detail}{others}")
 
 
 def reset_registry() -> None:

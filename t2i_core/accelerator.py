@@ -82,5 +82,6 @@ class Preset:
     stacks: dict[str, tuple[str, ...]]
 
     def resolve(self, device: str) -> tuple[str, ...]:
+        """The accelerator names for `device` (``"cuda:1"`` counts as ``"cuda"``; else the ``"*"`` stack)."""
         kind = device.split(":", 1)[0]
         return self.stacks.get(kind, self.stacks.get("*", ()))

@@ -1,4 +1,5 @@
-"""The ``t2i`` command line: ``t2i generate`` and ``t2i plugins``.
+"""The ``t2i`` command line: ``t2i generate`` (also ``--from`` a saved PNG) and ``t2i plugins``,
+plus the subcommands that plugins register (``register_commands``, e.g. ``t2i serve``).
 
 Heavy libraries are imported only once a model is loaded, so ``t2i --help`` and
 ``t2i plugins`` stay instant. Every error the user can fix is one line on stderr, exit 2.
@@ -10,15 +11,17 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InvalidRequestError, OutputError, T2IError
 
 if TYPE_CHECKING:
+    from .command import Command
     from .engine import Engine
     from .request import GenerationRequest
 
@@ -30,8 +33,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"t2i: error: {message} (see t2i --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="t2i", description="Text-to-image generation with pluggable model families.")
+def _parser(
+    extra_commands: Mapping[str, Command] | None = None, broken_plugins: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    """The ``t2i`` parser: t2i-core's commands, then `extra_commands`, the plugins' (see `_plugin_commands`)."""
+    epilog = None
+    if broken_plugins:
+        epilog = f"plugins that failed to load: {', '.join(broken_plugins)} (t2i plugins says why)"
+    parser = _Parser(
+        prog="t2i", description="Text-to-image generation with pluggable model families.", epilog=epilog
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -39,18 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser(
         "generate", help="generate images from a prompt", description="Generate images from a prompt."
     )
-    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (required unless --from gives it)")
     gen.add_argument(
-        "--model", "-m", required=True, help="hub id, local diffusers folder, alias (sd15) or tiny:<family>"
+        "--model",
+        "-m",
+        help="hub id, local diffusers folder, alias (sd15) or tiny:<family> (required unless --from gives it)",
+    )
+    gen.add_argument(
+        "--from",
+        dest="from_image",
+        metavar="IMAGE.png",
+        help="make an image again from the settings t2i saved in this PNG; other flags override them",
     )
     gen.add_argument("--family", help="model family (provider name); default: detect from model_index.json")
-    gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
-    gen.add_argument("--height", type=_integer, metavar="H")
-    gen.add_argument("--width", type=_integer, metavar="W")
+    gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT", help="what to steer away from")
+    gen.add_argument("--height", type=_integer, metavar="H", help="in pixels, a multiple of 8; default: the model's")
+    gen.add_argument("--width", type=_integer, metavar="W", help="in pixels, a multiple of 8; default: the model's")
     gen.add_argument("--steps", type=_integer, metavar="N", help="number of denoising steps")
-    gen.add_argument("--guidance-scale", dest="guidance_scale", type=_number, metavar="G")
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=_number, metavar="G", help="default: the family's")
     gen.add_argument("--seed", type=_integer, metavar="S", help="default: a fresh random seed (printed)")
-    gen.add_argument("--num-images", dest="num_images", type=_integer, default=1, metavar="N")
+    gen.add_argument(
+        "--num-images",
+        dest="num_images",
+        type=_integer,
+        default=1,
+        metavar="N",
+        help="saved as OUT-0.png, OUT-1.png...",
+    )
     gen.add_argument("--weighting", metavar="SYNTAX", help='prompt weighting syntax, e.g. "compel"')
     gen.add_argument("--scheduler", metavar="NAME", help="sampler: default, ddim, euler, dpm++-2m, ... (see docs)")
     gen.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
@@ -80,7 +106,81 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list plugins and what they register", description="List plugins.")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    warm = commands.add_parser(
+        "warmup",
+        help="compile a model for some sizes and save the compiled code to a portable file",
+        description="Compile MODEL with its compile accelerators for each --size and save torch's portable "
+        "compile artefacts to OUT; T2I_COMPILE_ARTIFACTS=OUT in a later process (this machine or another with "
+        "the same GPU, torch and model) skips the compilation.",
+    )
+    warm.add_argument("--model", "-m", required=True, help="hub id, local diffusers folder, alias or tiny:<family>")
+    warm.add_argument("--family", help="model family; default: detect from model_index.json")
+    warm.add_argument(
+        "--accelerator", action="append", required=True, metavar="NAME", help="accelerator or preset (repeatable)"
+    )
+    warm.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
+    warm.add_argument(
+        "--size", action="append", default=[], metavar="HxW", help="a size to compile for (repeatable); default native"
+    )
+    warm.add_argument("--num-images", dest="num_images", type=_integer, default=1, metavar="N", help="batch size")
+    warm.add_argument("--guidance-scale", dest="guidance_scale", type=_number, metavar="G")
+    warm.add_argument("--output", "-o", required=True, metavar="OUT", help="the artefacts file to write")
+    warm.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+    plugin = commands.add_parser("plugin", help="tools for plugin authors", description="Tools for plugin authors.")
+    plugin_commands = plugin.add_subparsers(dest="plugin_command", metavar="COMMAND", parser_class=_Parser)
+    plugin_commands.required = True
+    new = plugin_commands.add_parser(
+        "new",
+        help="write a new plugin package (pyproject, module, README, tests) from a template",
+        description="Write t2i-NAME/: a working plugin package whose tests run the conformance kit.",
+    )
+    new.add_argument("name", metavar="NAME", help="the plugin's name: family, conditioner or accelerator name")
+    new.add_argument(
+        "--role",
+        required=True,
+        choices=("provider", "conditioner", "accelerator"),
+        help="what the plugin registers: a model family, a conditioner or an accelerator",
+    )
+    new.add_argument("--dir", default=".", metavar="DIR", help="the folder to write t2i-NAME/ into (default: here)")
+
+    from ._batch_cli import add_batch_command
+
+    add_batch_command(commands)
+
+    for name, command in (extra_commands or {}).items():
+        if name not in commands.choices:  # the registry refuses CORE_COMMANDS' names already
+            description = command.description or command.help
+            commands.add_parser(name, help=command.help, description=description, parents=[command.parser])
     return parser
+
+
+def _plugin_commands() -> tuple[dict[str, Command], list[str], str | None]:
+    """The subcommands plugins registered, the plugins that failed to load, and the strict-mode error.
+
+    Loading the plugins here never fails the command line: a plugin that broke is listed (and
+    ``t2i plugins`` says why); with ``T2I_STRICT_PLUGINS`` set, the error is returned for `main`.
+    """
+    import warnings
+
+    from ._manager import PluginWarning, get_registry
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # t2i plugins lists them
+            registry = get_registry()
+    except T2IError as exc:
+        return {}, [], str(exc)
+    return dict(registry.commands), [info.name for info in registry.failures()], None
+
+
+def _runs_core_command(argv: Sequence[str]) -> bool:
+    """Whether `argv` names one of t2i-core's commands: they need no plugin to be parsed."""
+    from ._manager import CORE_COMMANDS
+
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first in CORE_COMMANDS
 
 
 def _version() -> str:
@@ -106,13 +206,38 @@ def _number(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 a bad argument or request)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugin_commands: dict[str, Command] = {}
+    if not _runs_core_command(argv):
+        plugin_commands, broken, strict_error = _plugin_commands()
+        if strict_error is not None and not {"-h", "--help", "--version"} & set(argv):
+            print(f"t2i: error: {strict_error}", file=sys.stderr)
+            return EXIT_USAGE
+        parser = _parser(plugin_commands, broken)
+    else:
+        parser = _parser()
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.command == "generate" and args.from_image is None:
+            missing = [name for name, value in (("PROMPT", args.prompt), ("--model/-m", args.model)) if value is None]
+            if missing:
+                parser.error(f"the following arguments are required: {', '.join(missing)} (or --from IMAGE.png)")
     except SystemExit as exit_:  # argparse: --help, --version, or a usage error already printed
         return int(exit_.code or 0)
     try:
+        if args.command in plugin_commands:
+            status = plugin_commands[args.command].run(args)
+            return 0 if status is None else int(status)
+        if args.command == "batch":
+            from ._batch_cli import run_batch_command
+
+            return run_batch_command(args)
+        if args.command == "plugin":
+            return _plugin_new(args)
         if args.command == "plugins":
             return _plugins(args)
+        if args.command == "warmup":
+            return _warmup(args)
         return _generate(args)
     except T2IError as exc:
         print(f"t2i: error: {exc}", file=sys.stderr)
@@ -225,6 +350,7 @@ def _check_output(path: Path, existing_ok: bool) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from .request import GenerationRequest
 
+    saved_controls = _apply_saved_run(args) if args.from_image is not None else ()
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -235,7 +361,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_images=args.num_images,
         prompt_weighting=args.weighting,
-        controls=_controls(args.control),
+        controls=_controls(args.control) if args.control else saved_controls,
         scheduler=args.scheduler,
         options=_key_values(args.option, "--option", "KEY=VALUE"),
     )
@@ -287,6 +413,106 @@ def _generate(args: argparse.Namespace) -> int:
             raise OutputError(exc.path, hint, exc.errno) from None
         print(f"{path}  (seed {result.seeds[index]})")
     return 0
+
+
+# -- --from: the run saved in a PNG ------------------------------------------------------------
+
+#: PNG text fields (as `GenerationResult.metadata` writes them) that --from reads, with the flag's dest.
+_SAVED_FIELDS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "model": "model",
+    "seed": "seed",
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "height": "height",
+    "width": "width",
+    "scheduler": "scheduler",
+    "prompt_weighting": "weighting",
+}
+_SAVED_NUMBERS: dict[str, Any] = {
+    "seed": _integer,
+    "steps": _integer,
+    "height": _integer,
+    "width": _integer,
+    "guidance_scale": _number,
+}
+_IN_MEMORY = "<in-memory image>"
+
+
+def _apply_saved_run(args: argparse.Namespace) -> tuple[Any, ...]:
+    """Fill `args` from the metadata of ``--from IMAGE.png`` where no flag was given; return its controls.
+
+    Flags given on the command line win; ``--option`` values are merged over the saved ones,
+    and any ``--control`` replaces every saved control.
+    """
+    path = Path(args.from_image)
+    text = _png_text(path)
+    missing = [key for key in ("prompt", "model", "seed") if key not in text]
+    if missing:
+        raise InvalidRequestError("--from", str(path), f"a PNG saved by t2i (it has no {', '.join(missing)} metadata)")
+    model_is_saved = args.model is None
+    for key, dest in _SAVED_FIELDS.items():
+        if key not in text or getattr(args, dest) is not None:
+            continue
+        value = text[key]
+        if key == "negative_prompt" and not value:
+            continue  # t2i writes "" when there was no negative prompt
+        try:
+            setattr(args, dest, _SAVED_NUMBERS[key](value) if key in _SAVED_NUMBERS else value)
+        except argparse.ArgumentTypeError:
+            raise InvalidRequestError("--from", str(path), f"a PNG whose {key} is a number, not {value!r}") from None
+    if model_is_saved and args.family is None:
+        args.family = text.get("family")  # the family the saved model was run as
+    saved_options = [f"{key[7:]}={_saved_option(value)}" for key, value in text.items() if key.startswith("option.")]
+    args.option = [*saved_options, *args.option]  # later values win: the command line's
+    if args.control or "controls" not in text:
+        return ()
+    return _saved_controls(path, text["controls"])
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = getattr(image, "text", {})
+    except FileNotFoundError:
+        raise InvalidRequestError("--from", str(path), "the path of an existing PNG") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequestError("--from", str(path), f"a PNG saved by t2i (it cannot be read: {exc})") from None
+    return {str(key): str(value) for key, value in text.items()}
+
+
+def _saved_option(value: str) -> str:
+    """An option value as ``--option`` takes it; t2i 0.1.0 wrote pairs as Python tuples, ``(512, 512)``."""
+    pair = re.fullmatch(r"\(\s*([^()]*?)\s*,?\s*\)", value)
+    if pair and re.fullmatch(r"[-+0-9.eE\s,]+", pair.group(1)):
+        return ",".join(part.strip() for part in pair.group(1).split(","))
+    return value
+
+
+def _saved_controls(path: Path, text: str) -> tuple[Any, ...]:
+    from .request import Control
+
+    try:
+        described = json.loads(text)
+        if not isinstance(described, list) or not all(isinstance(fields, dict) for fields in described):
+            raise ValueError("not a list of controls")
+        for index, fields in enumerate(described):
+            if fields.get("image") == _IN_MEMORY:
+                raise InvalidRequestError(
+                    "--from",
+                    str(path),
+                    f"a PNG whose control images are files (controls[{index}] was an image in memory, "
+                    "which the PNG does not hold): pass --control IMAGE=MODEL[@SCALE] with that image",
+                )
+        return tuple(Control(**fields) for fields in described)
+    except T2IError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError("--from", str(path), f"a PNG with t2i's controls metadata ({exc})") from None
 
 
 #: Room a PNG needs at the very least: with less free space, t2i refuses before loading the model.
@@ -412,6 +638,54 @@ def _clip(value: str, limit: int = 60) -> str:
     return repr(value) if len(value) <= limit else repr(value[: limit - 3] + "...")
 
 
+def _warmup(args: argparse.Namespace) -> int:
+    """``t2i warmup``: one short generation per size, then torch's portable compile artefacts to a file."""
+    from .request import GenerationRequest
+
+    sizes: list[tuple[int | None, int | None]] = [_size_argument(text) for text in args.size] or [(None, None)]
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    requests = [
+        GenerationRequest(
+            prompt="warm-up",
+            height=height,
+            width=width,
+            num_inference_steps=2,
+            guidance_scale=args.guidance_scale,
+            num_images=args.num_images,
+            seed=0,
+        )
+        for height, width in sizes
+    ]
+    _quiet_libraries()
+    from .builtins.compilation import compile_stats, save_compile_artifacts
+    from .engine import load
+
+    engine = load(args.model, family=args.family, device=args.device, accelerators=args.accelerator, cache=False)
+    if not any(name.startswith("compile") for name in engine.accelerators):
+        allowed = "a compile accelerator or a preset that compiles on " + engine.device
+        raise InvalidRequestError("--accelerator", ",".join(args.accelerator), allowed)
+    for request in requests:
+        resolved, _ = engine.resolve(request)
+        engine.generate(request)
+        print(f"compiled for {resolved.height}x{resolved.width}, {request.num_images} image(s)")
+    kinds = save_compile_artifacts(out, overwrite=args.overwrite)
+    stats = compile_stats(engine.pipeline)
+    counted = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "no artefacts"
+    print(f"{out}  ({out.stat().st_size} bytes: {counted}; compiled models: {', '.join(stats) or 'regional blocks'})")
+    return 0
+
+
+def _size_argument(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return int(height), int(width)
+    except ValueError:
+        raise InvalidRequestError("--size", text, "HEIGHTxWIDTH, e.g. 1024x1024") from None
+
+
 def _quiet_libraries() -> None:
     """Keep library chatter (load bars, optional-dependency notices) out of the terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -528,6 +802,7 @@ def _plugins(args: argparse.Namespace) -> int:
             "registers": info.registered,
             "warnings": info.warnings,
             "error": info.error,
+            "traceback": info.traceback,
         }
         plugins.append(entry)
     families: dict[str, dict[str, Any]] = {
@@ -550,6 +825,7 @@ def _plugins(args: argparse.Namespace) -> int:
         for name, a in sorted(registry.accelerators.items())
     }
     presets = {name: {k: list(v) for k, v in p.stacks.items()} for name, p in sorted(registry.presets.items())}
+    executors = {name: {"description": e.description} for name, e in sorted(registry.executors.items())}
     if args.json:
         document = {
             "plugins": plugins,
@@ -557,6 +833,7 @@ def _plugins(args: argparse.Namespace) -> int:
             "conditioners": conditioners,
             "accelerators": accelerators,
             "presets": presets,
+            "executors": executors,
         }
         print(json.dumps(document, indent=2, default=str))
         return 0
@@ -568,6 +845,8 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"  from {entry['location']}")
         if entry["error"]:
             print(f"  ERROR: {entry['error']}")
+            if entry["traceback"] and os.environ.get("T2I_DEBUG"):
+                print("    " + entry["traceback"].replace("\n", "\n    "))
         for warning in entry["warnings"]:
             print(f"  WARNING: {warning}")
         seconds = entry["import_seconds"]
@@ -594,6 +873,18 @@ def _plugins(args: argparse.Namespace) -> int:
     for name, stacks in presets.items():
         rendered = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in stacks.items())
         print(f"  preset {name}: {rendered}")
+    print("batch executors:")
+    for name, executor in executors.items():
+        print(f"  {name}: {executor['description']}")
+    return 0
+
+
+def _plugin_new(args: argparse.Namespace) -> int:
+    from ._template import create
+
+    folder = create(args.name, args.role, args.dir)
+    print(f"wrote {folder}/ ({args.role} plugin); next:")
+    print(f'  python -m pip install -e "{folder}[test]" && python -m pytest {folder}')
     return 0
 
 

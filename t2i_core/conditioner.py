@@ -7,6 +7,8 @@ conditioner that `wants()` the request, in ascending `order`. A conditioner may 
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -49,3 +51,16 @@ class Conditioner:
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
         """Edit `call` in place. `request` is resolved: defaults filled in, seed set."""
         raise NotImplementedError
+
+    def around_run(self, engine: Engine, request: GenerationRequest) -> AbstractContextManager[Any]:
+        """A context manager that `Engine.generate` holds from before the first `condition` to
+        after the provider's `run`, for every conditioner that serves the engine's family —
+        whether or not it `wants` the request. `request` is resolved.
+
+        For conditioners that change weights shared by engines over the same cached model
+        (t2i-lora activates adapters inside the shared UNet): take a lock of those weights here,
+        so that no other engine changes them while this request runs, even a request that does
+        not use the feature. The default does nothing (``contextlib.nullcontext()``). Exceptions
+        raised by entering it end the request before any work, like those of `prepare`.
+        """
+        return contextlib.nullcontext()

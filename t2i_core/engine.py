@@ -37,7 +37,7 @@ from .errors import (
     UndetectedFamilyError,
     UnsupportedFeatureError,
 )
-from .provider import ModelProvider, ProgressCallback
+from .provider import ModelProvider, ProgressCallback, load_pipeline_of
 from .request import GenerationRequest, GenerationResult
 from .tiny import TINY_PREFIX, ensure_built
 
@@ -68,6 +68,8 @@ class _Resolved:
     family: str
     provider: ModelProvider
     is_local: bool
+    #: ``model_index.json`` when detecting the family read it already
+    model_index: dict[str, Any] | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -118,8 +120,13 @@ def _hub_failure(exc: BaseException) -> str:
     if hub_offline():
         return "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
     name = type(exc).__name__
+    if "GatedRepo" in name:
+        return (
+            "it is gated on the Hugging Face Hub: accept its licence on its page, then log in "
+            "(hf auth login) or set HF_TOKEN"
+        )
     if "RepositoryNotFound" in name:
-        return "no such repository on the Hugging Face Hub (or it is private)"
+        return "no such repository on the Hugging Face Hub (or it is private: log in or set HF_TOKEN)"
     return f"it could not be fetched from the Hugging Face Hub ({name}); check the id and the network"
 
 
@@ -195,7 +202,7 @@ class Engine:
             return self._resolve(request)
 
     def _resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, dict[str, Any]]:
-        schedulers.check(request.scheduler, self.provider.schedulers, self.family)
+        schedulers.check(request.scheduler, self.provider.schedulers, self.family, self.provider.named_schedulers)
         options = self.provider.check(request)
         if request.guidance_scale is not None and request.guidance_scale > MAX_GUIDANCE_SCALE:
             raise InvalidRequestError(
@@ -226,6 +233,7 @@ class Engine:
                 f"{resolved.height}x{resolved.width}",
                 f"at most {self.max_pixels} pixels per image (Engine.max_pixels / ${MAX_PIXELS_ENV})",
             )
+        self.provider.check_request(self.pipeline, resolved)
         return resolved, options
 
     def _step_limit(self, name: str) -> int:
@@ -249,6 +257,13 @@ class Engine:
             raise InvalidRequestError(
                 "controls", request.controls, "() unless a ControlNet conditioner (t2i-controlnet) is installed"
             )
+        for field in ("loras", "embeddings"):
+            value = getattr(request, field)
+            if not value:
+                continue
+            probe = GenerationRequest(prompt=request.prompt, **{field: value})  # nothing else for others to want
+            if not any(c.wants(probe) for c in conditioners):
+                raise InvalidRequestError(field, value, "() unless a LoRA conditioner (t2i-lora) is installed")
         for conditioner in conditioners:
             if conditioner.wants(request):
                 if conditioner.families is not None and self.family not in conditioner.families:
@@ -270,9 +285,20 @@ class Engine:
             return self._generate(request, progress)
 
     def _generate(self, request: GenerationRequest, progress: ProgressCallback | None) -> GenerationResult:
+        resolved, options = self._resolve(request)
+        # Conditioners that keep state in weights shared with other engines (LoRA adapters) hold
+        # it steady from conditioning to the end of the run (Conditioner.around_run).
+        with contextlib.ExitStack() as turns:
+            for conditioner in self._registry.ordered_conditioners():
+                if conditioner.families is None or self.family in conditioner.families:
+                    turns.enter_context(conditioner.around_run(self, resolved))
+            return self._run(resolved, options, progress)
+
+    def _run(
+        self, resolved: GenerationRequest, options: dict[str, Any], progress: ProgressCallback | None
+    ) -> GenerationResult:
         import torch
 
-        resolved, options = self._resolve(request)
         assert resolved.seed is not None
         seeds = [resolved.seed + i for i in range(resolved.num_images)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -308,11 +334,102 @@ class Engine:
         _warn_degenerate(images, resolved)
         return GenerationResult(images=images, seeds=seeds, request=resolved, model=self.model, family=self.family)
 
+    def generate_batch(
+        self, requests: Iterable[GenerationRequest], *, progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Make the images of several requests, in one pipeline call where they allow it; one result each.
+
+        Requests that differ only in `prompt`, `negative_prompt` (given on all of them, or on none)
+        and `seed`, with no prompt weighting and no controls, on a family that runs one diffusers
+        call per request (``ModelProvider.run`` not overridden), run as one batch: image ``i`` of
+        each request starts from the noise of its ``seed + i``, as alone, and matches its lone
+        image up to the rounding of the batched computation (within one level of 255 per pixel on
+        a CPU). Other requests run one after another, exactly as `generate` runs them. Every
+        request is checked before any work. `progress` counts the steps of each call.
+        """
+        requests = list(requests)
+        for request in requests:
+            if not isinstance(request, GenerationRequest):
+                raise InvalidRequestError("requests", request, "t2i_core.GenerationRequest values")
+        with self._lock:
+            resolved = [self._resolve(request) for request in requests]
+            if len(resolved) < 2 or not self._batchable([each for each, _ in resolved]):
+                return [self._generate(request, progress) for request in requests]
+            first = resolved[0][0]
+            with contextlib.ExitStack() as turns:
+                for conditioner in self._registry.ordered_conditioners():
+                    if conditioner.families is None or self.family in conditioner.families:
+                        turns.enter_context(conditioner.around_run(self, first))  # the same for every request
+                results = self._run_together(resolved, progress)
+            return results if results is not None else [self._generate(request, progress) for request in requests]
+
+    def _batchable(self, resolved: list[GenerationRequest]) -> bool:
+        if type(self.provider).run is not ModelProvider.run:  # a family's own loop may take one prompt only
+            return False
+        first = resolved[0]
+        if first.prompt_weighting is not None or first.controls:
+            return False
+        if len({request.negative_prompt is None for request in resolved}) > 1:
+            return False  # None and "" are not always the same conditioning (SDXL zeroes a missing one)
+
+        def rest(request: GenerationRequest) -> GenerationRequest:
+            return request.evolve(prompt="-", negative_prompt=None, seed=0)
+
+        return all(rest(request) == rest(first) for request in resolved[1:])
+
+    def _run_together(
+        self, resolved: list[tuple[GenerationRequest, dict[str, Any]]], progress: ProgressCallback | None
+    ) -> list[GenerationResult] | None:
+        """One pipeline call for compatible requests; None when their conditioned calls cannot merge."""
+        import torch
+
+        first = resolved[0][0]
+        self._use_scheduler(first.scheduler or schedulers.DEFAULT)
+        calls = []
+        for request, options in resolved:
+            call = Call(pipeline=self.pipeline, kwargs=self.provider.call_kwargs(request, options))
+            for conditioner in self._registry.ordered_conditioners():
+                if conditioner.wants(request):
+                    conditioner.condition(self, request, call)
+            warn_truncated_prompts(call.pipeline, call.kwargs)
+            calls.append(call)
+        merged = _merge_calls(calls)
+        if merged is None:
+            return None
+        seeds = [[request.seed + i for i in range(request.num_images)] for request, _ in resolved if request.seed is not None]
+        merged.kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for each in seeds for seed in each]
+        count = len(merged.kwargs["generator"])
+        try:
+            with _quiet_truncation(merged.pipeline):
+                images = self.provider.run(merged.pipeline, merged.kwargs, progress)
+        except GenerationCancelled:
+            raise
+        except RuntimeError as exc:  # torch's out-of-memory errors are RuntimeErrors
+            text = str(exc)
+            if not (isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "allocate" in text):
+                raise
+            raise GenerationError(
+                f"out of memory on {self.device} making {count} image(s) of {first.width}x{first.height} in one "
+                f"batch: make smaller batches ({text.splitlines()[0] if text else type(exc).__name__})"
+            ) from None
+        if len(images) != count:
+            raise GenerationError(f"the {self.family} pipeline made {len(images)} images for a batch of {count}")
+        results = []
+        for (request, _), request_seeds in zip(resolved, seeds, strict=True):
+            own, images = images[: len(request_seeds)], images[len(request_seeds) :]
+            _warn_degenerate(own, request)
+            results.append(
+                GenerationResult(images=own, seeds=request_seeds, request=request, model=self.model, family=self.family)
+            )
+        return results
+
     def _scheduler(self, name: str) -> Any:
         if name == schedulers.DEFAULT:
             return self._default_scheduler
         if name not in self._schedulers:
-            self._schedulers[name] = schedulers.build(name, self._default_scheduler.config)
+            self._schedulers[name] = schedulers.build(
+                name, self._default_scheduler.config, self.provider.named_schedulers
+            )
         return self._schedulers[name]
 
     def _use_scheduler(self, name: str) -> None:
@@ -397,6 +514,35 @@ def _warn_degenerate(images: list[Any], request: GenerationRequest) -> None:
                 ),
                 stacklevel=4,
             )
+
+
+#: The pipeline arguments that hold one text per request in a batched call.
+_PER_REQUEST_TEXTS = ("prompt", "negative_prompt")
+
+
+def _merge_calls(calls: list[Call]) -> Call | None:
+    """One call for several conditioned calls that differ only in their texts; None if they differ otherwise."""
+    pipeline = calls[0].pipeline
+    if any(call.pipeline is not pipeline for call in calls):
+        return None
+    missing = object()
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(key for call in calls for key in call.kwargs):
+        values = [call.kwargs.get(key, missing) for call in calls]
+        if key in _PER_REQUEST_TEXTS and all(isinstance(value, str) for value in values):
+            merged[key] = values
+            continue
+        first = values[0]
+        for value in values[1:]:
+            try:
+                same = value is first or (type(value) is type(first) and bool(value == first))
+            except Exception:  # noqa: BLE001 - values that cannot be compared (tensors) are not the same
+                same = False
+            if not same:
+                return None
+        if first is not missing:
+            merged[key] = first
+    return Call(pipeline=pipeline, kwargs=merged)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -559,17 +705,20 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
     index = read_model_index(model, source, is_local)
     for provider in registry.providers.values():
         if provider.detect(index):
-            return _Resolved(source=source, family=provider.name, provider=provider, is_local=is_local)
-    raise UndetectedFamilyError(model, index.get("_class_name"), registry.providers)
+            return _Resolved(
+                source=source, family=provider.name, provider=provider, is_local=is_local, model_index=index
+            )
+    broken = [info.name for info in registry.failures()]
+    raise UndetectedFamilyError(model, index.get("_class_name"), registry.providers, broken_plugins=broken)
 
 
-def _check_components(model: str, folder: Path) -> None:
+def _check_components(model: str, folder: Path, skipped: tuple[str, ...] = ()) -> None:
     """Name the component folder a local checkpoint lacks (``vae/``) before diffusers trips on it."""
     if not (folder / "model_index.json").is_file():
         return  # a provider that loads another layout; it names what is missing itself
     index = read_model_index(model, str(folder), True)
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or None in spec:
+        if name.startswith("_") or name in skipped or not isinstance(spec, list) or len(spec) != 2 or None in spec:
             continue
         if not (folder / name).is_dir():
             raise ModelNotFoundError(
@@ -585,7 +734,11 @@ def _load_pipeline(
     allow_pickle: bool,
 ) -> Any:
     if resolved.is_local:
-        _check_components(model, Path(resolved.source))
+        _check_components(model, Path(resolved.source), resolved.provider.skipped_components)
+    model_index = resolved.model_index
+    if model_index is None:
+        with contextlib.suppress(ModelNotFoundError):  # another layout, or the hub is out of reach: load says
+            model_index = read_model_index(model, resolved.source, resolved.is_local)
     load_kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     for accelerator in chosen:
         load_kwargs.update(accelerator.load_kwargs(context))
@@ -593,7 +746,7 @@ def _load_pipeline(
         with warnings.catch_warnings():
             # diffusers 0.42 renamed torch_dtype to dtype; older releases t2i supports know only the first.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            pipeline = resolved.provider.load(resolved.source, load_kwargs)
+            pipeline = load_pipeline_of(resolved.provider, resolved.source, load_kwargs, model_index)
     except Exception as exc:
         raise _load_error(model, resolved, exc, allow_pickle) from exc
     resolved.provider.check_pipeline(model, pipeline)

@@ -27,25 +27,50 @@ def _names(names: Iterable[str]) -> str:
 class UnknownFamilyError(T2IError, KeyError):
     """No registered model provider has this family name."""
 
-    def __init__(self, family: str, known: Iterable[str]) -> None:
+    def __init__(
+        self, family: str, known: Iterable[str], plugin_error: str | None = None, broken_plugins: Iterable[str] = ()
+    ) -> None:
         self.family = family
         self.known = sorted(known)
+        #: the load error of the plugin that offers this family, when it failed to load
+        self.plugin_error = plugin_error
+        #: names of other plugins that failed to load (any of them may have offered it)
+        self.broken_plugins = tuple(broken_plugins)
         super().__init__(family)
 
     def __str__(self) -> str:
-        return f"family={self.family!r} is not a registered model family: expected one of {_names(self.known)}"
+        if self.plugin_error is not None:
+            return (
+                f"family={self.family!r} is not available: its plugin failed to load: {self.plugin_error} "
+                "(t2i plugins lists every plugin; T2I_DEBUG=1 shows the traceback)"
+            )
+        return (
+            f"family={self.family!r} is not a registered model family: expected one of {_names(self.known)}"
+            f"{_broken_hint(self.broken_plugins)}"
+        )
+
+
+def _broken_hint(broken: tuple[str, ...]) -> str:
+    if not broken:
+        return ""
+    names = ", ".join(repr(name) for name in broken)
+    return f" (plugins that failed to load, and may offer it: {names}; see t2i plugins)"
 
 
 class UndetectedFamilyError(T2IError):
     """No provider recognises the checkpoint's model_index.json."""
 
-    def __init__(self, model: str, class_name: object, known: Iterable[str]) -> None:
+    def __init__(
+        self, model: str, class_name: object, known: Iterable[str], broken_plugins: Iterable[str] = ()
+    ) -> None:
         self.model = model
         self.class_name = class_name
         self.known = sorted(known)
+        self.broken_plugins = tuple(broken_plugins)
         super().__init__(
             f"model={model!r} (pipeline class {class_name!r}) matches no registered family: "
             f"known families are {_names(self.known)}; pass --family / family= to choose one"
+            f"{_broken_hint(self.broken_plugins)}"
         )
 
 

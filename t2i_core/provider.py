@@ -7,6 +7,7 @@ family's defaults, and runs the pipeline with the call arguments the conditioner
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -126,6 +127,14 @@ class ModelProvider:
     tiny_version: ClassVar[int] = 1
     #: the named schedulers (t2i_core.schedulers) the family's pipeline can run; None = all of them
     schedulers: ClassVar[tuple[str, ...] | None] = None
+    #: the family's own named schedulers: name → (diffusers scheduler class name, config overrides),
+    #: built from the checkpoint's scheduler config like the shared ones. Requests for this family
+    #: may name them whatever `schedulers` says (a flow-matching family sets ``schedulers = ()``,
+    #: since none of the shared ones fit, and offers its samplers here); an own name shadows a shared one.
+    named_schedulers: ClassVar[Mapping[str, tuple[str, Mapping[str, Any]]]] = {}
+    #: components that `load_pipeline` never loads (it passes ``None`` for them): a local checkpoint
+    #: may lack their folders although ``model_index.json`` lists them (e.g. ``("text_encoder_3", "tokenizer_3")``)
+    skipped_components: ClassVar[tuple[str, ...]] = ()
 
     # -- discovery -------------------------------------------------------------------------
     def detect(self, model_index: Mapping[str, Any]) -> bool:
@@ -140,10 +149,14 @@ class ModelProvider:
         raise NotImplementedError(f"family {self.name!r} offers no tiny checkpoint")
 
     def architecture_folder(self) -> Path | None:
-        """The full-size architecture as config files only (``model_index.json`` and one JSON per
-        component, no weights), shipped in the plugin's ``architecture/`` folder; None if absent.
+        """The full-size architecture as config files only, no weights, shipped in the plugin's
+        ``architecture/`` folder; None if absent.
 
-        Benchmarks build random-weight full-size pipelines from it: speed does not depend on weights.
+        New plugins lay it out as diffusers does a checkpoint, minus the weights: ``model_index.json``
+        and one folder per component with the file diffusers or transformers reads
+        (``transformer/config.json``, ``scheduler/scheduler_config.json``, ...) — what
+        ``from_pretrained`` and ``from_single_file(config=...)`` read. Benchmarks build
+        random-weight full-size pipelines from it: speed does not depend on weights.
         """
         import sys
 
@@ -154,8 +167,27 @@ class ModelProvider:
         return folder if (folder / "model_index.json").is_file() else None
 
     # -- loading ---------------------------------------------------------------------------
+    def load_pipeline(self, source: str, load_kwargs: Mapping[str, Any], model_index: Mapping[str, Any] | None) -> Any:
+        """Load the pipeline from `source` (hub id or local folder) with diffusers' `from_pretrained` kwargs.
+
+        The engine calls this, with the checkpoint's ``model_index.json`` as it already read it
+        (None when the checkpoint has none). Override it to decide from `model_index` before any
+        weights load: pass ``None`` for an optional component (``text_encoder_3=None``), or refuse a
+        checkpoint of another family. The default calls `load` (the t2i 0.1 method), so providers
+        that override `load` keep working unchanged.
+        """
+        return self.load(source, load_kwargs)
+
     def load(self, source: str, load_kwargs: Mapping[str, Any]) -> Any:
-        """Load the pipeline from `source` (hub id or local folder) with diffusers' `from_pretrained` kwargs."""
+        """Load the pipeline from `source` (hub id or local folder) with diffusers' `from_pretrained` kwargs.
+
+        The t2i 0.1 loading method: override `load_pipeline` in new providers. Called directly on a
+        provider that overrides `load_pipeline` (by code written for 0.1), it reads
+        ``model_index.json`` and calls that; called from `load_pipeline` (``super().load(...)``),
+        it loads with diffusers.
+        """
+        if type(self).load_pipeline is not ModelProvider.load_pipeline and not getattr(_loading, "active", False):
+            return load_pipeline_of(self, source, load_kwargs, _model_index(source))
         from diffusers import AutoPipelineForText2Image
 
         return AutoPipelineForText2Image.from_pretrained(source, **load_kwargs)
@@ -188,9 +220,24 @@ class ModelProvider:
         return shared
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:
-        """The (height, width) the checkpoint was made for."""
-        size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-        return int(size), int(size)
+        """The (height, width) the checkpoint was made for.
+
+        The default reads the denoiser's ``sample_size`` (its latent size: a UNet's, or a
+        transformer's such as ``SD3Transformer2DModel``) and multiplies it by the pipeline's
+        ``vae_scale_factor``, as diffusers' own pipelines do. Override it when the family's
+        pipeline computes its default size another way.
+        """
+        denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+        if sample is None:
+            raise NotImplementedError(
+                f"family {getattr(self, 'name', type(self).__name__)!r}: {type(pipeline).__name__} has no unet or "
+                "transformer with a sample_size; "
+                "override ModelProvider.native_size"
+            )
+        height, width = (sample, sample) if isinstance(sample, int) else sample
+        factor = int(getattr(pipeline, "vae_scale_factor", None) or 8)
+        return int(height) * factor, int(width) * factor
 
     def scheduler_owner(self, pipeline: Any) -> Any:
         """The (sub-)pipeline whose ``scheduler`` a request's scheduler choice replaces."""
@@ -210,6 +257,15 @@ class ModelProvider:
             values.setdefault(option.name, option.default)
         return values
 
+    def check_request(self, pipeline: Any, request: GenerationRequest) -> None:
+        """Refuse a request that the loaded `pipeline` cannot run, before any work starts.
+
+        Called by `Engine.resolve` and `Engine.generate` after `check`, with the resolved request
+        (defaults filled in, seed set). Raise a `T2IError` that names the field, e.g.
+        ``InvalidRequestError("height", 72, "a multiple of 16")`` for a transformer whose sizes
+        must be multiples of the VAE factor times the patch size. The default accepts every request.
+        """
+
     def call_kwargs(self, request: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline arguments for a fully resolved request (defaults filled, seed set), minus generators."""
         return {
@@ -228,18 +284,61 @@ class ModelProvider:
         return list(pipeline(**kwargs).images)
 
 
-def report_progress(progress: ProgressCallback, step: int, total: int) -> None:
+#: set while a provider's `load_pipeline` runs in this thread, so that its ``super().load()`` loads
+_loading = threading.local()
+
+
+def load_pipeline_of(
+    provider: ModelProvider, source: str, load_kwargs: Mapping[str, Any], model_index: Mapping[str, Any] | None
+) -> Any:
+    """`provider.load_pipeline(...)`, as the engine calls it."""
+    previous = getattr(_loading, "active", False)
+    _loading.active = True
+    try:
+        return provider.load_pipeline(source, load_kwargs, model_index)
+    finally:
+        _loading.active = previous
+
+
+def _model_index(source: str) -> dict[str, Any] | None:
+    """`source`'s ``model_index.json``, or None when it has none (or it cannot be fetched)."""
+    from .engine import read_model_index
+
+    try:
+        return read_model_index(source, source, Path(source).is_dir())
+    except ModelNotFoundError:
+        return None
+
+
+def report_progress(progress: ProgressCallback, step: int, total: int, *, latents: Any = None) -> None:
     """Call `progress(step, total)`; raise `GenerationCancelled` when it asks to stop.
 
     Providers that run their own loops (several pipelines in a row) report through this.
+    `latents` (the step's latents, for previews) is passed on as ``latents=`` when given, to a
+    callback that takes that keyword (`takes_latents`).
     """
-    if progress(step, total) is False:
+    answer = progress(step, total) if latents is None else progress(step, total, latents=latents)  # type: ignore[call-arg]
+    if answer is False:
         raise GenerationCancelled(f"generation cancelled at step {step} of {total}", step=step, total=total)
 
 
+def takes_latents(progress: Callable[..., Any]) -> bool:
+    """Whether `progress` accepts a ``latents`` keyword: then it also gets each step's latents."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == "latents" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
+    with_latents = takes_latents(progress)
+
     def on_step_end(pipeline: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        report_progress(progress, step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0))
+        latents = callback_kwargs.get("latents") if with_latents else None
+        report_progress(progress, step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0), latents=latents)
         return callback_kwargs
 
     return on_step_end

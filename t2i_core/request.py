@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -79,6 +79,77 @@ class Control:
     )
     preprocess: str | None = attrs.field(default=None, validator=optional(of_type(str)))
     guess_mode: bool = attrs.field(default=False, validator=of_type(bool, what="True or False"))
+
+
+def _weights_source(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(attribute.name, value, "a local .safetensors file, a local folder or a hub id")
+
+
+def _source_text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _token(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.strip() or value != value.strip() or "\0" in value:
+        raise InvalidRequestError(
+            attribute.name, value, "None or the token to use in prompts: text without surrounding spaces"
+        )
+
+
+@attrs.frozen
+class Lora:
+    """One LoRA adapter to apply to the denoiser (and text encoders, if the file has theirs).
+
+    `source` is a local ``.safetensors`` file, a local folder or a hub id; `weight_name` picks
+    the file in a folder or repository that holds several. `scale` multiplies the adapter's
+    effect (diffusers' ``adapter_weights``): 0 turns it off, 1 is as trained, negative values
+    push away from it. See ``docs/lora.md``. Positional as ``Lora("style.safetensors", 0.8)``.
+    """
+
+    source: str = attrs.field(converter=_source_text, validator=_weights_source)
+    scale: float = attrs.field(
+        default=1.0,
+        converter=_number,
+        validator=chain(of_type(float, what="a number in [-10, 10]"), in_range(-10.0, 10.0, what="a number in [-10, 10]")),
+    )
+    weight_name: str | None = attrs.field(
+        default=None, validator=optional(chain(of_type(str, what="None or a file name"), non_blank))
+    )
+
+
+@attrs.frozen
+class Embedding:
+    """One textual-inversion embedding: new token(s) for the text encoder(s).
+
+    `source` is a local ``.safetensors`` file, a local folder or a hub id; `token` is the word
+    that stands for it in prompts (None = the token the file names, or for files that name none,
+    such as SDXL embeddings, the file's stem). See ``docs/embeddings.md``.
+    """
+
+    source: str = attrs.field(converter=_source_text, validator=_weights_source)
+    token: str | None = attrs.field(default=None, validator=optional(_token))
+
+
+def _to_tuple_of(kind: type) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        if isinstance(value, kind):
+            return (value,)
+        return value
+
+    return convert
+
+
+def _tuple_of(kind: type) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(item, kind) for item in value):
+            raise InvalidRequestError(attribute.name, value, f"a tuple of t2i_core.{kind.__name__}")
+
+    return check
 
 
 def _to_controls(value: Any) -> Any:
@@ -155,6 +226,10 @@ class GenerationRequest:
         default=None, validator=optional(of_type(str, what='None or a weighting syntax name such as "compel"'))
     )
     controls: tuple[Control, ...] = attrs.field(default=(), converter=_to_controls, validator=_controls)
+    loras: tuple[Lora, ...] = attrs.field(default=(), converter=_to_tuple_of(Lora), validator=_tuple_of(Lora))
+    embeddings: tuple[Embedding, ...] = attrs.field(
+        default=(), converter=_to_tuple_of(Embedding), validator=_tuple_of(Embedding)
+    )
     scheduler: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_options, validator=_options)
 
@@ -213,9 +288,42 @@ class GenerationResult:
             data["prompt_weighting"] = request.prompt_weighting
         if request.controls:
             data["controls"] = json.dumps([_describe_control(control) for control in request.controls])
+        if request.loras or request.embeddings:
+            from ._weights import describe
+
+            # File name and content hash, never the path: a PNG shared on the web tells no folder names.
+            if request.loras:
+                loras = [{**describe(lora.source, lora.weight_name), "scale": lora.scale} for lora in request.loras]
+                data["loras"] = json.dumps(loras)
+            if request.embeddings:
+                embeddings = [{**describe(e.source, None), "token": e.token} for e in request.embeddings]
+                data["embeddings"] = json.dumps(embeddings)
         for key, value in request.options.items():
-            data[f"option.{key}"] = str(value)
+            if value is None:
+                continue  # an option set to None is an option left unset
+            # As ``--option`` takes it back (``t2i generate --from``): a pair as "512,512".
+            is_sequence = isinstance(value, (tuple, list))
+            data[f"option.{key}"] = ",".join(str(item) for item in value) if is_sequence else str(value)
         return data
+
+    def png(self, index: int = 0) -> bytes:
+        """Image `index` as the bytes of a PNG file with its metadata: what `save` writes."""
+        import io
+
+        buffer = io.BytesIO()
+        self._write_png(buffer, index)
+        return buffer.getvalue()
+
+    def _write_png(self, handle: Any, index: int) -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in self.metadata(index).items():
+            if "\0" in value:
+                info.add_itxt(key, value)  # tEXt forbids NUL (it ends the keyword); iTXt carries any UTF-8
+            else:
+                info.add_text(key, value)
+        self.images[index].save(handle, format="PNG", pnginfo=info)
 
     def save(self, path: str | os.PathLike[str], index: int = 0, *, overwrite: bool = False) -> None:
         """Write image `index` as a PNG with its metadata; never replaces a file unless `overwrite`.
@@ -225,19 +333,10 @@ class GenerationResult:
         file intact). Raises `InvalidRequestError` (field ``output``) when the file exists and
         `overwrite` is false, and `OutputError` when it cannot be written (e.g. a full disk).
         """
-        from PIL.PngImagePlugin import PngInfo
-
         from ._files import write_atomically
 
-        info = PngInfo()
-        for key, value in self.metadata(index).items():
-            if "\0" in value:
-                info.add_itxt(key, value)  # tEXt forbids NUL (it ends the keyword); iTXt carries any UTF-8
-            else:
-                info.add_text(key, value)
-        image = self.images[index]
         try:
-            write_atomically(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), overwrite=overwrite)
+            write_atomically(path, lambda handle: self._write_png(handle, index), overwrite=overwrite)
         except FileExistsError:
             raise InvalidRequestError(
                 "output", str(path), "a path that does not exist yet (or pass overwrite)"

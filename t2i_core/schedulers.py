@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ._locks import loading_lock
@@ -24,28 +25,48 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def names() -> tuple[str, ...]:
-    """Every scheduler name a request may use."""
-    return (DEFAULT, *SCHEDULERS)
+#: a family's own named schedulers (`ModelProvider.named_schedulers`): name → (class name, overrides)
+OwnSchedulers = Mapping[str, tuple[str, Mapping[str, Any]]]
 
 
-def check(name: str | None, supported: tuple[str, ...] | None = None, family: str = "") -> None:
-    """Refuse an unknown name, or one the family's pipeline cannot run (`supported`; None = all)."""
-    if name is None or name == DEFAULT:
+def names(own: OwnSchedulers | None = None) -> tuple[str, ...]:
+    """Every scheduler name a request may use (with a family's `own` named schedulers)."""
+    return tuple(dict.fromkeys((DEFAULT, *SCHEDULERS, *(own or {}))))
+
+
+def family_names(supported: tuple[str, ...] | None, own: OwnSchedulers | None = None) -> tuple[str, ...]:
+    """The names a family runs: ``default``, the shared ones it `supported` (None = all) and its `own`."""
+    shared = tuple(SCHEDULERS) if supported is None else tuple(supported)
+    return tuple(dict.fromkeys((DEFAULT, *shared, *(own or {}))))
+
+
+def check(
+    name: str | None, supported: tuple[str, ...] | None = None, family: str = "", own: OwnSchedulers | None = None
+) -> None:
+    """Refuse an unknown name, or one the family's pipeline cannot run.
+
+    `supported` lists the shared names the family runs (None = all); its `own` named
+    schedulers are always allowed.
+    """
+    if name is None or name == DEFAULT or name in (own or {}):
         return
     if name not in SCHEDULERS:
-        raise InvalidRequestError("scheduler", name, "one of " + ", ".join(names()))
+        allowed = family_names(supported, own) if own else names()
+        raise InvalidRequestError("scheduler", name, "one of " + ", ".join(allowed))
     if supported is not None and name not in supported:
-        allowed = ", ".join((DEFAULT, *supported))
-        raise InvalidRequestError("scheduler", name, f"one of the schedulers family {family!r} can run: {allowed}")
+        allowed_names = ", ".join(family_names(supported, own))
+        raise InvalidRequestError(
+            "scheduler", name, f"one of the schedulers family {family!r} can run: {allowed_names}"
+        )
 
 
-def build(name: str, base_config: Any) -> Any:
-    """A new scheduler `name`, configured from `base_config` (the checkpoint's scheduler config)."""
+def build(name: str, base_config: Any, own: OwnSchedulers | None = None) -> Any:
+    """A new scheduler `name` (a shared one, or one of a family's `own`), configured from
+    `base_config` (the checkpoint's scheduler config)."""
+    class_name, overrides = (own or {}).get(name) or SCHEDULERS[name]
     with loading_lock:  # diffusers' lazy attribute lookup is not thread-safe
         import diffusers
 
-        class_name, overrides = SCHEDULERS[name]
         scheduler_class = getattr(diffusers, class_name)
     return scheduler_class.from_config(base_config, **overrides)
 
@@ -80,6 +101,9 @@ def _search_max_steps(scheduler: Any) -> int:
         return 1000
     trial = copy.deepcopy(scheduler)
     takes_generator = "generator" in inspect.signature(trial.step).parameters
+    scales = hasattr(trial, "scale_model_input")
+    # Discrete schedules index a table of `trained` timesteps; flow matching's run on (0, trained].
+    highest = trained - 1 if scales else trained
 
     def usable(steps: int) -> bool:
         sample = torch.zeros(1, 1, 1, 1)
@@ -87,10 +111,11 @@ def _search_max_steps(scheduler: Any) -> int:
         try:
             trial.set_timesteps(steps, device="cpu")
             timesteps = trial.timesteps
-            if len(timesteps) == 0 or float(timesteps.max()) >= trained or float(timesteps.min()) < 0:
+            if len(timesteps) == 0 or float(timesteps.max()) > highest or float(timesteps.min()) < 0:
                 return False
             for timestep in timesteps:
-                model_input = trial.scale_model_input(sample, timestep)
+                # Flow-matching schedulers take the sample as it is: they have no scale_model_input.
+                model_input = trial.scale_model_input(sample, timestep) if scales else sample
                 sample = trial.step(torch.zeros_like(model_input), timestep, sample, **extra).prev_sample
         except Exception:  # noqa: BLE001 - IndexError, AssertionError, ...: whatever breaks, the count is not usable
             return False

@@ -16,6 +16,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 _OWN_CACHE = None if os.environ.get("T2I_TEST_CACHE") else tempfile.mkdtemp(prefix="t2i-test-cache-")
 os.environ["T2I_CACHE"] = os.environ.get("T2I_TEST_CACHE") or str(_OWN_CACHE)
+# The conformance kit's t2i_tiny_cache fixture builds into the same folder (it reuses T2I_TEST_CACHE).
+os.environ["T2I_TEST_CACHE"] = os.environ["T2I_CACHE"]
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:

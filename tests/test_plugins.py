@@ -223,13 +223,34 @@ def test_accelerator_with_unknown_phase_is_refused(plugin_registry: Registry) ->
     assert info.error is not None and "phase 'whenever'" in info.error
 
 
+def test_third_party_command(plugin_registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    """register_commands: a plugin's subcommand is parsed and run by t2i; t2i-core's names stay its own."""
+    from t2i_core.cli import main
+
+    seen: list[Any] = []
+
+    @hookimpl
+    def register_commands(cli: t2i_core.Commands) -> None:
+        hello = cli.command("hello", run=lambda args: seen.append(args.name) or 3, help="say hello")
+        hello.add_argument("--name", default="world")
+        cli.command("generate", run=lambda args: 0, help="an impostor")
+
+    with pytest.warns(PluginWarning, match="command 'generate' is one of t2i-core's own commands"):
+        info = plugin_registry.register_plugin(types.SimpleNamespace(register_commands=register_commands), "greeter")
+    assert info.registered == ["command:hello"] and plugin_registry.commands["hello"].help == "say hello"
+    assert main(["hello", "--name", "you"]) == 3 and seen == ["you"]
+    assert main(["--help"]) == 0 and "hello" in capsys.readouterr().out
+    assert main(["hello", "--nope"]) == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def _hook_names() -> list[str]:
     return [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
 
 
 def test_every_hook_is_documented_with_its_signature() -> None:
     text = (ROOT / "docs" / "plugins.md").read_text()
-    assert _hook_names() == ["register_accelerators", "register_conditioners", "register_providers"]
+    hooks = ("register_accelerators", "register_commands", "register_conditioners", "register_providers")
+    assert set(hooks) <= set(_hook_names())
     for name in _hook_names():
         signature = f"def {name}{inspect.signature(getattr(hookspecs, name))}".replace("'", "")
         assert signature in text, f"docs/plugins.md lacks the signature {signature!r}"

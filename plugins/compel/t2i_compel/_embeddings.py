@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 import torch
-from compel import Compel, ReturnedEmbeddingsType
+from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 from compel.prompt_parser import Blend, CrossAttentionControlSubstitute, FlattenedPrompt
 
 from t2i_core import InvalidRequestError
@@ -32,6 +32,22 @@ class _ParseOnce(Compel):  # type: ignore[misc]
     @classmethod
     def parse_prompt_string(cls, prompt_string: str) -> Any:
         return parse(prompt_string)
+
+
+class _TextualInversions(DiffusersTextualInversionManager):  # type: ignore[misc]
+    """Compel's manager of textual-inversion tokens, as compel documents it for diffusers.
+
+    Without one, Compel leaves a multi-vector embedding's token as one token, so only its first
+    vector is used (diffusers #3501). Like ``CompelForSDXL``, both SDXL encoders use the pipeline's
+    (whose tokenizers share their vocabulary). Token ids without any added token are returned as
+    they are: the manager's decode and re-encode could only change them, never add an embedding.
+    """
+
+    def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
+        added = self.pipe.tokenizer.added_tokens_decoder
+        if not any(token_id in added and not added[token_id].special for token_id in token_ids):
+            return token_ids
+        return list(super().expand_textual_inversion_token_ids_if_necessary(token_ids))
 
 
 def check_syntax(field: str, text: str) -> None:
@@ -87,18 +103,23 @@ class PromptEncoder:
                     text_encoder=pipeline.text_encoder,
                     returned_embeddings_type=penultimate,
                     truncate_long_prompts=truncate,
+                    textual_inversion_manager=_TextualInversions(pipeline),
                 ),
                 _ParseOnce(
                     tokenizer=pipeline.tokenizer_2,
                     text_encoder=pipeline.text_encoder_2,
                     returned_embeddings_type=penultimate,
                     truncate_long_prompts=truncate,
+                    textual_inversion_manager=_TextualInversions(pipeline),
                 ),
             )
         else:
             self.compels = (
                 _ParseOnce(
-                    tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, truncate_long_prompts=truncate
+                    tokenizer=pipeline.tokenizer,
+                    text_encoder=pipeline.text_encoder,
+                    truncate_long_prompts=truncate,
+                    textual_inversion_manager=_TextualInversions(pipeline),
                 ),
             )
         self.pooled = dual

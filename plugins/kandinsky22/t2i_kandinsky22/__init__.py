@@ -122,6 +122,10 @@ class Kandinsky22(ModelProvider):
             self._priors.resolve(options["prior"])
         return options
 
+    def check_request(self, pipeline: Any, request: GenerationRequest) -> None:
+        # Before the prior runs: the decoder cannot make every size.
+        _check_size(pipeline, {"height": request.height, "width": request.width})
+
     def call_kwargs(self, request: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = super().call_kwargs(request, options)
         kwargs["prior_num_inference_steps"] = options["prior_num_inference_steps"]

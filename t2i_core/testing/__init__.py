@@ -1,0 +1,48 @@
+"""The plugin author's test kit: conformance test classes for each role, and image comparisons.
+
+A plugin's test file subclasses one class per thing it registers and sets class attributes
+(the pandas extension-test style); the pytest plugin of t2i-core (``t2i_core.testing.fixtures``,
+loaded through the ``pytest11`` entry point) provides the fixtures they use. See docs/testing.md.
+Importing this module does not import torch; running the tests does.
+"""
+
+from __future__ import annotations
+
+try:
+    import pytest
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("t2i_core.testing needs pytest: python -m pip install 't2i-core[testing]'") from exc
+
+# Before the modules load: pytest then explains a failed assert in them with the values compared.
+pytest.register_assert_rewrite(
+    "t2i_core.testing._accelerator",
+    "t2i_core.testing._conditioner",
+    "t2i_core.testing._images",
+    "t2i_core.testing._provider",
+)
+
+from ._accelerator import AcceleratorConformance  # noqa: E402
+from ._conditioner import ConditionerConformance  # noqa: E402
+from ._images import (  # noqa: E402
+    as_array,
+    assert_images_close,
+    assert_images_differ,
+    assert_images_equal,
+    cpu_generators,
+    levels_apart,
+)
+from ._provider import ProviderConformance  # noqa: E402
+from ._support import tiny_folder  # noqa: E402
+
+__all__ = [
+    "AcceleratorConformance",
+    "ConditionerConformance",
+    "ProviderConformance",
+    "as_array",
+    "assert_images_close",
+    "assert_images_differ",
+    "assert_images_equal",
+    "cpu_generators",
+    "levels_apart",
+    "tiny_folder",
+]
