@@ -66,6 +66,51 @@ def architecture(family: str) -> Path:
     return folder
 
 
+def components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The components of a diffusers ``model_index.json``: name → (library, class); absent ones left out."""
+    return {
+        name: (value[0], value[1])
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and None not in value
+    }
+
+
+def arguments(index: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's other constructor arguments in ``model_index.json`` (``requires_safety_checker``, absent components)."""
+    extra: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in components(index):
+            continue
+        extra[name] = None if isinstance(value, list) else value
+    return extra
+
+
+#: where diffusers' layout keeps each kind of component's configuration
+CONFIG_FILES = {
+    "Scheduler": "scheduler_config.json",
+    "Tokenizer": "tokenizer_config.json",
+    "Processor": "preprocessor_config.json",
+}
+
+
+def component_config(folder: Path, name: str, class_name: str) -> dict[str, Any]:
+    """``<name>/config.json`` (or the scheduler, tokenizer or processor file) of a diffusers-layout folder."""
+    file = next((file for suffix, file in CONFIG_FILES.items() if class_name.endswith(suffix)), "config.json")
+    config = json.loads((folder / name / file).read_text())
+    return {key: value for key, value in config.items() if key != "tokenizer_class"}
+
+
+def architecture_size(folder: Path) -> int:
+    """The checkpoint's native image size: the denoiser's sample size times the autoencoder's scale."""
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = components(index)
+    denoiser = next(name for name in ("unet", "transformer") if name in parts)
+    sample = component_config(folder, denoiser, parts[denoiser][1])["sample_size"]
+    autoencoder = next(name for name in ("vae", "movq") if name in parts)
+    blocks = len(component_config(folder, autoencoder, parts[autoencoder][1])["block_out_channels"])
+    return int(sample) * 2 ** (blocks - 1)
+
+
 FAMILIES = ("sd15", "sdxl", "kandinsky22")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "raw-fast", "t2i-quick", "t2i-fast")
 RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast")
@@ -87,13 +132,13 @@ def build_pipeline(folder: Path, dtype: Any, device: str, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     parts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as scratch:
-        for name, (library, class_name) in index["components"].items():
-            config = json.loads((folder / f"{name}.json").read_text())
+        for name, (library, class_name) in components(index).items():
+            config = component_config(folder, name, class_name)
             part = _build_component(library, class_name, config, Path(scratch) / name, device)
             if isinstance(part, torch.nn.Module):
                 part = part.to(dtype=dtype).eval()
             parts[name] = part
-    pipeline = getattr(diffusers, index["_class_name"])(**parts, **index.get("arguments", {}))
+    pipeline = getattr(diffusers, index["_class_name"])(**parts, **arguments(index))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -154,7 +199,7 @@ class Source:
             self.folder = architecture(family)
             self.model, self.load_family = str(self.folder), f"bench-{family}"
             self.provider = _register_config_provider(registry, family, self.folder, self.base, device)
-            self.source = json.loads((self.folder / "model_index.json").read_text())["source"]
+            self.source = json.loads((self.folder / "model_index.json").read_text())["_name_or_path"]
 
     def raw_pipeline(self, dtype: Any) -> Any:
         """A fresh pipeline on the benchmark device, loaded the way a diffusers user does."""
@@ -172,7 +217,7 @@ class Source:
 
             height, _ = self.provider.native_size(self.provider.load(str(self.folder), {"torch_dtype": torch.float32}))
             return height
-        return int(json.loads((self.folder / "model_index.json").read_text())["size"])
+        return architecture_size(self.folder)
 
 
 def _register_config_provider(registry: Any, family: str, folder: Path, base: Any, device: str) -> Any:
@@ -198,7 +243,7 @@ def _register_config_provider(registry: Any, family: str, folder: Path, base: An
             return delegate.share(pipeline)
 
         def native_size(self, pipeline: Any) -> tuple[int, int]:
-            size = int(json.loads((folder / "model_index.json").read_text())["size"])
+            size = architecture_size(folder)
             return size, size
 
         def scheduler_owner(self, pipeline: Any) -> Any:

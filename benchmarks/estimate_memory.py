@@ -29,7 +29,7 @@ GIB = 2**30
 
 
 def _config(folder: Path, name: str) -> dict[str, Any]:
-    config = json.loads((folder / f"{name}.json").read_text())
+    config = json.loads((folder / name / "config.json").read_text())
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 

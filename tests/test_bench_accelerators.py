@@ -90,8 +90,8 @@ def test_configs_build_the_real_architectures() -> None:
     }
     for (family, component), (millions, tolerance) in expected.items():
         folder = module.architecture(family)
-        library, class_name = json.loads((folder / "model_index.json").read_text())["components"][component]
-        config = json.loads((folder / f"{component}.json").read_text())
+        library, class_name = module.components(json.loads((folder / "model_index.json").read_text()))[component]
+        config = module.component_config(folder, component, class_name)
         model = module._build_component(library, class_name, config, Path("unused"), "meta")
         count = sum(p.numel() for p in model.parameters()) / 1e6
         assert count == pytest.approx(millions, rel=tolerance), f"{family}/{component}: {count:.1f}M"
@@ -133,3 +133,22 @@ def test_the_memory_estimate_runs_on_fake_tensors() -> None:
     tile, whole = report["vae_decode_fp32_512_tile"], report["vae_decode_fp32_whole_image"]
     assert tile["activations_gib"] >= whole["activations_gib"] > 0  # at 256², one 512 tile is the whole image
     assert report["low_memory_peak_estimate_gib"] < report["without_offload_peak_estimate_gib"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "kandinsky22"])
+def test_architecture_folders_are_in_diffusers_layout(family: str) -> None:
+    """What `from_pretrained` and `from_single_file(config=...)` read: model_index.json and a config per component."""
+    import diffusers
+    import transformers
+
+    folder = bench().architecture(family)
+    index = diffusers.DiffusionPipeline.load_config(str(folder))
+    assert index["_class_name"] == json.loads((folder / "model_index.json").read_text())["_class_name"]
+    for name, (library, class_name) in bench().components(index).items():
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        if library == "diffusers":
+            assert cls.load_config(str(folder), subfolder=name), name
+        elif class_name.endswith("Tokenizer"):
+            assert (folder / name / "tokenizer_config.json").is_file()
+        else:
+            assert transformers.AutoConfig.from_pretrained(str(folder / name)) if "Processor" not in class_name else True
