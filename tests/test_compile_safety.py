@@ -211,3 +211,23 @@ def test_compiling_on_cuda_tunes_inductor_like_diffusers_speed_guide(monkeypatch
     monkeypatch.setattr(compilation, "activate_compile_cache", lambda device: None)
     get_registry().accelerator("compile").apply(engine.pipeline, context)
     assert {name: getattr(inductor_config, name) for name in compilation.INDUCTOR_TUNING} == compilation.INDUCTOR_TUNING
+
+
+def test_regional_compile_takes_whole_joint_blocks_of_an_sd3_transformer() -> None:
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+    )
+    assert compilation.compile_regions(transformer) == 2
+    compiled = {type(m).__name__ for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"JointTransformerBlock"}

@@ -46,8 +46,9 @@ COMPILE_CACHE_ENV = "T2I_COMPILE_CACHE"
 #: a file written by ``t2i warmup``: its compiled artefacts are loaded before the first compile
 ARTIFACTS_ENV = "T2I_COMPILE_ARTIFACTS"
 #: block classes compiled regionally when a denoiser declares no ``_repeated_blocks`` of its own
-#: (Kandinsky 2.2's UNet has no transformer blocks; its ResNet and attention blocks repeat)
-FALLBACK_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
+#: (Kandinsky 2.2's UNet has no transformer blocks; its ResNet and attention blocks repeat; SD3's
+#: transformer declares none, and its JointTransformerBlocks repeat)
+FALLBACK_REGIONS = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D", "Attention")
 #: families whose regionally compiled blocks are captured in CUDA graphs on CUDA. Measured with raw
 #: diffusers on an H200 (30 steps, fp16, batch 1): SD 1.5 regional default mode 0.80 s/image (eager
 #: 0.78), with reduce-overhead 0.56 s and a 5.5 s first image; SDXL regional default mode 1.57 s
