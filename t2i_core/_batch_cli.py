@@ -38,14 +38,21 @@ def add_batch_command(commands: Any) -> None:
         description="Make one PNG per image of every job into DIR, with DIR/manifest.jsonl; a rerun skips "
         "complete jobs and redoes the others. Flags below JOBS give every job the fields it does not set.",
     )
-    batch.add_argument("jobs", metavar="JOBS", help="a .jsonl or .csv file of jobs, or a text file of prompts (one a line)")
+    batch.add_argument(
+        "jobs", metavar="JOBS", help="a .jsonl or .csv file of jobs, or a text file of prompts (one a line)"
+    )
     batch.add_argument("--model", "-m", help="the model of jobs that name none: hub id, folder, alias or tiny:<family>")
     batch.add_argument("--out", "-o", required=True, metavar="DIR", help="the output folder (made if missing)")
     batch.add_argument("--family", help="the family of jobs that name none; default: detect from model_index.json")
-    batch.add_argument("--executor", default="local", metavar="NAME", help="where the jobs run: local (default), ray, ...")
+    batch.add_argument(
+        "--executor", default="local", metavar="NAME", help="where the jobs run: local (default), ray, ..."
+    )
     batch.add_argument("--workers", type=_integer, metavar="N", help="how many workers (default: the executor's)")
     batch.add_argument(
-        "--ray-address", dest="ray_address", metavar="A", help="with --executor ray: the cluster (default: start one here)"
+        "--ray-address",
+        dest="ray_address",
+        metavar="A",
+        help="with --executor ray: the cluster (default: start one here)",
     )
     batch.add_argument(
         "--executor-option",
@@ -59,7 +66,9 @@ def add_batch_command(commands: Any) -> None:
         "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
     )
     batch.add_argument("--device", default="auto", help='"auto" (each worker\'s best), cpu, cuda, cuda:N, mps')
-    batch.add_argument("--dry-run", dest="dry_run", action="store_true", help="check every job and print the plan; make nothing")
+    batch.add_argument(
+        "--dry-run", dest="dry_run", action="store_true", help="check every job and print the plan; make nothing"
+    )
     batch.add_argument(
         "--micro-batch",
         dest="micro_batch",
@@ -68,16 +77,20 @@ def add_batch_command(commands: Any) -> None:
         metavar="N",
         help="run up to N jobs that differ only in prompts and seed in one call (default 1: off)",
     )
-    batch.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
-    batch.add_argument("--height", type=_integer, metavar="H")
-    batch.add_argument("--width", type=_integer, metavar="W")
-    batch.add_argument("--steps", type=_integer, metavar="N")
-    batch.add_argument("--guidance-scale", dest="guidance_scale", type=_number, metavar="G")
-    batch.add_argument("--seed", type=_integer, metavar="S", help="default: a seed derived from each job's id")
-    batch.add_argument("--num-images", dest="num_images", type=_integer, metavar="N")
-    batch.add_argument("--weighting", metavar="SYNTAX", help='prompt weighting syntax, e.g. "compel"')
-    batch.add_argument("--scheduler", metavar="NAME")
-    batch.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
+    batch.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT", help="every job's negative prompt")
+    batch.add_argument("--height", type=_integer, metavar="H", help="every job's height (a multiple of 8)")
+    batch.add_argument("--width", type=_integer, metavar="W", help="every job's width (a multiple of 8)")
+    batch.add_argument("--steps", type=_integer, metavar="N", help="every job's number of denoising steps")
+    batch.add_argument(
+        "--guidance-scale", dest="guidance_scale", type=_number, metavar="G", help="every job's guidance"
+    )
+    batch.add_argument("--seed", type=_integer, metavar="S", help="every job's seed (default: derived from its id)")
+    batch.add_argument("--num-images", dest="num_images", type=_integer, metavar="N", help="images per job")
+    batch.add_argument("--weighting", metavar="SYNTAX", help='every job\'s prompt weighting syntax, e.g. "compel"')
+    batch.add_argument("--scheduler", metavar="NAME", help="every job's sampler: default, ddim, euler, ...")
+    batch.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a family option of every job (repeatable)"
+    )
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -93,7 +106,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     executor_options: dict[str, Any] = _key_values(args.executor_option, "--executor-option", "KEY=VALUE")
     if args.ray_address is not None:
         if args.executor != "ray":
-            raise InvalidRequestError("--ray-address", args.ray_address, "a cluster address together with --executor ray")
+            raise InvalidRequestError(
+                "--ray-address", args.ray_address, "a cluster address together with --executor ray"
+            )
         executor_options["address"] = args.ray_address
     if not args.dry_run:
         _quiet_libraries()

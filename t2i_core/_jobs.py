@@ -151,7 +151,9 @@ def _csv(text: str, path: str) -> Iterator[tuple[int, Any]]:
     for name in header:
         if name not in allowed and not (name.startswith("option.") and len(name) > 7):
             raise InvalidRequestError(
-                "jobs", path, f"a CSV whose header names GenerationRequest fields, id, model, family or option.NAME, not {name!r}"
+                "jobs",
+                path,
+                f"a CSV whose header names GenerationRequest fields, id, model, family or option.NAME, not {name!r}",
             )
     return _csv_rows(reader, header)
 
@@ -319,7 +321,9 @@ def build_request(fields: Mapping[str, Any]) -> GenerationRequest:
     values: dict[str, Any] = {}
     for name, value in fields.items():
         if name not in known:
-            raise InvalidRequestError(name, value, "a GenerationRequest field (" + ", ".join(known) + "), id, model or family")
+            raise InvalidRequestError(
+                name, value, "a GenerationRequest field (" + ", ".join(known) + "), id, model or family"
+            )
         item_class = _nested_class(name)
         if item_class is not None and isinstance(value, (list, tuple)):
             value = tuple(_nested(item_class, name, item) for item in value)
@@ -375,4 +379,3 @@ def request_spec(request: GenerationRequest) -> dict[str, Any]:
     spec = {field.name: getattr(request, field.name) for field in attrs.fields(GenerationRequest)}
     spec["options"] = dict(request.options)
     return spec
-

@@ -33,7 +33,9 @@ def read_records(folder: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise InvalidRequestError("--out", str(folder), f"a folder whose {MANIFEST} can be read ({exc.strerror})") from None
+        raise InvalidRequestError(
+            "--out", str(folder), f"a folder whose {MANIFEST} can be read ({exc.strerror})"
+        ) from None
     records: dict[str, dict[str, Any]] = {}
     for line in data.splitlines():
         try:
@@ -78,19 +80,23 @@ class Manifest:
         self._handle: BinaryIO | None = None
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass")
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode(
+            "utf-8", "surrogatepass"
+        )
         try:
             handle = self._open()
             handle.write(line + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
         except OSError as exc:
-            raise OutputError(str(self.path), f"the manifest cannot be written ({exc.strerror or exc})", exc.errno) from exc
+            raise OutputError(
+                str(self.path), f"the manifest cannot be written ({exc.strerror or exc})", exc.errno
+            ) from exc
 
     def _open(self) -> BinaryIO:
         if self._handle is None:
             created = not self.path.exists()
-            handle = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole batch, closed by close()
+            handle = open(self.path, "ab")
             if handle.tell() > 0 and not _ends_with_newline(self.path):
                 handle.write(b"\n")  # a torn last line from a crash stays a line of its own
             if created:
@@ -132,9 +138,11 @@ def locked(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        handle = open(folder / LOCK, "a")  # noqa: SIM115 - held until the batch ends
+        handle = open(folder / LOCK, "a")
     except OSError as exc:
-        raise OutputError(str(folder), f"the batch's lock file cannot be made ({exc.strerror or exc})", exc.errno) from None
+        raise OutputError(
+            str(folder), f"the batch's lock file cannot be made ({exc.strerror or exc})", exc.errno
+        ) from None
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from t2i_core import Executor, ExecutorSettings, Outcome, WorkItem, Worker, hookimpl
+from t2i_core import Executor, ExecutorSettings, Outcome, Worker, WorkItem, hookimpl
 
 #: How often a waiting driver wakes up, so that Ctrl-C is handled at once.
 _POLL_SECONDS = 0.2
@@ -55,7 +55,10 @@ def _threaded(items: Sequence[WorkItem], settings: ExecutorSettings, workers: in
         finally:
             finished.put(None)
 
-    threads = [threading.Thread(target=serve, args=(index,), name=f"t2i-batch-{index}", daemon=True) for index in range(workers)]
+    threads = [
+        threading.Thread(target=serve, args=(index,), name=f"t2i-batch-{index}", daemon=True)
+        for index in range(workers)
+    ]
     for thread in threads:
         thread.start()
     running = len(threads)
