@@ -23,7 +23,7 @@ def running_server(service: Any, *, token: str | None = None) -> Iterator[str]:
 
     app = create_app(service, token=token)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: see t2i_server._serve
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
@@ -36,6 +36,7 @@ def running_server(service: Any, *, token: str | None = None) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        service.begin_shutdown(0)  # what a test left running is cancelled at once
         server.should_exit = True
         thread.join(60)
         sock.close()

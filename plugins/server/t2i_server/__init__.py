@@ -1,0 +1,140 @@
+"""t2i plugin: ``t2i serve``, an HTTP server over the models named at start-up.
+
+This module only declares the command (``register_commands``); FastAPI, uvicorn and torch are
+imported when the command runs (`t2i_server._serve`), so ``t2i --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from t2i_core import hookimpl
+
+from ._limits import Limits
+
+if TYPE_CHECKING:
+    from t2i_core import Commands
+
+__all__ = ["Limits", "register_commands"]
+
+#: The environment variable that sets the bearer token when ``--token`` is not given.
+TOKEN_ENV = "T2I_SERVER_TOKEN"
+
+
+@hookimpl
+def register_commands(cli: Commands) -> None:
+    serve = cli.command(
+        "serve",
+        run=_run,
+        help="serve models over HTTP (AUTOMATIC1111-compatible and native API, and a page)",
+        description="Load the models named by --model, then serve them over HTTP until Ctrl-C or SIGTERM: "
+        "AUTOMATIC1111's /sdapi/v1/txt2img, the native /v1/generations and /v1/jobs with progress events, "
+        "/healthz, /metrics and a page at /. Clients can use only these models. See docs/serving.md.",
+    )
+    defaults = Limits()
+    serve.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        required=True,
+        metavar="[NAME=]MODEL",
+        help="a model to serve (repeatable): hub id, local folder, alias or tiny:<family>; NAME= publishes it "
+        "under another name (e.g. to keep a local path private); the first is the default model",
+    )
+    serve.add_argument(
+        "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
+    )
+    serve.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
+    serve.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a ControlNet that requests may name in controls (repeatable); no other is ever loaded",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    serve.add_argument("--port", type=_count(0), default=7860, help="the port (default: 7860; 0 = any free port)")
+    serve.add_argument(
+        "--token",
+        default=None,
+        metavar="T",
+        help=f"require 'Authorization: Bearer T' on every endpoint but /healthz (default: ${TOKEN_ENV})",
+    )
+    limits = serve.add_argument_group("limits (each request is refused with a 4xx error naming the field)")
+    limits.add_argument(
+        "--max-pixels", type=_count(64), default=defaults.max_pixels, metavar="N", help="height x width of an image"
+    )
+    limits.add_argument("--max-steps", type=_count(1), default=defaults.max_steps, metavar="N", help="denoising steps")
+    limits.add_argument(
+        "--max-images",
+        type=_count(1),
+        default=defaults.max_images,
+        metavar="N",
+        help="images per request (AUTOMATIC1111: batch_size x n_iter)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=_count(1024),
+        default=defaults.max_body_bytes,
+        metavar="N",
+        help="size of a request body (413 beyond it)",
+    )
+    limits.add_argument(
+        "--max-control-pixels",
+        type=_count(64),
+        default=defaults.max_control_pixels,
+        metavar="N",
+        help="height x width of a control image, checked before it is decoded",
+    )
+    limits.add_argument(
+        "--queue-size",
+        type=_count(1),
+        default=defaults.queue_size,
+        metavar="N",
+        help="jobs waiting per device (503 with Retry-After beyond it)",
+    )
+    limits.add_argument(
+        "--keep-jobs",
+        type=_count(1),
+        default=defaults.keep_jobs,
+        metavar="N",
+        help="finished jobs kept for GET /v1/jobs/{id}, with their images",
+    )
+    limits.add_argument(
+        "--allow-option",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let clients set this free-text family option (refused by default: one may name a file or model)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=defaults.shutdown_timeout,
+        metavar="S",
+        help="on SIGTERM, seconds to let queued and running jobs finish before cancelling them",
+    )
+    serve.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._serve import serve
+
+    return serve(args)

@@ -1,0 +1,563 @@
+"""Jobs, and the workers that run them: one thread per device, taking jobs in order from a bounded queue.
+
+Nothing here knows HTTP. A `Job` is one or more resolved requests for one served model; its
+events (queued position, steps, previews, the outcome) go to whoever subscribed, on their own
+asyncio loop. Engines are shared by threads through their lock; a second engine over the same
+weights (the *checker*) resolves requests in the HTTP threads, so that checking a request
+never waits for the generation the worker is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from t2i_core import Engine, GenerationCancelled, GenerationRequest, GenerationResult, T2IError
+
+from ._errors import Problem, from_t2i, invalid
+from ._limits import Limits
+from ._metrics import Metrics
+
+logger = logging.getLogger("t2i.server")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@attrs.frozen
+class ServedModel:
+    """A model the server serves, under its public `name`."""
+
+    name: str
+    #: runs the jobs (in its device's worker thread only)
+    engine: Engine
+    #: the same weights (from the engine cache), checks and resolves requests in HTTP threads
+    checker: Engine
+
+
+def load_model(name: str, source: str, **load_kwargs: Any) -> ServedModel:
+    """`t2i_core.load` `source` twice: the second engine comes from the cache and shares the weights."""
+    from t2i_core import load
+
+    engine = load(source, **load_kwargs)
+    checker = load(source, **load_kwargs)
+    return ServedModel(name=name, engine=engine, checker=checker)
+
+
+class Job:
+    """One submission: the resolved requests it runs in order, its state, its results and its listeners."""
+
+    def __init__(self, *, model: ServedModel, requests: Sequence[GenerationRequest], kind: str) -> None:
+        self.id = secrets.token_hex(8)
+        self.model = model
+        self.requests = list(requests)
+        #: "native" (``/v1``) or "a1111" (``/sdapi/v1``)
+        self.kind = kind
+        self.status = QUEUED
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.position: int | None = None
+        self.step = 0
+        self.total = sum(request.num_inference_steps or 0 for request in self.requests)
+        self.results: list[GenerationResult] = []
+        #: the error body of a failed job
+        self.error: dict[str, Any] | None = None
+        #: why a cancelled job was cancelled
+        self.reason: str | None = None
+        #: how many listeners asked for latent previews
+        self.preview_watchers = 0
+        self.latest_preview: dict[str, Any] | None = None
+        self._last_preview = 0.0
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[dict[str, Any]], bool]] = []
+        self._step_event: dict[str, Any] | None = None
+
+    # -- results ----------------------------------------------------------------------------
+    @property
+    def images(self) -> list[Any]:
+        return [image for result in self.results for image in result.images]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [seed for result in self.results for seed in result.seeds]
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINISHED
+
+    def summary(self) -> dict[str, Any]:
+        """What ``GET /v1/jobs`` lists: the state, without images."""
+        summary: dict[str, Any] = {
+            "id": self.id,
+            "model": self.model.name,
+            "kind": self.kind,
+            "status": self.status,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "progress": {"step": self.step, "total": self.total},
+            "seeds": self.seeds,
+            "images": len(self.images),
+        }
+        if self.status == QUEUED:
+            summary["position"] = self.position
+        if self.error is not None:
+            summary["error"] = self.error
+        if self.reason is not None:
+            summary["reason"] = self.reason
+        return summary
+
+    # -- events -----------------------------------------------------------------------------
+    def publish(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if event["type"] == "step":
+                self._step_event = event
+            listeners = list(self._listeners)
+        for loop, queue, previews in listeners:
+            if event["type"] == "preview" and not previews:
+                continue
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the listener's loop is closed: it left
+                self._drop(queue)
+
+    def _drop(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        with self._lock:
+            for listener in self._listeners:
+                if listener[1] is queue:
+                    self._listeners.remove(listener)
+                    self.preview_watchers -= listener[2]
+                    return
+
+    def _current(self) -> list[dict[str, Any]]:
+        """The events that tell a new listener where the job stands."""
+        if self.status == QUEUED:
+            return [{"type": "queued", "position": self.position}]
+        if self.status == RUNNING:
+            events = [{"type": "started"}]
+            if self._step_event is not None:
+                events.append(self._step_event)
+            return events
+        return [self.final_event()]
+
+    def final_event(self) -> dict[str, Any]:
+        if self.status == DONE:
+            return {"type": "done", "job": self.summary()}
+        if self.status == FAILED:
+            return {"type": "failed", "error": self.error, "job": self.summary()}
+        return {"type": "cancelled", "reason": self.reason, "job": self.summary()}
+
+    async def events(self, *, previews: bool = False, heartbeat: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Where the job stands, then each event until it ends (the final event included).
+
+        With `heartbeat`, a ``{"type": "heartbeat"}`` comes after that many quiet seconds.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        with self._lock:
+            for event in self._current():
+                queue.put_nowait(event)
+            if previews and self.latest_preview is not None and self.status == RUNNING:
+                queue.put_nowait(self.latest_preview)
+            if not self.done:
+                self._listeners.append((loop, queue, previews))
+                self.preview_watchers += previews
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), heartbeat)
+                except asyncio.TimeoutError:
+                    event = {"type": "heartbeat"}
+                yield event
+                if event["type"] in FINISHED:
+                    return
+        finally:
+            self._drop(queue)
+
+    async def wait(self) -> None:
+        """Until the job has ended."""
+        async for _event in self.events():
+            pass
+
+    # -- state changes (from the worker, or a cancel) ----------------------------------------------------
+    def cancel(self, reason: str) -> bool:
+        """Ask the job to stop (at its next step if it runs); False if it has already ended."""
+        with self._lock:
+            if self.done:
+                return False
+            if self.reason is None:
+                self.reason = reason
+            self._cancel.set()
+            return True
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel.is_set()
+
+    def set_position(self, position: int) -> None:
+        if position != self.position:
+            self.position = position
+            self.publish({"type": "queued", "position": position})
+
+    def start(self) -> None:
+        with self._lock:
+            self.status = RUNNING
+            self.started = time.time()
+            self.position = None
+        self.publish({"type": "started"})
+
+    def finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self.status = status
+            self.error = error
+            self.finished = time.time()
+            if status == CANCELLED and self.reason is None:
+                self.reason = "cancelled"
+        self.publish(self.final_event())
+
+
+class QueueFull(Exception):
+    """The device's queue holds `Limits.queue_size` jobs already."""
+
+
+class Worker:
+    """The one thread that runs a device's jobs, in the order they were queued."""
+
+    def __init__(self, device: str, capacity: int, run: Callable[[Job], None]) -> None:
+        self.device = device
+        self.capacity = capacity
+        self.running: Job | None = None
+        self._run = run
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"t2i-worker-{device}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            if len(self._queue) >= self.capacity:
+                raise QueueFull(self.device)
+            self._queue.append(job)
+            job.position = len(self._queue)
+            self._cond.notify_all()
+
+    def remove(self, job: Job) -> bool:
+        """Take a queued job out of the queue; False if it is not (or no longer) queued."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            self._announce_positions()
+            return True
+
+    def queued(self) -> list[Job]:
+        with self._cond:
+            return list(self._queue)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until nothing is queued or running (True), or `timeout` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self.running is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def stop(self, timeout: float) -> None:
+        """Run what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _announce_positions(self) -> None:
+        for index, job in enumerate(self._queue):
+            job.set_position(index + 1)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self.running = job
+                self._announce_positions()
+            try:
+                self._run(job)
+            except BaseException:
+                logger.exception("t2i serve: job %s ended the worker's call unexpectedly", job.id)
+            finally:
+                with self._cond:
+                    self.running = None
+                    self._cond.notify_all()
+
+
+class Service:
+    """The served models, their workers, and every job not yet forgotten."""
+
+    def __init__(
+        self,
+        models: Iterable[ServedModel],
+        limits: Limits | None = None,
+        *,
+        controlnets: Iterable[str] = (),
+        allowed_options: Iterable[str] = (),
+    ) -> None:
+        self.models: dict[str, ServedModel] = {}
+        for model in models:
+            if model.name in self.models:
+                raise ValueError(f"two models are served as {model.name!r}")
+            self.models[model.name] = model
+        if not self.models:
+            raise ValueError("a server needs at least one model")
+        self.default_model = next(iter(self.models))
+        self.limits = limits or Limits()
+        #: the ControlNets requests may name; no other is ever resolved
+        self.controlnets = tuple(controlnets)
+        self.allowed_options = frozenset(allowed_options)
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.closing = False
+        self._deadline: float | None = None
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._finished: deque[str] = deque()
+        self._lock = threading.Lock()
+        self.workers: dict[str, Worker] = {}
+        for model in self.models.values():
+            device = model.engine.device
+            if device not in self.workers:
+                self.workers[device] = Worker(device, self.limits.queue_size, self._run)
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    # -- requests -----------------------------------------------------------------------------
+    def model(self, name: str | None, field: str = "model") -> ServedModel:
+        """The served model `name` (None = the default one)."""
+        if name is None:
+            return self.models[self.default_model]
+        served = self.models.get(name)
+        if served is None:
+            allowed = ", ".join(repr(n) for n in self.models)
+            raise invalid(field, f"{field}={name!r} is not served here: expected one of {allowed}", allowed)
+        return served
+
+    def check(self, served: ServedModel, request: GenerationRequest, fields: Mapping[str, str]) -> GenerationRequest:
+        """`request` checked against the limits and resolved by the model (defaults filled in, the seed fixed).
+
+        `fields` names t2i's request fields as the client's API calls them, for the errors.
+        """
+
+        def name(field: str) -> str:
+            return fields.get(field, field)
+
+        limits = self.limits
+        if request.num_images > limits.max_images:
+            raise invalid(
+                name("num_images"),
+                f"{name('num_images')}={request.num_images} is more images than this server makes per request",
+                f"an integer in [1, {limits.max_images}]",
+            )
+        if len(request.controls) > limits.max_controls:
+            raise invalid("controls", f"{len(request.controls)} controls", f"at most {limits.max_controls}")
+        for index, control in enumerate(request.controls):
+            if control.model not in self.controlnets:
+                allowed = ", ".join(repr(c) for c in self.controlnets) or "none (the server serves no ControlNet)"
+                raise invalid(
+                    f"controls[{index}].model",
+                    f"controls[{index}].model={control.model!r} is not served here",
+                    f"one of {allowed}",
+                )
+        self._check_options(served, request)
+        try:
+            resolved, _options = served.checker.resolve(request)
+        except T2IError as exc:
+            raise from_t2i(exc, fields) from None
+        assert resolved.height is not None and resolved.width is not None
+        steps = resolved.num_inference_steps or 0
+        if steps > limits.max_steps:
+            given = "" if request.num_inference_steps else f" (the {served.engine.family} default)"
+            raise invalid(
+                name("num_inference_steps"),
+                f"{name('num_inference_steps')}={steps}{given} is more steps than this server runs",
+                f"an integer in [1, {limits.max_steps}]",
+            )
+        if resolved.height * resolved.width > limits.max_pixels:
+            raise invalid(
+                name("height"),
+                f"{resolved.height}x{resolved.width} is more pixels than this server makes per image",
+                f"height x width at most {limits.max_pixels} pixels",
+            )
+        return resolved
+
+    def _check_options(self, served: ServedModel, request: GenerationRequest) -> None:
+        """Refuse free-text family options (a refiner, a prior: a path or hub id) unless allowed at start-up."""
+        declared = {option.name: option for option in served.engine.provider.options}
+        for key in request.options:
+            option = declared.get(key)
+            if option is None or key in self.allowed_options:
+                continue  # an unknown name: the family refuses it, naming the known ones
+            if option.type is str and option.choices is None:
+                raise invalid(
+                    f"options[{key!r}]",
+                    f"option {key!r} is not settable through this server: a free-text option may name a "
+                    "file or a model",
+                    f"no {key!r} (the operator may allow it: t2i serve --allow-option {key})",
+                )
+
+    def submit(self, served: ServedModel, requests: Sequence[GenerationRequest], kind: str) -> Job:
+        """Queue a job of checked `requests` on `served`'s device; `Problem` 503 when full or closing."""
+        job = Job(model=served, requests=requests, kind=kind)
+        worker = self.workers[served.engine.device]
+        with self._lock:
+            if self.closing:
+                self.metrics.rejected_job("shutting_down")
+                raise Problem(503, "shutting_down", SHUTTING_DOWN, headers={"Retry-After": "30", "Connection": "close"})
+            try:
+                worker.put(job)
+            except QueueFull:
+                self.metrics.rejected_job("queue_full")
+                raise Problem(
+                    503,
+                    "queue_full",
+                    f"the queue of {worker.device} is full ({worker.capacity} jobs waiting); retry later",
+                    headers={"Retry-After": str(self.retry_after(worker))},
+                ) from None
+            self._jobs[job.id] = job
+        return job
+
+    def retry_after(self, worker: Worker) -> int:
+        """Seconds a client should wait before retrying: about one job's time (1 to 60)."""
+        return max(1, min(60, math.ceil(self.metrics.mean_latency() or 1.0)))
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job: Job, reason: str = "cancelled by the client") -> bool:
+        """Cancel a queued job at once, a running one at its next step; False if it has ended."""
+        if not job.cancel(reason):
+            return False
+        if self.workers[job.model.engine.device].remove(job):
+            self._finish(job, CANCELLED)
+        return True
+
+    def running(self) -> list[Job]:
+        return [worker.running for worker in self.workers.values() if worker.running is not None]
+
+    # -- the worker's side --------------------------------------------------------------------
+    def _run(self, job: Job) -> None:
+        if job.cancelling:
+            self._finish(job, CANCELLED)
+            return
+        job.start()
+        engine = job.model.engine
+        try:
+            for index, request in enumerate(job.requests):
+                if job.cancelling:
+                    raise GenerationCancelled(job.reason or "cancelled")
+                job.results.append(engine.generate(request, progress=self._progress(job, index)))
+        except GenerationCancelled:
+            self._finish(job, CANCELLED)
+        except T2IError as exc:
+            self._finish(job, FAILED, from_t2i(exc).body()["error"])
+        except Exception as exc:
+            logger.exception("t2i serve: job %s failed", job.id)
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._finish(job, FAILED, {"type": "internal_error", "message": message})
+        else:
+            self._finish(job, DONE)
+
+    def _progress(self, job: Job, index: int) -> Callable[..., bool]:
+        count = len(job.requests)
+        family = job.model.engine.family
+
+        def progress(step: int, total: int, latents: Any = None) -> bool:
+            job.step, job.total = index * total + step, count * total
+            self.metrics.step()
+            job.publish({"type": "step", "step": job.step, "total": job.total})
+            now = time.monotonic()
+            if (
+                latents is not None
+                and job.preview_watchers > 0
+                and now - job._last_preview >= self.limits.preview_interval
+            ):
+                job._last_preview = now
+                self._preview(job, latents, family)
+            return not job.cancelling
+
+        return progress
+
+    def _preview(self, job: Job, latents: Any, family: str) -> None:
+        from ._preview import preview_png
+
+        try:
+            image, width, height = preview_png(latents, family)
+        except Exception:
+            logger.debug("t2i serve: no preview for job %s", job.id, exc_info=True)
+            return
+        event = {"type": "preview", "step": job.step, "image": image, "width": width, "height": height}
+        job.latest_preview = event
+        job.publish(event)
+
+    def _finish(self, job: Job, status: str, error: dict[str, Any] | None = None) -> None:
+        job.finish(status, error=error)
+        self.metrics.finished(status, (job.finished or time.time()) - job.created, len(job.images))
+        with self._lock:
+            self._finished.append(job.id)
+            while len(self._finished) > self.limits.keep_jobs:
+                self._jobs.pop(self._finished.popleft(), None)
+
+    # -- shutting down ------------------------------------------------------------------------
+    def begin_shutdown(self, timeout: float | None = None) -> None:
+        """Accept no more jobs; cancel those not finished within `timeout` seconds (default: the limit)."""
+        timeout = self.limits.shutdown_timeout if timeout is None else timeout
+        with self._lock:
+            if self.closing:
+                return
+            self.closing = True
+            self._deadline = time.monotonic() + timeout
+        threading.Thread(target=self._cancel_at_deadline, name="t2i-shutdown", daemon=True).start()
+
+    def _cancel_at_deadline(self) -> None:
+        assert self._deadline is not None
+        for worker in self.workers.values():
+            worker.wait_idle(max(0.0, self._deadline - time.monotonic()))
+        for job in self.jobs():
+            self.cancel(job, SHUTTING_DOWN)
+
+    def stop(self) -> None:
+        """`begin_shutdown`, then wait for the workers to end (their last step, at worst)."""
+        self.begin_shutdown()
+        assert self._deadline is not None
+        for worker in self.workers.values():
+            worker.stop(max(0.0, self._deadline - time.monotonic()) + 60.0)

@@ -1,0 +1,220 @@
+"""``t2i serve``: load the models (with progress on the terminal), then run uvicorn until Ctrl-C or SIGTERM.
+
+On SIGTERM the server stops accepting connections and jobs, lets queued and running jobs finish
+for ``--shutdown-timeout`` seconds, cancels what is left (at its next step), and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from t2i_core import InvalidRequestError
+
+from . import TOKEN_ENV
+from ._jobs import ServedModel, Service, load_model
+from ._limits import Limits
+
+_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server that `args` describe; the exit status."""
+    specs = [_model_spec(text) for text in args.model]
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    limits = Limits(
+        max_pixels=args.max_pixels,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_body_bytes=args.max_body_bytes,
+        max_control_pixels=args.max_control_pixels,
+        queue_size=args.queue_size,
+        keep_jobs=args.keep_jobs,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    if token is not None and not token.strip():
+        raise InvalidRequestError("--token", token, "a non-empty token")
+    sock = _bind(args.host, args.port)  # before loading: a port in use is a one-line error at once
+    _quiet_libraries()
+    models = _load(specs, args)
+    service = Service(models, limits, controlnets=args.controlnet, allowed_options=args.allow_option)
+    _load_controlnets(service, args.controlnet)
+
+    from ._app import create_app
+
+    app = create_app(service, token=token)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(limits.shutdown_timeout) + 10,
+        # The server answers errors itself; uvicorn's own header would only advertise the stack.
+        server_header=False,
+    )
+    server = _Server(config, service)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not _is_loopback(host) and token is None:
+        print(
+            f"t2i: warning: serving on {host} without --token: anyone who can reach this port can use it",
+            file=sys.stderr,
+        )
+    print(
+        f"t2i serve: serving {', '.join(service.models)} on http://{shown}:{port}/ "
+        f"(API: /openapi.json{', bearer token required' if token else ''}); Ctrl-C or SIGTERM stops it",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run(sockets=[sock])
+    if server.force_exit:
+        return 130
+    print("t2i serve: stopped", file=sys.stderr)
+    return 0 if server.started else 1
+
+
+def _model_spec(text: str) -> tuple[str, str]:
+    """``[NAME=]MODEL`` -> (the public name, the model to load)."""
+    name, sep, source = text.partition("=")
+    if sep and _NAME.match(name) and source:
+        return name, source
+    if not text.strip():
+        raise InvalidRequestError("--model", text, "[NAME=]MODEL: a hub id, local folder, alias or tiny:<family>")
+    return text, text
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
+    # that say they are TCP; with proto 0, every answer waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidRequestError("--port", port, f"a port free on {host} ({exc.strerror or exc})") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _load(specs: list[tuple[str, str]], args: argparse.Namespace) -> list[ServedModel]:
+    names = [name for name, _source in specs]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise InvalidRequestError("--model", duplicate, "each model once (NAME= serves one under another name)")
+    models = []
+    for index, (name, source) in enumerate(specs, start=1):
+        shown = source if name == source else f"{source} as {name}"
+        print(f"t2i serve: loading {shown} ({index} of {len(specs)}) ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        served = load_model(
+            name, source, device=args.device, accelerators=args.accelerator, allow_pickle=args.allow_pickle
+        )
+        engine = served.engine
+        accelerators = ", ".join(engine.accelerators) or "none"
+        print(
+            f"t2i serve: loaded {name}: {engine.family} on {engine.device} (accelerators: {accelerators}) "
+            f"in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        models.append(served)
+    return models
+
+
+def _load_controlnets(service: Service, controlnets: list[str]) -> None:
+    """Load each ControlNet into every served model it fits, with a one-step generation (so no request waits)."""
+    if not controlnets:
+        return
+    from PIL import Image
+
+    from t2i_core import Control, GenerationRequest, T2IError
+
+    for controlnet in controlnets:
+        print(f"t2i serve: loading ControlNet {controlnet} ...", file=sys.stderr, flush=True)
+        fits = []
+        for name, served in service.models.items():
+            height, width = served.engine.provider.native_size(served.engine.pipeline)
+            control = Control(image=Image.new("RGB", (width, height)), model=controlnet)
+            request = GenerationRequest(prompt="warm-up", num_inference_steps=1, seed=0, controls=(control,))
+            try:
+                served.checker.resolve(request)
+                served.engine.generate(request)
+            except T2IError:
+                continue  # another family's ControlNet: requests naming it on this model get a 422
+            fits.append(name)
+        if not fits:
+            raise InvalidRequestError("--controlnet", controlnet, "a ControlNet that fits one of the served models")
+        print(f"t2i serve: ControlNet {controlnet} serves {', '.join(fits)}", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """No loading bars or notices from the libraries: the server prints its own progress."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told about shutdowns first, and ending with exit status 0 on SIGTERM.
+
+    uvicorn re-raises a caught SIGTERM once it has shut down, which would end the process *by* the
+    signal; a server that drained its jobs has done what SIGTERM asked, so it exits normally.
+    """
+
+    def __init__(self, config: Any, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        if not self.should_exit:
+            busy = sum(len(worker) for worker in self.service.workers.values()) + len(self.service.running())
+            print(
+                f"t2i serve: stopping ({signal.Signals(sig).name}): no new jobs; {busy} job(s) get up to "
+                f"{self.service.limits.shutdown_timeout:g} s to finish",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.service.begin_shutdown()
+        self.should_exit = True

@@ -1,0 +1,112 @@
+"""``t2i serve`` as a real process: SIGTERM stops new work, lets the running job finish, and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+from server_support import wait_until
+
+STEPS = 40  # running when SIGTERM comes (sent as soon as it runs), and done well within the timeout
+
+
+def test_sigterm_finishes_the_running_job_refuses_new_work_and_exits_0() -> None:
+    command = [sys.executable, "-m", "t2i_core.cli", "serve", "--model", "tiny:sd15", "--device", "cpu", "--port", "0"]
+    command += ["--shutdown-timeout", "120"]
+    # One torch thread: the server and this process share the CPU, and torch threads that outnumber
+    # the free cores spin-wait (tens of times slower on a busy 2-core machine).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: any("serving" in line for line in lines) or process.poll() is not None, 180, "the server")
+        serving = next((line for line in lines if "serving" in line), None)
+        assert serving is not None, "".join(lines)
+        base = serving.split(" on ", 1)[1].split("/ ", 1)[0]
+        assert base.startswith("http://127.0.0.1:")
+        client = httpx.Client(base_url=base, timeout=httpx.Timeout(120.0, connect=10.0))
+        wait_until(lambda: _healthy(client), 60, "/healthz")
+        # Answers leave at once (TCP_NODELAY): with Nagle's algorithm on, each waited ~40 ms for an ACK.
+        latencies = []
+        for _ in range(10):
+            started = time.perf_counter()
+            assert client.get("/v1/models").status_code == 200
+            latencies.append(time.perf_counter() - started)
+        assert sorted(latencies)[5] < 0.03, latencies
+
+        answers: dict[str, Any] = {}
+
+        def generate() -> None:
+            with httpx.Client(base_url=base, timeout=180) as own:
+                answers["response"] = own.post(
+                    "/v1/generations", json={"prompt": "x", "num_inference_steps": STEPS, "seed": 4}
+                )
+
+        caller = threading.Thread(target=generate)
+        caller.start()
+        wait_until(
+            lambda: any(job["status"] == "running" for job in client.get("/v1/jobs").json()["jobs"]),
+            60,
+            "a running job",
+        )
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not _healthy(client), 30, "the server to stop accepting work")
+        caller.join(180)
+        response = answers["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["seeds"] == [4] and len(response.json()["images"]) == 1
+        assert process.wait(timeout=120) == 0
+        reader.join(10)
+        text = "".join(lines)
+        assert "stopping (SIGTERM): no new jobs; 1 job(s) get up to 120 s to finish" in text, text
+        assert text.rstrip().endswith("t2i serve: stopped"), text
+        assert "Traceback" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def _healthy(client: Any) -> bool:
+    try:
+        return bool(client.get("/healthz").status_code == 200)
+    except httpx.TransportError:
+        return False
+
+
+def test_serve_refuses_bad_arguments_in_one_line() -> None:
+    """A port in use, a bad limit: one line on stderr, exit 2, before any model loads."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "t2i_core.cli", "serve", "--model", "tiny:sd15", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("t2i: error: --port=") and "a port free on 127.0.0.1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "loading" not in done.stderr
+    assert time.monotonic() - started < 60
+    bad = subprocess.run(
+        [sys.executable, "-m", "t2i_core.cli", "serve", "--model", "tiny:sd15", "--max-steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "argument --max-steps: '0' is not allowed: expected an integer >= 1" in bad.stderr
