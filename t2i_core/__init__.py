@@ -27,7 +27,7 @@ from .errors import (
     UnknownFamilyError,
     UnsupportedFeatureError,
 )
-from .executor import Executor, ExecutorSettings, Outcome, WorkItem, Worker
+from .executor import Executor, ExecutorSettings, Outcome, Worker, WorkItem
 from .hookspecs import hookimpl, hookspec
 from .provider import FamilyDefaults, ModelProvider, Option
 from .request import Control, Embedding, GenerationRequest, GenerationResult, Lora

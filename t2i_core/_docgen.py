@@ -59,9 +59,10 @@ def render_options(registry: Registry | None = None) -> str:
 def render_cli(parser: argparse.ArgumentParser | None = None) -> str:
     """The command-line reference, read from the argparse parser that ``t2i`` itself runs."""
     if parser is None:
+        from ._manager import get_registry
         from .cli import _parser
 
-        parser = _parser()
+        parser = _parser(get_registry().first_party("command"))  # t2i serve, from plugins/server
     lines = [
         "# Command-line reference",
         "",

@@ -3,7 +3,7 @@
 Precedence does not depend on installation order or entry-point names: t2i-core's own built-ins
 load first, then the plugins shipped from this repository, then every other plugin by
 distribution and entry-point name. A name (family, alias, conditioner, accelerator, preset,
-command) belongs to the plugin that registered it first; a later plugin's clashing item is refused with a
+command, executor) belongs to the plugin that registered it first; a later plugin's clashing item is refused with a
 warning while the rest of that plugin still loads. See docs/plugin-security.md.
 """
 

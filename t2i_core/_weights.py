@@ -45,7 +45,7 @@ def resolve_file(source: str, weight_name: str | None, *, field: str) -> Weights
         raise InvalidRequestError(field, source, f"a usable path ({exc.strerror or exc})") from None
     if exists and path.is_file():
         if weight_name is not None:
-            raise InvalidRequestError(f"{field[: -len('.source')]}.weight_name", weight_name, "None for a file source")
+            raise InvalidRequestError(_weight_field(field), weight_name, "None for a file source")
         return WeightsFile(source, _checked(path, source, field), path.name)
     if exists:
         chosen = _pick(sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, source, field, str(path))
@@ -54,6 +54,11 @@ def resolve_file(source: str, weight_name: str | None, *, field: str) -> Weights
     if names_a_file or not is_hub_id(source, namespaced=True):
         raise InvalidRequestError(field, source, f"an existing file, folder or hub id ({path} does not exist)")
     return _hub_file(source, weight_name, field)
+
+
+def _weight_field(field: str) -> str:
+    """``loras[0].source`` → ``loras[0].weight_name``."""
+    return f"{field.rpartition('.')[0]}.weight_name" if "." in field else "weight_name"
 
 
 def _checked(path: Path, source: str, field: str) -> Path:
@@ -69,7 +74,7 @@ def _checked(path: Path, source: str, field: str) -> Path:
 def _pick(names: list[str], weight_name: str | None, source: str, field: str, where: str) -> str:
     if weight_name is not None:
         if weight_name not in names:
-            raise InvalidRequestError(f"{field[: -len('.source')]}.weight_name", weight_name, f"a file in {where}")
+            raise InvalidRequestError(_weight_field(field), weight_name, f"a file in {where}")
         return weight_name
     candidates = [name for name in names if name.endswith(SAFE_SUFFIX)]
     for preferred in DEFAULT_NAMES:
@@ -83,27 +88,26 @@ def _pick(names: list[str], weight_name: str | None, source: str, field: str, wh
     )
 
 
+#: (repo, weight_name) → the file's path in the Hugging Face cache: each hub source is looked up once a process
+_hub_files: dict[tuple[str, str | None], tuple[Path, str]] = {}
+
+
 def _hub_file(repo: str, weight_name: str | None, field: str) -> WeightsFile:
     from .engine import hub_offline
 
+    known = _hub_files.get((repo, weight_name))
+    if known is not None:
+        return WeightsFile(repo, known[0], f"{repo}/{known[1]}")
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
-        from huggingface_hub.errors import EntryNotFoundError
 
-        if weight_name is None:
-            for preferred in DEFAULT_NAMES:
-                try:
-                    chosen = preferred
-                    path = Path(hf_hub_download(repo, preferred))
-                    return WeightsFile(repo, path, f"{repo}/{chosen}")
-                except EntryNotFoundError:
-                    continue
-                except Exception:  # noqa: BLE001 - offline and not cached, or another default name
-                    if not hub_offline():
-                        continue
+        chosen = weight_name
+        if chosen is None:
             names = _cached_names(repo) if hub_offline() else list_repo_files(repo)
-            weight_name = _pick(sorted(names), None, repo, field, f"the hub repository {repo}")
-        path = Path(hf_hub_download(repo, weight_name))
+            if not names:
+                raise LookupError(repo)  # offline and not cached: the error below says so
+            chosen = _pick(sorted(names), None, repo, field, f"the hub repository {repo}")
+        path = Path(hf_hub_download(repo, chosen))
     except InvalidRequestError:
         raise
     except Exception as exc:  # noqa: BLE001 - every hub failure means the same to the user
@@ -112,7 +116,9 @@ def _hub_file(repo: str, weight_name: str | None, field: str) -> WeightsFile:
         else:
             why = f"it could not be fetched from the Hugging Face Hub ({type(exc).__name__})"
         raise InvalidRequestError(field, repo, f"an existing file, folder or reachable hub id ({why})") from None
-    return WeightsFile(repo, _checked(path, repo, field), f"{repo}/{weight_name}")
+    checked = _checked(path, repo, field)
+    _hub_files[(repo, weight_name)] = (checked, chosen)
+    return WeightsFile(repo, checked, f"{repo}/{chosen}")
 
 
 def _cached_names(repo: str) -> list[str]:

@@ -88,6 +88,25 @@ def _parser(
         help="a ControlNet control (repeatable)",
     )
     gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="SOURCE[@SCALE]",
+        help="a LoRA: .safetensors file, folder or hub id, scale default 1 (repeatable; needs t2i-lora)",
+    )
+    gen.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="SOURCE[=TOKEN]",
+        help="a textual-inversion embedding and the token that stands for it in prompts (repeatable)",
+    )
+    gen.add_argument(
+        "--config",
+        metavar="C",
+        help="for a single-file --model: the diffusers folder, hub id or tiny:<family> with its configs",
+    )
+    gen.add_argument(
         "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
     )
     gen.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
@@ -152,7 +171,8 @@ def _parser(
     for name, command in (extra_commands or {}).items():
         if name not in commands.choices:  # the registry refuses CORE_COMMANDS' names already
             description = command.description or command.help
-            commands.add_parser(name, help=command.help, description=description, parents=[command.parser])
+            parents: list[Any] = [command.parser]  # a plain ArgumentParser; its arguments join a _Parser
+            commands.add_parser(name, help=command.help, description=description, parents=parents)
     return parser
 
 
@@ -306,6 +326,48 @@ def _controls(items: list[str]) -> tuple[Any, ...]:
     return tuple(controls)
 
 
+def _loras(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--lora SOURCE[@SCALE]``: an ``@`` followed by a number sets the scale.
+
+    A source that exists as given (a path with ``@`` in it) is taken whole.
+    """
+    from .request import Lora
+
+    loras = []
+    for item in items:
+        source, at, scale = item.rpartition("@")
+        if not at or os.path.exists(item):
+            loras.append(Lora(item))
+            continue
+        try:
+            value = float(scale)
+        except ValueError:
+            if "/" in scale or os.sep in scale:  # an @ inside a path: the whole text is the source
+                loras.append(Lora(item))
+                continue
+            raise InvalidRequestError("--lora", item, "SOURCE[@SCALE] with a number for SCALE") from None
+        if not source:
+            raise InvalidRequestError("--lora", item, "SOURCE[@SCALE] with a SOURCE")
+        loras.append(Lora(source, value))
+    return tuple(loras)
+
+
+def _embeddings(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--embedding SOURCE[=TOKEN]``; a source that exists as given is taken whole."""
+    from .request import Embedding
+
+    embeddings = []
+    for item in items:
+        source, eq, token = item.rpartition("=")
+        if not eq or os.path.exists(item):
+            embeddings.append(Embedding(item))
+            continue
+        if not source or not token.strip():
+            raise InvalidRequestError("--embedding", item, "SOURCE[=TOKEN] with a SOURCE and a TOKEN after =")
+        embeddings.append(Embedding(source, token))
+    return tuple(embeddings)
+
+
 def _control_number(item: str, text: str) -> float:
     try:
         return float(text)
@@ -364,7 +426,11 @@ def _generate(args: argparse.Namespace) -> int:
         controls=_controls(args.control) if args.control else saved_controls,
         scheduler=args.scheduler,
         options=_key_values(args.option, "--option", "KEY=VALUE"),
+        loras=_loras(args.lora),
+        embeddings=_embeddings(args.embedding),
     )
+    if args.from_image is not None:
+        request = _saved_weights(Path(args.from_image), request, args)
     outputs = _output_paths(args.output, request.num_images)
     for path in outputs:
         _check_output(path, args.overwrite or args.skip_existing)
@@ -391,6 +457,7 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
         accelerators=args.accelerator,
         allow_pickle=args.allow_pickle,
+        config=args.config,
     )
     resolved, _ = engine.resolve(request)  # report bad options before the progress bar starts
     if kept:
@@ -469,6 +536,46 @@ def _apply_saved_run(args: argparse.Namespace) -> tuple[Any, ...]:
     if args.control or "controls" not in text:
         return ()
     return _saved_controls(path, text["controls"])
+
+
+def _saved_weights(path: Path, request: GenerationRequest, args: argparse.Namespace) -> GenerationRequest:
+    """Check ``--lora`` / ``--embedding`` against the LoRAs and embeddings a ``--from`` PNG was made with.
+
+    The PNG names them by file name and content hash, never by path, so they must be given again,
+    in the same order; a given file must have the saved content. A ``--lora`` without ``@SCALE``
+    (an ``--embedding`` without ``=TOKEN``) takes the saved scale (token).
+    """
+    import attrs
+
+    from ._weights import describe
+
+    text = _png_text(path)
+    changes: dict[str, Any] = {}
+    kinds: list[tuple[str, str, tuple[Any, ...], list[str], str]] = [
+        ("loras", "--lora", request.loras, args.lora, "scale"),
+        ("embeddings", "--embedding", request.embeddings, args.embedding, "token"),
+    ]
+    for key, flag, given, flags, setting in kinds:
+        if key not in text:
+            continue
+        try:
+            saved = [dict(item) for item in json.loads(text[key])]
+            files = [(str(item["name"]), str(item["sha256"])) for item in saved]
+        except (ValueError, TypeError, KeyError):
+            raise InvalidRequestError("--from", str(path), f"a PNG with t2i's {key} metadata") from None
+        ours = [describe(item.source, getattr(item, "weight_name", None))["sha256"] for item in given]
+        if ours != [digest for _, digest in files]:
+            listed = ", ".join(f"{name} (sha256 {digest[:12]})" for name, digest in files)
+            raise InvalidRequestError(
+                "--from", str(path), f"{flag} for each file it was made with, in this order: {listed}"
+            )
+        marker = "@" if setting == "scale" else "="
+        items = []
+        for item, flag_text, entry in zip(given, flags, saved, strict=True):
+            explicit = marker in flag_text and not os.path.exists(flag_text)
+            items.append(item if explicit else attrs.evolve(item, **{setting: entry[setting]}))
+        changes[key] = tuple(items)
+    return request.evolve(**changes) if changes else request
 
 
 def _png_text(path: Path) -> dict[str, str]:
@@ -826,6 +933,7 @@ def _plugins(args: argparse.Namespace) -> int:
     }
     presets = {name: {k: list(v) for k, v in p.stacks.items()} for name, p in sorted(registry.presets.items())}
     executors = {name: {"description": e.description} for name, e in sorted(registry.executors.items())}
+    commands = {name: {"help": c.help} for name, c in sorted(registry.commands.items())}
     if args.json:
         document = {
             "plugins": plugins,
@@ -834,6 +942,7 @@ def _plugins(args: argparse.Namespace) -> int:
             "accelerators": accelerators,
             "presets": presets,
             "executors": executors,
+            "commands": commands,
         }
         print(json.dumps(document, indent=2, default=str))
         return 0
@@ -876,6 +985,9 @@ def _plugins(args: argparse.Namespace) -> int:
     print("batch executors:")
     for name, executor in executors.items():
         print(f"  {name}: {executor['description']}")
+    print("commands:")
+    for name, command in commands.items():
+        print(f"  t2i {name}: {command['help']}")
     return 0
 
 

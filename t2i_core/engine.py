@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from . import schedulers
+from . import _single_file, schedulers
 from ._locks import loading_lock
 from ._manager import Registry, get_registry
 from .accelerator import PHASES, Accelerator, LoadContext
@@ -70,6 +70,8 @@ class _Resolved:
     is_local: bool
     #: ``model_index.json`` when detecting the family read it already
     model_index: dict[str, Any] | None = None
+    #: for a single-file checkpoint (`source` is the file): the local folder of its configs
+    config: str | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -593,16 +595,21 @@ def load(
     accelerators: Iterable[str] | None = None,
     cache: bool = True,
     allow_pickle: bool = False,
+    config: str | None = None,
 ) -> Engine:
     """Load `model` into an `Engine`.
 
-    :param model: a hub id, a local diffusers folder, a family alias (``"sd15"``) or ``tiny:<family>``.
+    :param model: a hub id, a local diffusers folder, a family alias (``"sd15"``), ``tiny:<family>``
+        or a single-file checkpoint (``model.safetensors``; ``.ckpt`` only with `allow_pickle`).
     :param family: the provider to use; None detects it from ``model_index.json``.
     :param device: ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     :param accelerators: accelerator or preset names, applied in phase order; None = the ``auto`` preset.
     :param cache: reuse weights already loaded in this process for the same model, family,
         device and accelerators (each engine still gets its own pipeline object and scheduler).
     :param allow_pickle: also load ``.bin`` (pickle) weights when a checkpoint has no safetensors.
+    :param config: for a single file only: the diffusers folder, hub id or ``tiny:<family>`` whose
+        configs and tokenizers it loads with; None = the family's default repository, from the
+        local Hugging Face cache only (see ``docs/single-file.md``).
     """
     registry = get_registry()
     if isinstance(model, os.PathLike):
@@ -611,7 +618,7 @@ def load(
         raise InvalidRequestError("model", model, "a hub id, a local folder, a family alias or tiny:<family>")
     if family is not None and not isinstance(family, str):
         raise InvalidRequestError("family", family, "None or a family name: " + ", ".join(sorted(registry.providers)))
-    resolved = _resolve_model(registry, model, family)
+    resolved = _resolve_model(registry, model, family, config=config, allow_pickle=allow_pickle)
     device = resolve_device(device)
     names = _accelerator_names(accelerators, registry)
     chosen = registry.resolve_accelerators(names, device)
@@ -624,7 +631,7 @@ def load(
         accelerators=tuple(a.name for a in chosen),
     )
     _check_accelerators(chosen, context)
-    key = (resolved.family, resolved.source, device, context.accelerators, allow_pickle)
+    key = (resolved.family, resolved.source, device, context.accelerators, allow_pickle, resolved.config)
     if cache:
         pipeline = resolved.provider.share(_cached_pipeline(key, model, resolved, chosen, context, allow_pickle))
     else:
@@ -673,9 +680,15 @@ def _check_accelerators(chosen: tuple[Accelerator, ...], context: LoadContext) -
         accelerator.check(context)
 
 
-def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resolved:
+def _resolve_model(
+    registry: Registry, model: str, family: str | None, *, config: str | None = None, allow_pickle: bool = False
+) -> _Resolved:
     if family is not None:
         registry.provider(family)  # UnknownFamilyError names the known families
+    if _single_file.is_single_file(Path(model)) and not model.startswith(TINY_PREFIX):
+        return _resolve_single_file(registry, model, family, config, allow_pickle)
+    if config is not None:
+        raise InvalidRequestError("config", config, "None unless model is a single-file checkpoint (.safetensors)")
     if model.startswith(TINY_PREFIX):
         tiny_family = model[len(TINY_PREFIX) :]
         provider = registry.provider(tiny_family)
@@ -694,7 +707,9 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
         raise ModelNotFoundError(model, f"it is neither a local folder nor a hub id ({exc.strerror or exc})") from None
     if exists:
         if not path.is_dir():
-            raise ModelNotFoundError(model, "it is a file; expected a diffusers pipeline folder")
+            raise ModelNotFoundError(
+                model, "it is a file; expected a diffusers pipeline folder or a single-file checkpoint (.safetensors)"
+            )
         source, is_local = str(path), True
     elif not is_hub_id(model):
         raise ModelNotFoundError(model, f"the local folder {path} does not exist (and it is not a hub id)")
@@ -710,6 +725,23 @@ def _resolve_model(registry: Registry, model: str, family: str | None) -> _Resol
             )
     broken = [info.name for info in registry.failures()]
     raise UndetectedFamilyError(model, index.get("_class_name"), registry.providers, broken_plugins=broken)
+
+
+def _resolve_single_file(
+    registry: Registry, model: str, family: str | None, config: str | None, allow_pickle: bool
+) -> _Resolved:
+    path = Path(model).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError as exc:
+        raise ModelNotFoundError(model, f"it is not a usable path ({exc.strerror or exc})") from None
+    if not is_file:
+        raise ModelNotFoundError(model, f"the single-file checkpoint {path} does not exist")
+    names = _single_file.tensor_names(model, path, allow_pickle)
+    provider = _single_file.detect(registry, model, names, family)
+    with loading_lock:  # a tiny:<family> config may be built
+        folder = _single_file.config_folder(model, provider, config)
+    return _Resolved(source=str(path), family=provider.name, provider=provider, is_local=True, config=folder)
 
 
 def _check_components(model: str, folder: Path, skipped: tuple[str, ...] = ()) -> None:
@@ -733,6 +765,9 @@ def _load_pipeline(
     context: LoadContext,
     allow_pickle: bool,
 ) -> Any:
+    if resolved.config is not None:
+        pipeline = _load_single_file(model, resolved, chosen, context)
+        return _apply_accelerators(pipeline, chosen, context)
     if resolved.is_local:
         _check_components(model, Path(resolved.source), resolved.provider.skipped_components)
     model_index = resolved.model_index
@@ -750,6 +785,33 @@ def _load_pipeline(
     except Exception as exc:
         raise _load_error(model, resolved, exc, allow_pickle) from exc
     resolved.provider.check_pipeline(model, pipeline)
+    return _apply_accelerators(pipeline, chosen, context)
+
+
+def _load_single_file(model: str, resolved: _Resolved, chosen: tuple[Accelerator, ...], context: LoadContext) -> Any:
+    assert resolved.config is not None
+    load_kwargs: dict[str, Any] = {}
+    for accelerator in chosen:
+        load_kwargs.update(accelerator.load_kwargs(context))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipeline = resolved.provider.load_single_file(resolved.source, resolved.config, load_kwargs)
+    except T2IError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ModelNotFoundError(
+            model,
+            f"diffusers could not load it as a single-file {resolved.family} checkpoint with the configs of "
+            f"{resolved.config} ({reason})",
+        ) from exc
+    resolved.provider.check_pipeline(model, pipeline)
+    return pipeline
+
+
+def _apply_accelerators(pipeline: Any, chosen: tuple[Accelerator, ...], context: LoadContext) -> Any:
     placed = False
     for accelerator in chosen:
         if accelerator.phase == "placement":

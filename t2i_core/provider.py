@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -141,6 +141,15 @@ class ModelProvider:
         """Whether a checkpoint whose ``model_index.json`` is `model_index` belongs to this family."""
         return model_index.get("_class_name") in self.pipeline_classes
 
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        """Whether a single-file checkpoint whose tensor names are `keys` belongs to this family.
+
+        Called by `load` for a ``.safetensors`` (or, with ``allow_pickle``, ``.ckpt``) file, with
+        the names from the file's header (no weights are read). The default claims none: a family
+        that loads single files overrides it and `load_single_file`.
+        """
+        return False
+
     def build_tiny(self, folder: Path) -> None:
         """Write a small random-weight checkpoint of this family into `folder` (a diffusers folder).
 
@@ -191,6 +200,25 @@ class ModelProvider:
         from diffusers import AutoPipelineForText2Image
 
         return AutoPipelineForText2Image.from_pretrained(source, **load_kwargs)
+
+    def load_single_file(self, file: str, config: str, load_kwargs: Mapping[str, Any]) -> Any:
+        """Load the single-file checkpoint `file` with the configs and tokenizers of the local folder `config`.
+
+        The default calls diffusers' ``<first of pipeline_classes>.from_single_file(file,
+        config=config, local_files_only=True)`` with the dtype the accelerators chose, so
+        nothing is ever downloaded; the engine holds `loading_lock` around it.
+        """
+        import diffusers
+
+        if not self.pipeline_classes:
+            raise NotImplementedError(f"family {self.name!r} names no pipeline class to load single files with")
+        import torch
+
+        pipeline_class = getattr(diffusers, self.pipeline_classes[0])
+        dtype = load_kwargs.get("torch_dtype")
+        # float32 is what from_single_file loads anyway; passing it only makes diffusers warn.
+        kwargs = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+        return pipeline_class.from_single_file(file, config=config, local_files_only=True, **kwargs)
 
     def check_pipeline(self, model: str, pipeline: Any) -> None:
         """Refuse a loaded pipeline this family cannot run (e.g. ``family="sdxl"`` forced onto SD 1.5).
@@ -346,11 +374,22 @@ def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
 
 def private_components(pipeline: Any) -> dict[str, Any]:
     """`pipeline.components`, with every component that is not a torch module deep-copied."""
-    import copy
-
     import torch
 
     return {
-        name: component if component is None or isinstance(component, torch.nn.Module) else copy.deepcopy(component)
+        name: component if component is None or isinstance(component, torch.nn.Module) else _deep_copy(component)
         for name, component in pipeline.components.items()
     }
+
+
+def _deep_copy(component: Any) -> Any:
+    import copy
+
+    copied = copy.deepcopy(component)
+    # transformers' CLIPTokenizer wraps its Rust tokenizer's decode at construction (to turn "</w>"
+    # into spaces); a deep copy has a new Rust tokenizer without the wrapper, so it decodes
+    # "a</w>cat</w>" — which Compel's textual-inversion manager re-encodes into other tokens.
+    rewrap = getattr(copied, "_wrap_decode_method_backend_tokenizer", None)
+    if callable(rewrap):
+        rewrap()
+    return copied

@@ -113,7 +113,9 @@ class Lora:
     scale: float = attrs.field(
         default=1.0,
         converter=_number,
-        validator=chain(of_type(float, what="a number in [-10, 10]"), in_range(-10.0, 10.0, what="a number in [-10, 10]")),
+        validator=chain(
+            of_type(float, what="a number in [-10, 10]"), in_range(-10.0, 10.0, what="a number in [-10, 10]")
+        ),
     )
     weight_name: str | None = attrs.field(
         default=None, validator=optional(chain(of_type(str, what="None or a file name"), non_blank))
@@ -133,15 +135,20 @@ class Embedding:
     token: str | None = attrs.field(default=None, validator=optional(_token))
 
 
-def _to_tuple_of(kind: type) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
-        if isinstance(value, list):
-            return tuple(value)
-        if isinstance(value, kind):
-            return (value,)
-        return value
+def _as_tuple(value: Any, kind: type) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, kind):
+        return (value,)
+    return value
 
-    return convert
+
+def _to_loras(value: Any) -> Any:
+    return _as_tuple(value, Lora)
+
+
+def _to_embeddings(value: Any) -> Any:
+    return _as_tuple(value, Embedding)
 
 
 def _tuple_of(kind: type) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -226,9 +233,9 @@ class GenerationRequest:
         default=None, validator=optional(of_type(str, what='None or a weighting syntax name such as "compel"'))
     )
     controls: tuple[Control, ...] = attrs.field(default=(), converter=_to_controls, validator=_controls)
-    loras: tuple[Lora, ...] = attrs.field(default=(), converter=_to_tuple_of(Lora), validator=_tuple_of(Lora))
+    loras: tuple[Lora, ...] = attrs.field(default=(), converter=_to_loras, validator=_tuple_of(Lora))
     embeddings: tuple[Embedding, ...] = attrs.field(
-        default=(), converter=_to_tuple_of(Embedding), validator=_tuple_of(Embedding)
+        default=(), converter=_to_embeddings, validator=_tuple_of(Embedding)
     )
     scheduler: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_options, validator=_options)

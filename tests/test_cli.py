@@ -182,7 +182,7 @@ def test_offline_hub_id_in_a_real_process(tmp_path: Path) -> None:
     assert "HF_HUB_OFFLINE=1" in proc.stderr
 
 
-_HEAVY = "import sys; heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'compel') if m in sys.modules); print(heavy)"
+_HEAVY = "import sys; heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'compel', 'ray') if m in sys.modules); print(heavy)"
 
 
 @pytest.mark.parametrize(

@@ -65,10 +65,15 @@ def test_relative_missing_folder() -> None:
 
 
 def test_file_instead_of_folder(tmp_path: Path) -> None:
+    # A .safetensors file is taken as a single-file checkpoint (docs/single-file.md): an empty one is unreadable.
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match="is a file"):
+    with pytest.raises(ModelNotFoundError, match=r"is not a readable \.safetensors file"):
         load(str(path), device="cpu")
+    other = tmp_path / "model.txt"
+    other.write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        load(str(other), device="cpu")
 
 
 def test_folder_without_model_index(tmp_path: Path) -> None:

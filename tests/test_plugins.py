@@ -243,13 +243,49 @@ def test_third_party_command(plugin_registry: Registry, capsys: pytest.CaptureFi
     assert main(["hello", "--nope"]) == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
+def test_third_party_executor(plugin_registry: Registry, tmp_path: Path) -> None:
+    """register_executors: a third-party executor runs a batch by name; the built-in local one stays."""
+    from t2i_core import Executor, ExecutorSettings, Outcome, WorkItem, run_batch
+
+    ran: list[str] = []
+
+    class Spark(Executor):
+        name = "spark"
+        description = "runs nothing, refuses every job"
+
+        def run(self, items: list[WorkItem], settings: ExecutorSettings) -> Iterator[Outcome]:
+            for item in items:
+                ran.extend(item.ids)
+                yield from (Outcome(id=job_id, ok=False, error_type="Nope", error="no cluster") for job_id in item.ids)
+
+    class Impostor(Spark):
+        name = "local"
+
+    @hookimpl
+    def register_executors(register: Callable[[Executor], None]) -> None:
+        register(Spark())
+        register(Impostor())
+
+    with pytest.warns(PluginWarning, match="executor 'local' is already registered by plugin 'executors'"):
+        info = plugin_registry.register_plugin(types.SimpleNamespace(register_executors=register_executors), "spark")
+    assert info.registered == ["executor:spark"] and type(plugin_registry.executor("local")).__name__ == "LocalExecutor"
+    summary = run_batch([{"id": "a", "prompt": "a cat"}], out=tmp_path, model="tiny:sd15", executor="spark")
+    assert ran == ["a"] and summary.failed == 1 and "no cluster" in summary.failures[0]
+
+
 def _hook_names() -> list[str]:
     return [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
 
 
 def test_every_hook_is_documented_with_its_signature() -> None:
     text = (ROOT / "docs" / "plugins.md").read_text()
-    hooks = ("register_accelerators", "register_commands", "register_conditioners", "register_providers")
+    hooks = (
+        "register_accelerators",
+        "register_commands",
+        "register_conditioners",
+        "register_executors",
+        "register_providers",
+    )
     assert set(hooks) <= set(_hook_names())
     for name in _hook_names():
         signature = f"def {name}{inspect.signature(getattr(hookspecs, name))}".replace("'", "")

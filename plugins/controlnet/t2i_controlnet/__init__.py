@@ -23,7 +23,6 @@ from t2i_core import (
     hookimpl,
     loading_lock,
 )
-
 from t2i_core.accelerator import is_offloaded
 
 from ._images import ImageReader, parse_preprocess, sized

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from t2i_core import FamilyDefaults, ModelProvider, hookimpl
@@ -16,6 +16,13 @@ class StableDiffusion15(ModelProvider):
     # 512x512 is the checkpoint's native size, read from its UNet config (so tiny:sd15 stays tiny).
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=7.5)
     description = "Stable Diffusion 1.x (512x512, 50 steps, guidance 7.5)"
+
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        # The original SD 1.x layout: a UNet and CLIP-L under cond_stage_model.transformer (SD 2.x has
+        # OpenCLIP under cond_stage_model.model, SDXL its two encoders under conditioner.embedders).
+        return any(key.startswith("model.diffusion_model.") for key in keys) and any(
+            key.startswith("cond_stage_model.transformer.") for key in keys
+        )
 
     def build_tiny(self, folder: Path) -> None:
         from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel

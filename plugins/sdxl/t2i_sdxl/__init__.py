@@ -6,7 +6,7 @@ as diffusers' ensemble of expert denoisers (see `t2i_sdxl._refiner`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -100,12 +100,23 @@ class StableDiffusionXL(ModelProvider):
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0)
     options = (*PIPELINE_OPTIONS, REFINER_OPTION, *REFINER_OPTIONS)
     description = "Stable Diffusion XL (1024x1024, 50 steps, guidance 5.0), with the optional refiner"
+    # 2: the second text encoder is wider than the first, as in the real checkpoint (single files)
+    tiny_version = 2
 
     def __init__(self) -> None:
         self._refiners = Refiners()
 
     def build_tiny(self, folder: Path) -> None:
         _tiny.build_base(folder)
+
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        # The original SDXL base layout: CLIP-L and OpenCLIP-G under conditioner.embedders.0 and .1
+        # (the refiner has only OpenCLIP-G, under embedders.0).
+        return (
+            any(key.startswith("model.diffusion_model.") for key in keys)
+            and any(key.startswith("conditioner.embedders.0.transformer.") for key in keys)
+            and any(key.startswith("conditioner.embedders.1.model.") for key in keys)
+        )
 
     def check(self, request: GenerationRequest) -> dict[str, Any]:
         options = super().check(request)

@@ -14,9 +14,12 @@ from typing import Any
 from t2i_core.tiny import clip_text_config, clip_tokenizer
 
 #: ``tiny:`` refiner names → (cache name, recipe version); bump the version when a recipe changes
-TINY_REFINERS = {"tiny:sdxl-refiner": ("sdxl-refiner", 1)}
+TINY_REFINERS = {"tiny:sdxl-refiner": ("sdxl-refiner", 2)}
 
-_HIDDEN = 32  # each text encoder's width; the base UNet attends to both, concatenated
+_HIDDEN = 32  # the first text encoder's width; the base UNet attends to both, concatenated
+# The second's differs, as in the real checkpoints (768 and 1280): diffusers' from_single_file
+# tells the two encoders of a single file apart by their widths (t2i_core.ldm, docs/single-file.md).
+_HIDDEN_2 = 40
 _TIME_EMBED = 8  # addition_time_embed_dim: each micro-conditioning number becomes 8 features
 
 
@@ -34,7 +37,7 @@ def build_base(folder: Path) -> None:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         # Six micro-conditioning numbers: original size, crop top-left, target size.
-        unet=_unet(cross_attention_dim=2 * _HIDDEN, time_ids=6),
+        unet=_unet(cross_attention_dim=_HIDDEN + _HIDDEN_2, time_ids=6),
         scheduler=_scheduler(),
     )
     pipeline.save_pretrained(folder)
@@ -53,7 +56,7 @@ def build_refiner(folder: Path) -> None:
         tokenizer=None,
         tokenizer_2=tokenizer_2,
         # Five numbers: original size, crop top-left, aesthetic score.
-        unet=_unet(cross_attention_dim=_HIDDEN, time_ids=5),
+        unet=_unet(cross_attention_dim=_HIDDEN_2, time_ids=5),
         scheduler=_scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
@@ -70,7 +73,7 @@ def _tokenizer_2(folder: Path) -> Any:
 def _text_encoder_2(tokenizer: Any) -> Any:
     from transformers import CLIPTextModelWithProjection
 
-    config = clip_text_config(tokenizer, hidden_size=_HIDDEN, projection_dim=_HIDDEN, hidden_act="gelu")
+    config = clip_text_config(tokenizer, hidden_size=_HIDDEN_2, projection_dim=_HIDDEN_2, hidden_act="gelu")
     return CLIPTextModelWithProjection(config)
 
 
@@ -89,7 +92,7 @@ def _unet(*, cross_attention_dim: int, time_ids: int) -> Any:
         addition_embed_type="text_time",
         addition_time_embed_dim=_TIME_EMBED,
         # The time ids' features plus the pooled output of the second text encoder.
-        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _HIDDEN,
+        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _HIDDEN_2,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=32,
     )

@@ -1,0 +1,210 @@
+"""What a LoRA or embedding file holds, read from its safetensors header (names and shapes, no weights).
+
+Everything a request can be refused for is found here, before any weights load: a file for
+another family, a format diffusers cannot convert, a rank beyond the hot-swap slots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from t2i_core import InvalidRequestError
+from t2i_core._weights import WeightsFile, file_digest, resolve_file
+
+#: cross-attention widths of the real families, to name what a LoRA was made for
+KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+#: text-encoder widths of the real families' embeddings
+KNOWN_EMBEDDING_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}
+
+#: key endings diffusers' LoRA loader understands (PEFT, diffusers and Kohya layouts)
+_LORA_PARTS = re.compile(
+    r"(\.|_)(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
+    r"(\.[\w-]+)?\.(weight|bias)$|\.alpha$|\.dora_scale$|\.lora_magnitude_vector(\.[\w-]+)?(\.weight)?$"
+)
+#: adapter kinds diffusers does not load, by a key part that gives them away
+_OTHER_KINDS = {
+    "hada_": "LyCORIS LoHa",
+    "lokr_": "LyCORIS LoKr",
+    "oft_": "OFT",
+    ".diff": "a full weight difference (LyCORIS diff)",
+    "glora": "GLoRA",
+}
+_TEXT_ENCODER_2 = ("text_encoder_2.", "lora_te2_")
+_TEXT_ENCODER = ("text_encoder.", "lora_te_", "lora_te1_", "te_text_model")
+
+
+def header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a safetensors file with its shape (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+@attrs.frozen
+class LoraFile:
+    """A resolved LoRA file: where it is, its content hash, and what its header says."""
+
+    file: WeightsFile
+    digest: str
+    #: the largest rank of its layers
+    rank: int
+    #: whether it adapts a text encoder (first or second)
+    text_encoder: bool
+    text_encoder_2: bool
+
+    @property
+    def adapter_name(self) -> str:
+        """The diffusers adapter name: the content's hash, so the same file loads once whatever its path."""
+        return f"t2i_{self.digest[:16]}"
+
+
+def lora_file(
+    source: str,
+    weight_name: str | None,
+    field: str,
+    *,
+    family: str,
+    unet_config: Mapping[str, Any],
+    has_text_encoder_2: bool,
+) -> LoraFile:
+    """Resolve a `Lora` and refuse a file that cannot go into this model, before any weights load."""
+    found = resolve_file(source, weight_name, field=field)
+    shapes = _read(found, field)
+    if not shapes:
+        raise InvalidRequestError(field, source, f"a LoRA file ({found.name} holds no tensors)")
+    _check_kind(found, shapes, field)
+    _check_width(found, shapes, field, family, unet_config)
+    text_encoder_2 = any(key.startswith(_TEXT_ENCODER_2) for key in shapes)
+    if text_encoder_2 and not has_text_encoder_2:
+        raise InvalidRequestError(
+            field, source, f"a LoRA for {family} ({found.name} adapts a second text encoder: an SDXL LoRA)"
+        )
+    ranks = [shape[0] for key, shape in shapes.items() if _is_down(key) and shape]
+    return LoraFile(
+        file=found,
+        digest=file_digest(found.path),
+        rank=max(ranks, default=0),
+        text_encoder=any(key.startswith(_TEXT_ENCODER) for key in shapes),
+        text_encoder_2=text_encoder_2,
+    )
+
+
+def _read(found: WeightsFile, field: str) -> dict[str, tuple[int, ...]]:
+    try:
+        return header(found.path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+        raise InvalidRequestError(
+            field, found.source, f"a readable .safetensors file ({found.name}: {type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _is_down(key: str) -> bool:
+    return any(part in key for part in ("lora_A", "lora_down", "lora.down", "lora_linear_layer.down"))
+
+
+def _check_kind(found: WeightsFile, shapes: Mapping[str, Any], field: str) -> None:
+    unknown = [key for key in shapes if not _LORA_PARTS.search(key)]
+    if not unknown:
+        return
+    example = unknown[0]
+    kind = next((name for part, name in _OTHER_KINDS.items() if part in example), None)
+    pattern = re.sub(r"\d+", "N", example)
+    what = f"{kind}, which diffusers does not load" if kind else "a layout diffusers does not know"
+    raise InvalidRequestError(
+        field,
+        found.source,
+        f"a LoRA in the diffusers, PEFT or Kohya layout ({found.name} has keys like {pattern!r}: {what})",
+    )
+
+
+def _check_width(
+    found: WeightsFile, shapes: Mapping[str, tuple[int, ...]], field: str, family: str, unet_config: Mapping[str, Any]
+) -> None:
+    """Refuse a LoRA whose cross-attention keys and values read text features of another width."""
+    ours = unet_config.get("cross_attention_dim")
+    if isinstance(ours, (list, tuple)):
+        ours = ours[0]
+    widths = {
+        shape[-1]
+        for key, shape in shapes.items()
+        if "attn2" in key and ("to_k" in key or "to_v" in key) and _is_down(key) and len(shape) == 2
+    }
+    if not widths or ours is None or widths == {ours}:
+        return
+    theirs = sorted(widths)[0]
+    made_for = KNOWN_WIDTHS.get(theirs)
+    made = (
+        f"made for {made_for} (cross-attention width {theirs})" if made_for else f"for cross-attention width {theirs}"
+    )
+    raise InvalidRequestError(
+        field, found.source, f"a LoRA for this {family} model (cross-attention width {ours}); {found.name} is {made}"
+    )
+
+
+@attrs.frozen
+class EmbeddingFile:
+    """A resolved textual-inversion file: its vectors per text encoder, and the token it stands for."""
+
+    file: WeightsFile
+    digest: str
+    token: str
+    #: text-encoder attribute (``text_encoder``, ``text_encoder_2``) → the file's key of its vectors
+    keys: Mapping[str, str]
+
+
+#: the keys of SDXL embeddings (A1111/ComfyUI layout): one set of vectors per text encoder
+SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
+def embedding_file(
+    source: str, token: str | None, field: str, *, family: str, widths: Mapping[str, int]
+) -> EmbeddingFile:
+    """Resolve an `Embedding`; `widths` gives each text encoder's embedding width (attribute → width)."""
+    found = resolve_file(source, None, field=field)
+    shapes = _read(found, field)
+    if set(widths) == set(SDXL_KEYS):
+        keys = dict(SDXL_KEYS)
+        if not set(SDXL_KEYS.values()) <= set(shapes):
+            (width,) = {shape[-1] for shape in shapes.values()} or {0}
+            made = KNOWN_EMBEDDING_WIDTHS.get(width)
+            hint = f" (an {made} embedding)" if made else ""
+            raise InvalidRequestError(
+                field,
+                source,
+                f"an embedding for {family} with clip_l and clip_g vectors ({found.name} has "
+                f"{', '.join(sorted(shapes)) or 'none'}{hint})",
+            )
+        default_token = found.path.stem
+    else:
+        if set(SDXL_KEYS.values()) <= set(shapes):
+            raise InvalidRequestError(
+                field,
+                source,
+                f"an embedding for {family} ({found.name} has clip_l and clip_g vectors: an SDXL embedding)",
+            )
+        if len(shapes) != 1:
+            raise InvalidRequestError(
+                field, source, f"a textual-inversion embedding with one tensor ({found.name} has {len(shapes)})"
+            )
+        (key,) = shapes
+        keys = {"text_encoder": key}
+        # diffusers' layout names the token; A1111's (emb_params) does not, and the file's name is its token.
+        default_token = found.path.stem if key == "emb_params" else key
+    for attribute, key in keys.items():
+        shape = shapes[key]
+        if not shape or shape[-1] != widths[attribute] or len(shape) > 2:
+            made = KNOWN_EMBEDDING_WIDTHS.get(shape[-1]) if shape else None
+            hint = f", made for {made}" if made else ""
+            raise InvalidRequestError(
+                field,
+                source,
+                f"an embedding for this {family} model (vectors of width {widths[attribute]} for its {attribute}); "
+                f"{found.name}'s {key} has shape {list(shape)}{hint}",
+            )
+    return EmbeddingFile(file=found, digest=file_digest(found.path), token=token or default_token, keys=keys)
