@@ -231,3 +231,26 @@ def test_regional_compile_takes_whole_joint_blocks_of_an_sd3_transformer() -> No
     assert compilation.compile_regions(transformer) == 2
     compiled = {type(m).__name__ for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None}
     assert compiled == {"JointTransformerBlock"}
+
+
+def test_a_recompile_with_the_same_input_kinds_is_warned_too(eager_dynamo: None) -> None:
+    """A guard on a value (here a Python constant the forward reads) recompiles with unchanged shapes."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        factor = 2
+
+        def forward(self, sample: Any, timestep: Any) -> Any:
+            return sample * self.factor + timestep
+
+    module = Scaled()
+    call = compilation.install_compiled(module, "toy", {"dynamic": False}, normalise_timestep=True)
+    sample = torch.ones(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compilation.RecompileWarning)
+        module(sample, torch.tensor(1))
+        module(sample, torch.tensor(2.0))  # another timestep dtype: the same graph
+    Scaled.factor = 3
+    with pytest.warns(compilation.RecompileWarning, match="toy compiled again: the same input kinds"):
+        module(sample, torch.tensor(1))
+    assert call.compiles == 2 and len(call.signatures) == 1

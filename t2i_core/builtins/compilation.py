@@ -88,15 +88,16 @@ class CompiledCall:
             torch.compiler.cudagraph_mark_step_begin()
         output = self.compiled(*args, **kwargs)
         self.calls += 1
-        if signature not in self.signatures:
-            compiled = _compiled_graphs() > graphs_before
-            if compiled:
-                self.compiles += 1
-            if self.signatures and compiled:
-                nearest = min(self.signatures, key=lambda seen: len(_changes(seen, signature)))
+        if _compiled_graphs() > graphs_before:
+            self.compiles += 1
+            if self.compiles > 1:
+                # A new kind of input, or a guard on a value that changed with the same shapes
+                # (swapped weights, a Python constant): either way, name the nearest input seen.
+                nearest = min(self.signatures or [signature], key=lambda seen: len(_changes(seen, signature)))
                 warnings.warn(
                     RecompileWarning(f"{self.name} compiled again: {_difference(nearest, signature)}"), stacklevel=2
                 )
+        if signature not in self.signatures:
             self.signatures.append(signature)
             limit = int(torch._dynamo.config.recompile_limit)
             if len(self.signatures) == limit + 1:
