@@ -1,6 +1,6 @@
 """The provider tutorial stays true to its finished example, which the suite installs and tests.
 
-A code block marked ``<!-- docs-test: skip: an excerpt of PATH -->`` must appear, line for line,
+A code block marked ``<!-- docs-test: excerpt: PATH -->`` must appear, line for line,
 in the file at PATH, so docs/tutorial-provider.md cannot drift from docs/examples/t2i-sd3.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = re.compile(
-    r"^<!--\s*docs-test:\s*skip:\s*an excerpt of (?P<path>\S+)\s*-->\s*\n```[\w-]*\n(?P<code>.*?)^```", re.M | re.S
+    r"^<!--\s*docs-test:\s*excerpt:\s*(?P<path>\S+)\s*-->\s*\n```[\w-]*\n(?P<code>.*?)^```", re.M | re.S
 )
 PAGES = [ROOT / "docs" / "tutorial-provider.md", ROOT / "docs" / "testing.md"]
 
