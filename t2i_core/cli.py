@@ -40,9 +40,7 @@ def _parser(
     epilog = None
     if broken_plugins:
         epilog = f"plugins that failed to load: {', '.join(broken_plugins)} (t2i plugins says why)"
-    parser = _Parser(
-        prog="t2i", description="Text-to-image generation with pluggable model families.", epilog=epilog
-    )
+    parser = _Parser(prog="t2i", description="Text-to-image generation with pluggable model families.", epilog=epilog)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

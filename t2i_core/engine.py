@@ -398,7 +398,9 @@ class Engine:
         merged = _merge_calls(calls)
         if merged is None:
             return None
-        seeds = [[request.seed + i for i in range(request.num_images)] for request, _ in resolved if request.seed is not None]
+        seeds = [
+            [request.seed + i for i in range(request.num_images)] for request, _ in resolved if request.seed is not None
+        ]
         merged.kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for each in seeds for seed in each]
         count = len(merged.kwargs["generator"])
         try:

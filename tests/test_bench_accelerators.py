@@ -151,4 +151,6 @@ def test_architecture_folders_are_in_diffusers_layout(family: str) -> None:
         elif class_name.endswith("Tokenizer"):
             assert (folder / name / "tokenizer_config.json").is_file()
         else:
-            assert transformers.AutoConfig.from_pretrained(str(folder / name)) if "Processor" not in class_name else True
+            assert (
+                transformers.AutoConfig.from_pretrained(str(folder / name)) if "Processor" not in class_name else True
+            )
