@@ -58,7 +58,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
         else:
             _place_exclusively(temp, target)
         placed = True
-        _sync_folder(folder)
+        sync_folder(folder)
     except FileExistsError:
         raise
     except OSError as exc:
@@ -124,7 +124,7 @@ def _keep_mode(target: str, temp: str) -> None:
     os.chmod(temp, mode)
 
 
-def _sync_folder(folder: str) -> None:
+def sync_folder(folder: str) -> None:
     """Make the rename itself durable; best effort (not every platform can open a folder)."""
     try:
         descriptor = os.open(folder, os.O_RDONLY)

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._files import sync_folder
 from .errors import InvalidRequestError, OutputError
 
 MANIFEST = "manifest.jsonl"
@@ -100,7 +101,7 @@ class Manifest:
             if handle.tell() > 0 and not _ends_with_newline(self.path):
                 handle.write(b"\n")  # a torn last line from a crash stays a line of its own
             if created:
-                _sync_folder(self.path.parent)
+                sync_folder(str(self.path.parent))
             self._handle = handle
         return self._handle
 
@@ -114,19 +115,6 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
-
-
-def _sync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 @contextlib.contextmanager
