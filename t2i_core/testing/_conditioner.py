@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-from ._images import assert_images_equal, cpu_generators
+from ._images import assert_images_equal, reference_call
 from ._support import cached_reference, forget_references, light_import_report, offers_tiny, run_cli
 
 if TYPE_CHECKING:
@@ -109,18 +109,7 @@ class ConditionerConformance:
     def raw(self, engine: Engine, resolved: GenerationRequest, extra: Mapping[str, Any] | None = None) -> list[Any]:
         """Raw diffusers images for a request as `engine` resolved it: `reference` with `extra` call
         arguments for a wanted request (`extra` given), `plain_reference` otherwise."""
-        assert resolved.seed is not None
-        kwargs: dict[str, Any] = {
-            "prompt": resolved.prompt,
-            "height": resolved.height,
-            "width": resolved.width,
-            "num_inference_steps": resolved.num_inference_steps,
-            "guidance_scale": resolved.guidance_scale,
-            "num_images_per_prompt": resolved.num_images,
-            "generator": cpu_generators(resolved.seed, resolved.num_images),
-        }
-        if resolved.negative_prompt is not None:
-            kwargs["negative_prompt"] = resolved.negative_prompt
+        kwargs = reference_call(resolved)
         if extra is None:
             return self.plain_reference(engine.source, **kwargs)
         kwargs.update(extra)

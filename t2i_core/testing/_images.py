@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -59,3 +59,22 @@ def cpu_generators(seed: int, count: int) -> Any:
 
     generators = [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
     return generators[0] if count == 1 else generators
+
+
+def reference_call(resolved: Any, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """diffusers' call arguments for a request as an engine resolved it: its fields, CPU generators
+    seeded ``seed + i``, `defaults` (a plugin's extra reference arguments), then its negative prompt."""
+    assert resolved.seed is not None
+    kwargs: dict[str, Any] = {
+        "prompt": resolved.prompt,
+        "height": resolved.height,
+        "width": resolved.width,
+        "num_inference_steps": resolved.num_inference_steps,
+        "guidance_scale": resolved.guidance_scale,
+        "num_images_per_prompt": resolved.num_images,
+        "generator": cpu_generators(resolved.seed, resolved.num_images),
+        **(defaults or {}),
+    }
+    if resolved.negative_prompt is not None:
+        kwargs["negative_prompt"] = resolved.negative_prompt
+    return kwargs

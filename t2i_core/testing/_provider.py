@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-from ._images import assert_images_close, assert_images_differ, assert_images_equal, cpu_generators
+from ._images import (
+    assert_images_close,
+    assert_images_differ,
+    assert_images_equal,
+    reference_call,
+)
 from ._support import (
     cached_reference,
     forget_references,
@@ -126,20 +131,7 @@ class ProviderConformance:
 
     def raw(self, engine: Engine, resolved: GenerationRequest) -> list[Any]:
         """The reference images for a request as `engine` resolved it."""
-        assert resolved.seed is not None
-        kwargs: dict[str, Any] = {
-            "prompt": resolved.prompt,
-            "height": resolved.height,
-            "width": resolved.width,
-            "num_inference_steps": resolved.num_inference_steps,
-            "guidance_scale": resolved.guidance_scale,
-            "num_images_per_prompt": resolved.num_images,
-            "generator": cpu_generators(resolved.seed, resolved.num_images),
-            **self.reference_kwargs,
-        }
-        if resolved.negative_prompt is not None:
-            kwargs["negative_prompt"] = resolved.negative_prompt
-        return self.reference(engine.source, **kwargs)
+        return self.reference(engine.source, **reference_call(resolved, self.reference_kwargs))
 
     def _provider(self) -> ModelProvider:
         from t2i_core import get_registry
