@@ -21,20 +21,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array
 from PIL import Image
+from support import run_cli
 
 import t2i_core
 from t2i_core import GenerationRequest, GenerationResult, InvalidRequestError, ModelNotFoundError, OutputError
 from t2i_core import tiny as tiny_module
-from t2i_core.cli import main
+from t2i_core.testing import as_array
 from t2i_core.tiny import ensure_built
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str) -> int:
-    return main(list(args))
 
 
 class _FailingFile:
@@ -284,13 +280,13 @@ def test_cli_refuses_a_full_disk_before_loading(
 ) -> None:
     import shutil
 
-    import t2i_core.engine
+    import t2i_core.engine.loading
 
     def no_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(0))
-    monkeypatch.setattr(t2i_core.engine, "load", no_load)
+    monkeypatch.setattr(t2i_core.engine.loading, "load", no_load)
     assert run_cli(*generate_args(tmp_path / "cat.png")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left on the device: 0 bytes free" in err
@@ -386,7 +382,7 @@ def test_skip_existing_finishes_an_interrupted_batch(
 def test_skip_existing_with_everything_there_does_no_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import t2i_core.engine
+    import t2i_core.engine.loading
 
     out = tmp_path / "b.png"
     assert run_cli(*generate_args(out, "--num-images", "2", "--seed", "5")) == 0
@@ -395,7 +391,7 @@ def test_skip_existing_with_everything_there_does_no_work(
     def no_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(t2i_core.engine, "load", no_load)
+    monkeypatch.setattr(t2i_core.engine.loading, "load", no_load)
     assert run_cli(*generate_args(out, "--num-images", "2", "--skip-existing")) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path / 'b-0.png'}  (seed 5, kept)",
@@ -524,13 +520,13 @@ def test_damaged_tiny_checkpoint_is_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Callable[[Path], None]
 ) -> None:
     monkeypatch.setenv("T2I_CACHE", str(tmp_path))
-    monkeypatch.setattr(tiny_module, "_verified", set(), raising=False)
+    monkeypatch.setattr(tiny_module.cache, "_verified", set())
     calls: list[Path] = []
     build = fake_build(calls)
     folder = ensure_built("demo", 1, build)
     good = (folder / "unet" / "weights.safetensors").read_bytes()
     damage(folder)
-    monkeypatch.setattr(tiny_module, "_verified", set(), raising=False)  # as in a new process
+    monkeypatch.setattr(tiny_module.cache, "_verified", set())  # as in a new process
     assert ensure_built("demo", 1, build) == folder
     assert len(calls) == 2
     assert (folder / "unet" / "weights.safetensors").read_bytes() == good
@@ -612,29 +608,30 @@ def test_stale_staging_folders_are_removed(tmp_path: Path, monkeypatch: pytest.M
     assert names(tiny) == [".demo-live5678", ".other-dead0000", "demo-v1"]
 
 
-def test_sigterm_during_a_build_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM unwinds the build, the staging folder goes, and the previous handler then gets the signal."""
+def test_a_build_leaves_the_sigterm_handler_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build installs no signal handler: the application's own gets SIGTERM, and the build goes on."""
     monkeypatch.setenv("T2I_CACHE", str(tmp_path))
     received: list[int] = []
+    during: list[Any] = []
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
 
+    inner = fake_build([])
+
     def build(folder: Path) -> None:
-        (folder / "half").write_bytes(b"x")
+        during.append(signal.getsignal(signal.SIGTERM))
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("SIGTERM did not stop the build")
+        inner(folder)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        with pytest.raises(ModelNotFoundError, match="interrupted by SIGTERM"):
-            ensure_built("demo", 1, build)
+        folder = ensure_built("demo", 1, build)
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert received == [signal.SIGTERM]
-    assert names(tmp_path / "tiny") == []
+    assert during == [handler] and received == [signal.SIGTERM]
+    assert names(tmp_path / "tiny") == ["demo-v1"] and (folder / ".complete").is_file()
 
 
 _BUILD_THEN_WAIT = """
@@ -654,7 +651,11 @@ ensure_built(provider.name, provider.tiny_version, build)
 """
 
 
-def test_sigterm_mid_build_leaves_no_staging_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_build_killed_mid_way_is_cleaned_up_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """A killed build leaves its staging folder (no handler runs); the next build removes it and builds anew."""
     cache, marker = tmp_path / "cache", tmp_path / "marker"
     env = {**os.environ, "T2I_CACHE": str(cache)}
     process = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_WAIT, str(marker)], env=env, cwd=ROOT)
@@ -664,11 +665,18 @@ def test_sigterm_mid_build_leaves_no_staging_folder(tmp_path: Path) -> None:
             assert process.poll() is None, "the build process ended early"
             assert time.monotonic() < deadline, "the build did not get going"
             time.sleep(0.1)
-        staging = [path.name for path in (cache / "tiny").iterdir()]
-        assert len(staging) == 1 and staging[0].startswith(".sd15-")  # mid-build: only the staging folder
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == -signal.SIGTERM  # still ends as SIGTERM asks
+        staging = names(cache / "tiny")
+        assert len(staging) == 1 and staging[0].startswith(".sd15-build-")  # mid-build: only the staging folder
+        assert staging[0].split("-")[-2] == str(process.pid)  # named after its builder
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == -signum  # ends as the signal asks: nothing intercepts it
     finally:
         if process.poll() is None:
             process.kill()
-    assert names(cache / "tiny") == []
+    assert names(cache / "tiny") == staging  # complete files, but never renamed into place
+
+    monkeypatch.setenv("T2I_CACHE", str(cache))
+    calls: list[Path] = []
+    folder = ensure_built("sd15", 1, fake_build(calls))  # the builder is gone: its leftovers go
+    assert len(calls) == 1 and names(cache / "tiny") == ["sd15-v1"]
+    assert names(folder) == [".complete", "model_index.json", "unet"]  # this build's files, nothing of the dead one

@@ -1,6 +1,7 @@
-"""Helpers for ``tiny:<family>`` checkpoints: the cache folder, atomic verified builds, an offline CLIP tokenizer.
+"""The tiny-checkpoint cache: its folder, and builds that are atomic, verified and leave no side effects.
 
-Providers build their tiny checkpoint with these so that every family caches the same way.
+A build writes into a staging folder named after its process, renamed into place when complete;
+what a killed build leaves is removed by the next `ensure_built`, which knows its builder is gone.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ import errno
 import hashlib
 import json
 import os
+import random
+import re
 import secrets
 import shutil
-import signal
-import tempfile
-import threading
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from ._locks import loading_lock
-from .errors import InvalidRequestError, ModelNotFoundError
+from .._locks import loading_lock
+from ..errors import InvalidRequestError, ModelNotFoundError
+
+__all__ = ["CACHE_ENV", "MANIFEST", "STALE_SECONDS", "TINY_PREFIX", "cache_dir", "ensure_built", "seeded"]
 
 TINY_PREFIX = "tiny:"
 CACHE_ENV = "T2I_CACHE"
@@ -37,8 +40,14 @@ def cache_dir() -> Path:
 
 #: The file a finished build writes last: the size and SHA-256 of every other file of the checkpoint.
 MANIFEST = ".complete"
-#: A staging folder untouched for this many seconds belongs to a build that died (SIGKILL, power loss).
+#: A staging folder untouched for this many seconds belongs to a build that died, even where its
+#: builder cannot be checked (another machine sharing the cache, a reused process id, older t2i).
 STALE_SECONDS = 15 * 60
+
+# A staging folder's name: ".<name>-build-<host>-<pid>-<random>", so that any later build can tell
+# whether the process writing it still runs. <host> tells machines sharing the cache apart.
+_STAGING = re.compile(r"\.(?P<name>.+)-build-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 # Write errors that are about the cache folder itself rather than the build.
 _CACHE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
@@ -51,10 +60,14 @@ _verified: set[tuple[str, int]] = set()
 def ensure_built(name: str, version: int, build: Callable[[Path], None]) -> Path:
     """Return the cached folder ``tiny/<name>-v<version>``, building it first if absent or damaged.
 
-    The build writes into a hidden temporary sibling folder that is renamed into place when
-    complete, so a crash, a SIGTERM or two processes building at once never leave a half-written
-    checkpoint behind. Its last file, ``.complete``, lists every file's size and SHA-256: a
-    checkpoint damaged later (a file truncated, changed or deleted) is set aside and rebuilt.
+    `build` writes into a hidden staging folder that is renamed into place when complete, so a
+    crash, a signal or two processes building at once never leave a half-written checkpoint in
+    its place. The staging folder is named after the building process: an exception removes it
+    on the way out, and what a killed process (SIGTERM, SIGKILL) leaves is removed by the next
+    call, here or in any process, once that process is gone. No signal handler, random state or
+    logging setting of the process is changed. The checkpoint's last file, ``.complete``, lists
+    every file's size and SHA-256: a checkpoint damaged later (a file truncated, changed or
+    deleted) is set aside and rebuilt. `build` runs with torch's CPU generator seeded with 0.
     """
     target = cache_dir() / "tiny" / f"{name}-v{version}"
     _remove_leftovers(target.parent, name)
@@ -63,31 +76,30 @@ def ensure_built(name: str, version: int, build: Callable[[Path], None]) -> Path
         return target
     if os.path.lexists(target):
         _set_aside(target, name, problem)
-    with _sigterm_unwinds(name):
+    staging = target.parent / f".{name}-build-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise _unwritable_cache(exc) from None
+    try:
+        # Building models is loading as far as other threads are concerned (see t2i_core._locks).
+        with loading_lock, _quiet(), seeded(0):
+            build(staging)
+        _write_manifest(staging)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+            os.replace(staging, target)
         except OSError as exc:
-            raise _unwritable_cache(exc) from None
-        try:
-            # Building models is loading as far as other threads are concerned (see t2i_core._locks).
-            with loading_lock, _quiet(), _seeded(0):
-                build(staging)
-            _write_manifest(staging)
-            try:
-                os.replace(staging, target)
-            except OSError as exc:
-                # Another process finished first (the target exists and is not empty): use theirs.
-                problem = _damage(target)
-                if problem is not None:
-                    raise _unrepairable(name, target, problem, exc) from None
-        except OSError as exc:
-            if exc.errno not in _CACHE_ERRNOS:
-                raise
-            raise _unwritable_cache(exc) from None  # e.g. a full disk while the weights were written
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            # Another process finished first (the target exists and is not empty): use theirs.
+            problem = _damage(target)
+            if problem is not None:
+                raise _unrepairable(name, target, problem, exc) from None
+    except OSError as exc:
+        if exc.errno not in _CACHE_ERRNOS:
+            raise
+        raise _unwritable_cache(exc) from None  # e.g. a full disk while the weights were written
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -179,16 +191,36 @@ def _set_aside(target: Path, name: str, problem: str) -> None:
 
 
 def _remove_leftovers(folder: Path, name: str) -> None:
-    """Delete what died builds of `name` left: damaged folders set aside, and stale staging folders."""
+    """Delete what died builds left: staging folders of any name whose process is gone, and of
+    `name`, damaged folders set aside and staging folders untouched for `STALE_SECONDS`."""
     try:
         with os.scandir(folder) as entries:
-            found = [entry.path for entry in entries if entry.name.startswith(f".{name}-")]
+            found = [entry.name for entry in entries if entry.name.startswith(".")]
     except OSError:
         return
     deadline = time.time() - STALE_SECONDS
-    for path in found:
-        if os.path.basename(path).startswith(f".{name}-damaged-") or _last_change(path) < deadline:
+    for entry in found:
+        path = os.path.join(folder, entry)
+        staging = _STAGING.fullmatch(entry)
+        if staging is not None and staging["host"] == _HOST and not _process_exists(int(staging["pid"])):
             _remove(path)
+        elif entry.startswith(f".{name}-") and (entry.startswith(f".{name}-damaged-") or _last_change(path) < deadline):
+            _remove(path)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (True where that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":  # os.kill would end the process there; the time rule applies instead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists but belongs to someone else
+        return True
+    return True
 
 
 def _last_change(path: str) -> float:
@@ -211,123 +243,41 @@ def _remove(path: str | Path) -> None:
             os.unlink(path)
 
 
-class _Terminated(BaseException):
-    """Raised by the build's SIGTERM handler, so that the staging folder is removed on the way out."""
-
-
 @contextlib.contextmanager
-def _sigterm_unwinds(name: str) -> Iterator[None]:
-    """While a build runs, SIGTERM unwinds it (``finally`` blocks clean up), then acts as it would have.
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded with `seed`; then every random state is as before.
 
-    Only the main thread may set signal handlers; in other threads, or where SIGTERM is ignored
-    or handled outside Python, nothing changes.
+    Only the CPU generator is seeded (``torch.manual_seed`` would reseed the CUDA generators of
+    the whole process too); Python's `random` state is restored as well, in case a builder uses it.
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is None or previous == signal.SIG_IGN:
-        yield
-        return
-    received = False
-
-    def unwind(_signum: int, _frame: Any) -> None:
-        nonlocal received
-        if not received:  # a second SIGTERM must not cut the clean-up short
-            received = True
-            raise _Terminated
-
-    signal.signal(signal.SIGTERM, unwind)
-    interrupted = False
-    try:
-        yield
-    except _Terminated:
-        interrupted = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if received:
-        signal.raise_signal(signal.SIGTERM)  # the previous disposition: by default the process ends here
-    if interrupted:  # the previous handler let the process live on; the build did not finish
-        raise ModelNotFoundError(f"{TINY_PREFIX}{name}", "building it was interrupted by SIGTERM")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
     import torch
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """No download progress bars while building; each library's setting is restored as it was.
+
+    The setting is process-wide, but loading (which is what shows these bars) waits for
+    `loading_lock`, which the build holds, so no other thread's load runs quieted.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    libraries = (diffusers_logging, transformers_logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled:
-            diffusers_logging.enable_progress_bar()
-            transformers_logging.enable_progress_bar()
-
-
-def _byte_symbols() -> list[str]:
-    """The printable stand-ins byte-level BPE uses for the 256 byte values (as in GPT-2 / CLIP)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
-
-
-def clip_tokenizer(folder: Path, *, max_length: int = 77, pad_token: str = "<|endoftext|>") -> Any:
-    """Build a CLIP tokenizer without the network: a byte-level vocabulary and no merges.
-
-    Every text tokenizes (one token per byte), so prompts of any language work on tiny models.
-    Returns the `transformers.CLIPTokenizer`; `folder` keeps its vocabulary files.
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = _byte_symbols()
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
-    for symbol in symbols:
-        vocab[symbol + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    if pad_token not in vocab:
-        vocab[pad_token] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token=pad_token
-    )
-
-
-def clip_text_config(tokenizer: Any, **overrides: Any) -> Any:
-    """A small `CLIPTextConfig` matching `tokenizer`'s vocabulary."""
-    from transformers import CLIPTextConfig
-
-    settings: dict[str, Any] = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "max_position_embeddings": tokenizer.model_max_length,
-        "layer_norm_eps": 1e-5,
-    }
-    settings.update(overrides)
-    return CLIPTextConfig(**settings)
+        for library, was_enabled in zip(libraries, enabled, strict=True):
+            if was_enabled:
+                library.enable_progress_bar()
