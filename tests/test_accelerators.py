@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array
 
 from t2i_core import (
     PHASES,
@@ -31,6 +30,7 @@ from t2i_core import (
     hookimpl,
     load,
 )
+from t2i_core.testing import as_array
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 STEPS = 3

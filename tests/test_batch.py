@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_images_close, assert_images_equal
 from PIL import Image
 
 from t2i_core import GenerationRequest, InvalidRequestError, run_batch
 from t2i_core._jobs import build_request, derived_seed
 from t2i_core._manifest import MANIFEST, locked
 from t2i_core.cli import main
+from t2i_core.testing import assert_images_close, assert_images_equal
 
 STEPS = 2
 

@@ -9,15 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_images_equal
 from PIL import Image
+from support import run_cli
 
 from t2i_core import GenerationRequest
-from t2i_core.cli import main
-
-
-def run_cli(*args: str) -> int:
-    return main(list(args))
+from t2i_core.testing import assert_images_equal
 
 
 def test_generate_writes_png_with_metadata(

@@ -357,7 +357,7 @@ def docs_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def tiny_folder() -> Callable[[str], str]:
-    from conftest import tiny_folder as build
+    from support import tiny_folder as build
 
     return build
 

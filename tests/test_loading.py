@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_images_close
 
 import t2i_core
 from t2i_core import (
@@ -21,6 +20,7 @@ from t2i_core import (
     load,
 )
 from t2i_core.engine import _resolve_model
+from t2i_core.testing import assert_images_close
 from t2i_core.tiny import ensure_built
 
 

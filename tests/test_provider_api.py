@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
+from support import raw_pipeline, tiny_folder
 
 import t2i_core
 from t2i_core import (
@@ -29,6 +29,7 @@ from t2i_core import (
 )
 from t2i_core._manager import Registry
 from t2i_core.cli import main
+from t2i_core.testing import assert_images_equal, cpu_generators
 
 PROMPT = "a lighthouse at dusk"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import assert_images_equal, cpu_generators, raw_pipeline
+from support import raw_pipeline
 
 from t2i_core import GenerationRequest, InvalidRequestError, load
 from t2i_core import schedulers as named
+from t2i_core.testing import assert_images_equal, cpu_generators
 
 PROMPT = "a watercolor fox"
 

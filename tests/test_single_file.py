@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_images_equal, cpu_generators, tiny_folder
 from PIL import Image
+from support import tiny_folder
 
 from t2i_core import GenerationRequest, InvalidRequestError, ModelNotFoundError, load
 from t2i_core.cli import main
 from t2i_core.ldm import write_single_file
+from t2i_core.testing import assert_images_equal, cpu_generators
 
 STEPS = 2
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

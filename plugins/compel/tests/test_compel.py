@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 from PIL import Image
+from support import refuse_to_run
 
 from t2i_core import Call, GenerationRequest, InvalidRequestError, UnsupportedFeatureError, get_registry, load
 from t2i_core.cli import main
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators
 
 STEPS = 2
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -45,13 +46,6 @@ def request(prompt: str, **fields: Any) -> GenerationRequest:
     fields.setdefault("num_inference_steps", STEPS)
     fields.setdefault("seed", 4)
     return GenerationRequest(prompt=prompt, **fields)
-
-
-def refuse_to_run(monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
-    def run(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("the pipeline ran although the request should have been refused")
-
-    monkeypatch.setattr(engine.provider, "run", run)
 
 
 # -- SD1.5 -----------------------------------------------------------------------------------
@@ -242,12 +236,6 @@ def test_families_without_embeddings_are_refused_before_any_work(monkeypatch: py
 def sdxl_engine() -> Any:
     pytest.importorskip("t2i_sdxl")
     return load("tiny:sdxl", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def raw_sdxl() -> Any:
-    pytest.importorskip("t2i_sdxl")
-    return raw_pipeline(tiny_folder("sdxl"))
 
 
 def sdxl_compel(pipeline: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, tiny_folder
+from support import tiny_folder
 
 from t2i_core import (
     Control,
@@ -20,6 +20,7 @@ from t2i_core import (
     hookimpl,
     load,
 )
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators
 
 STEPS = 2
 PROMPT = "a chef in the kitchen"

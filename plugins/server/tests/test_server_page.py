@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 import websocket
-from conftest import assert_images_equal
 from server_support import decode_png, running_server, wait_until
 from t2i_server import Limits
 from t2i_server._jobs import Service, load_model
 
 from t2i_core import GenerationRequest
+from t2i_core.testing import assert_images_equal
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium; CI has it)")

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators
 
 from t2i_core import GenerationRequest
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators
 
 STEPS = 3
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"

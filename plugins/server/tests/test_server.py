@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import assert_images_equal
 from server_support import decode_png, png_base64, running_server, wait_until
 from t2i_server import Limits
 from t2i_server._jobs import ServedModel, Service, load_model
 
 from t2i_core import GenerationRequest
+from t2i_core.testing import assert_images_equal
 
 MODEL = "tiny:sd15"
 TIMEOUT = httpx.Timeout(120.0, connect=10.0)

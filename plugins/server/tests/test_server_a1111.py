@@ -10,12 +10,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import webuiapi
-from conftest import assert_images_equal
 from server_support import running_server, wait_until
 from t2i_server import Limits
 from t2i_server._jobs import ServedModel, Service, load_model
 
 from t2i_core import GenerationRequest
+from t2i_core.testing import assert_images_equal
 
 MODEL = "tiny:sd15"
 

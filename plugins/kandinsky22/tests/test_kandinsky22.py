@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 from PIL import Image
+from support import raw_pipeline, refuse_to_run, tiny_folder
 
 from t2i_core import (
     Conditioner,
@@ -22,6 +22,7 @@ from t2i_core import (
     hookimpl,
     load,
 )
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators
 
 STEPS = 3
 PRIOR_STEPS = 3
@@ -101,13 +102,6 @@ def request(**changes: Any) -> GenerationRequest:
 
 def differs(first: Any, second: Any) -> bool:
     return not np.array_equal(as_array(first), as_array(second))
-
-
-def refuse_to_run(monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
-    def run(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("the pipeline ran although the request should have been refused")
-
-    monkeypatch.setattr(engine.provider, "run", run)
 
 
 # -- the combined checkpoint -------------------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_close, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
 from PIL import Image
+from support import raw_pipeline, refuse_to_run, tiny_folder
 
 from t2i_core import (
     Embedding,
@@ -32,6 +32,7 @@ from t2i_core import (
     load,
 )
 from t2i_core.cli import main
+from t2i_core.testing import as_array, assert_images_close, assert_images_equal, cpu_generators
 
 pytest.importorskip("t2i_lora")
 from t2i_lora import tiny
@@ -355,13 +356,6 @@ def test_compel_with_loras_and_embeddings(engines: dict[str, Any], files: dict[s
 
 
 # -- errors before any work -------------------------------------------------------------------
-
-
-def refuse_to_run(monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
-    def run(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("the pipeline ran although the request should have been refused")
-
-    monkeypatch.setattr(engine.provider, "run", run)
 
 
 def test_a_lora_for_another_family_is_refused_naming_both(

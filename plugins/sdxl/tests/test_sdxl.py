@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import as_array, assert_images_equal, cpu_generators, raw_pipeline, tiny_folder
+from support import tiny_folder
 
 from t2i_core import (
     GenerationRequest,
@@ -17,6 +17,7 @@ from t2i_core import (
     UnsupportedFeatureError,
     load,
 )
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators
 
 STEPS = 3
 REFINER_STEPS = 4
@@ -34,11 +35,6 @@ TINY_REFINER = "tiny:sdxl-refiner"
 
 
 @pytest.fixture(scope="session")
-def sdxl_folder() -> str:
-    return tiny_folder("sdxl")
-
-
-@pytest.fixture(scope="session")
 def refiner_folder() -> str:
     from t2i_sdxl import _tiny
 
@@ -46,11 +42,6 @@ def refiner_folder() -> str:
 
     name, version = _tiny.TINY_REFINERS[TINY_REFINER]
     return str(ensure_built(name, version, _tiny.build_refiner))
-
-
-@pytest.fixture(scope="session")
-def raw_sdxl(sdxl_folder: str) -> Any:
-    return raw_pipeline(sdxl_folder)
 
 
 @pytest.fixture(scope="session")
