@@ -34,7 +34,7 @@ import json, time, sys
 start = time.perf_counter()
 import t2i_core
 from t2i_core import load, get_registry
-from t2i_core.engine import read_model_index
+from t2i_core.kit import read_model_index
 from t2i_core.tiny import ensure_built
 out = []
 for family in sorted(get_registry().providers):

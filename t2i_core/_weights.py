@@ -14,6 +14,7 @@ from pathlib import Path
 
 import attrs
 
+from ._hub import hub_offline, is_hub_id
 from .errors import InvalidRequestError
 
 #: the file diffusers' own trainers write, preferred when a folder or repository holds several
@@ -36,7 +37,6 @@ class WeightsFile:
 
 def resolve_file(source: str, weight_name: str | None, *, field: str) -> WeightsFile:
     """The one ``.safetensors`` file `source` (and `weight_name`) names; `field` names it in errors."""
-    from .engine import is_hub_id
 
     path = Path(source).expanduser()
     try:
@@ -93,7 +93,6 @@ _hub_files: dict[tuple[str, str | None], tuple[Path, str]] = {}
 
 
 def _hub_file(repo: str, weight_name: str | None, field: str) -> WeightsFile:
-    from .engine import hub_offline
 
     known = _hub_files.get((repo, weight_name))
     if known is not None:

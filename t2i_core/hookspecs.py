@@ -89,3 +89,14 @@ def register_commands(cli: Commands) -> None:
         ``run(args)`` gets the parsed arguments when the user runs ``t2i NAME`` and returns the
         exit status. A name must be unique across plugins and not one of t2i's own commands.
     """
+
+
+#: Every hook of t2i, in the order a plugin's hooks are called when it registers: the one list the
+#: registry, the docs generator and the tests read.
+HOOK_NAMES: tuple[str, ...] = (
+    register_providers.__name__,
+    register_conditioners.__name__,
+    register_accelerators.__name__,
+    register_executors.__name__,
+    register_commands.__name__,
+)

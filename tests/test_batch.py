@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from t2i_core import GenerationRequest, InvalidRequestError, run_batch
-from t2i_core._jobs import build_request, derived_seed
-from t2i_core._manifest import MANIFEST, locked
+from t2i_core.batch.jobs import build_request, derived_seed
+from t2i_core.batch.manifest import MANIFEST, locked
 from t2i_core.cli import main
 from t2i_core.testing import assert_images_close, assert_images_equal
 

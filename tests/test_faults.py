@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import t2i_core.engine as engine_module
+import t2i_core.engine.loading as engine_module
 from t2i_core import GenerationRequest, ModelNotFoundError, T2IError, load
 from t2i_core.cli import main
 

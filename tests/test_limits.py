@@ -23,7 +23,8 @@ from t2i_core import (
     schedulers,
 )
 from t2i_core.cli import main
-from t2i_core.engine import DEFAULT_MAX_PIXELS, _warn_degenerate
+from t2i_core.engine.checks import DEFAULT_MAX_PIXELS
+from t2i_core.engine.prompts import warn_degenerate as _warn_degenerate
 
 
 # SDXL runs the same scheduler classes as SD 1.5 (with another config): two families cover them all.

@@ -19,7 +19,7 @@ from t2i_core import (
     UnknownFamilyError,
     load,
 )
-from t2i_core.engine import _resolve_model
+from t2i_core.engine.sources import resolve_model as _resolve_model
 from t2i_core.testing import assert_images_close
 from t2i_core.tiny import ensure_built
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from t2i_core._manager import (
+from t2i_core.registry import (
     BUILTIN,
     FIRST_PARTY,
     FIRST_PARTY_DISTRIBUTIONS,
@@ -427,13 +427,14 @@ def test_cli_flags_a_slow_import(make_site: Callable[[str], Site]) -> None:
 def test_slow_import_threshold_in_process(
     make_site: Callable[[str], Site], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from t2i_core import _manager
+    from t2i_core import registry as _registry_package
     from t2i_core.cli import main
+    from t2i_core.registry import current
 
     site = make_site("site")
     site.distribution("t2i-slow", {"slow": f"{FAKE_PREFIX}slow"})
     site.module(f"{FAKE_PREFIX}slow", "import time\ntime.sleep(0.2)\n")
-    monkeypatch.setattr(_manager, "SLOW_IMPORT_SECONDS", 0.1)
-    monkeypatch.setattr(_manager, "_registry", load_with(monkeypatch, site))
+    monkeypatch.setattr(_registry_package, "SLOW_IMPORT_SECONDS", 0.1)
+    monkeypatch.setattr(current, "_registry", load_with(monkeypatch, site))
     assert main(["plugins"]) == 0
     assert "  SLOW: importing it took 0.2 s" in capsys.readouterr().out

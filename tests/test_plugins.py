@@ -14,7 +14,7 @@ import pytest
 
 import t2i_core
 from t2i_core import Conditioner, GenerationRequest, ModelProvider, hookimpl, hookspecs
-from t2i_core._manager import LOAD_PLUGINS_ENV, PluginWarning, Registry
+from t2i_core.registry import LOAD_PLUGINS_ENV, PluginWarning, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +54,12 @@ def test_broken_plugin_is_reported_and_the_rest_works(monkeypatch: pytest.Monkey
 
 
 def test_broken_plugin_shows_in_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from t2i_core import _manager
+    from t2i_core.registry import current
     from t2i_core.cli import main
 
     broken = metadata.EntryPoint(name="broken", value="t2i_no_such_module_xyz", group="t2i")
     registry = fresh_registry(monkeypatch, [broken])
-    monkeypatch.setattr(_manager, "_registry", registry)
+    monkeypatch.setattr(current, "_registry", registry)
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "broken" in out and "ERROR: plugin 'broken': import failed: ModuleNotFoundError" in out
@@ -301,7 +301,7 @@ def test_every_hook_has_tests() -> None:
 def test_plugin_asking_for_the_registry_while_loading_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from t2i_core import _manager
+    from t2i_core.registry import current
 
     module = types.ModuleType("t2i_reentrant_plugin")
     module.__dict__["registry"] = None
@@ -313,7 +313,7 @@ def test_plugin_asking_for_the_registry_while_loading_is_an_error(monkeypatch: p
     entry = types.SimpleNamespace(name="reentrant", dist=None, load=load_module)
     real = metadata.entry_points
     monkeypatch.setattr(metadata, "entry_points", lambda group: [*real(group=group), entry])
-    monkeypatch.setattr(_manager, "_registry", None)
+    monkeypatch.setattr(current, "_registry", None)
     monkeypatch.setitem(sys.modules, "t2i_reentrant_plugin", module)
     registry = t2i_core.get_registry()
     assert "while plugins were loading" in (registry.plugins["reentrant"].error or "")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import raw_pipeline, tiny_folder
+from support import tiny_folder
 
 import t2i_core
 from t2i_core import (
@@ -27,9 +27,9 @@ from t2i_core import (
     hookimpl,
     schedulers,
 )
-from t2i_core._manager import Registry
 from t2i_core.cli import main
-from t2i_core.testing import assert_images_equal, cpu_generators
+from t2i_core.registry import Registry
+from t2i_core.testing import assert_images_equal, cpu_generators, raw_pipeline
 
 PROMPT = "a lighthouse at dusk"
 
@@ -177,18 +177,18 @@ def test_accelerators_find_the_denoiser_of_a_transformer_family() -> None:
 @pytest.fixture
 def broken_family(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Registry]]:
     """Installs a plugin 'painter' whose import fails; returns a function that loads the registry."""
-    from t2i_core import _manager
+    from t2i_core.registry import current
 
     broken = metadata.EntryPoint(name="painter", value="t2i_painter_is_not_installed", group="t2i")
     real = metadata.entry_points
     monkeypatch.setattr(metadata, "entry_points", lambda group: [*real(group=group), broken])
-    monkeypatch.setattr(_manager, "_registry", None)
+    monkeypatch.setattr(current, "_registry", None)
 
     def registry() -> Registry:
         return t2i_core.get_registry()
 
     yield registry
-    _manager._registry = None
+    current._registry = None
 
 
 def test_load_names_the_plugin_that_failed_to_offer_a_family(broken_family: Callable[[], Registry]) -> None:

@@ -65,7 +65,7 @@ def test_concurrent_loads_in_a_fresh_process(tmp_path: Path, cache: bool) -> Non
 
 
 def test_the_cache_holds_one_load_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    import t2i_core.engine as engine_module
+    import t2i_core.engine.loading as engine_module
 
     engine_module.clear_cache()
     calls: list[str] = []

@@ -23,7 +23,7 @@ from t2i_core import (
     hookimpl,
     loading_lock,
 )
-from t2i_core.accelerator import is_offloaded
+from t2i_core.kit import is_offloaded
 
 from ._images import ImageReader, parse_preprocess, sized
 from ._sources import IncompatibleControlNetError, Source, check_fits, resolve, tiny_controlnet_folder

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError
-from t2i_core.engine import hub_offline, is_hub_id
+from t2i_core.kit import hub_offline, is_hub_id
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 #: the families that offer a tiny ControlNet, built from that family's tiny checkpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
-from t2i_core.provider import private_components, report_progress
+from t2i_core.kit import private_components, report_progress
 
 from . import _tiny
 from ._prior import COMBINED, DECODER, DEFAULT_PRIOR, Priors, model_card_prior
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from t2i_core import GenerationRequest
-    from t2i_core.provider import ProgressCallback
+    from t2i_core.kit import ProgressCallback
 
 #: the call-argument key under which `call_kwargs` hands the checked prior to `run` (never a diffusers name)
 PRIOR = "t2i_kandinsky22.prior"
@@ -76,7 +76,7 @@ class Kandinsky22(ModelProvider):
     def load(self, source: str, load_kwargs: Mapping[str, Any]) -> Any:
         from diffusers import KandinskyV22CombinedPipeline, KandinskyV22Pipeline
 
-        from t2i_core.engine import read_model_index
+        from t2i_core.kit import read_model_index
 
         class_name = read_model_index(source, source, is_local=Path(source).is_dir()).get("_class_name")
         if class_name == COMBINED:

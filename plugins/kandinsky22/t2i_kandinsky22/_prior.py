@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
-from t2i_core.accelerator import is_offloaded
+from t2i_core.kit import is_offloaded
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -173,7 +173,7 @@ class Priors:
         return loaded.to(pipeline.device)
 
     def _load_kwargs(self, pipeline: Any, prior: PriorSource) -> dict[str, Any]:
-        from t2i_core.builtins.accelerators import has_variant
+        from t2i_core.kit import has_variant
 
         origin = self._origins.get(pipeline.unet)
         kwargs: dict[str, Any] = dict(origin.load_kwargs) if origin is not None else {"use_safetensors": True}
@@ -185,7 +185,7 @@ class Priors:
 
 
 def _check(value: str) -> PriorSource:
-    from t2i_core.engine import is_hub_id, read_model_index
+    from t2i_core.kit import is_hub_id, read_model_index
 
     if value.startswith(TINY_PREFIX):
         if value != TINY_PRIOR:

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError
-from t2i_core._weights import WeightsFile, file_digest, resolve_file
+from t2i_core.kit import WeightsFile, file_digest, resolve_file
 
 #: cross-attention widths of the real families, to name what a LoRA was made for
 KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from t2i_core import BatchSummary, run_batch
-from t2i_core._manifest import MANIFEST
+from t2i_core.batch.manifest import MANIFEST
 
 JOBS = [{"id": f"job-{index}", "prompt": f"a lighthouse, view {index}", "num_inference_steps": 8} for index in range(6)]
 JOBS[1]["num_images"] = 2

@@ -17,8 +17,8 @@ from t2i_core import (
     Option,
     UnsupportedFeatureError,
     hookimpl,
-    schedulers,
 )
+from t2i_core.kit import DEFAULT_SCHEDULER
 
 from . import _tiny
 from ._refiner import RefinerPlan, Refiners
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from t2i_core import GenerationRequest
-    from t2i_core.provider import ProgressCallback
+    from t2i_core.kit import ProgressCallback
 
 #: the call-argument key under which `call_kwargs` hands a `RefinerPlan` to `run` (never a diffusers name)
 REFINER = "t2i_sdxl.refiner"
@@ -146,7 +146,7 @@ class StableDiffusionXL(ModelProvider):
             kwargs[REFINER] = RefinerPlan(
                 source=self._refiners.resolve(options["refiner"]),
                 high_noise_frac=options["high_noise_frac"],
-                scheduler=request.scheduler or schedulers.DEFAULT,
+                scheduler=request.scheduler or DEFAULT_SCHEDULER,
                 extra={name: value for name, value in extra.items() if value is not None},
             )
         return kwargs

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock, schedulers
-from t2i_core.accelerator import is_offloaded
-from t2i_core.provider import report_progress
+from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
+from t2i_core.kit import DEFAULT_SCHEDULER, build_scheduler, is_offloaded, report_progress
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -28,7 +27,7 @@ from . import _tiny
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from t2i_core.provider import ProgressCallback
+    from t2i_core.kit import ProgressCallback
 
 #: short names accepted as ``options["refiner"]``
 REFINER_ALIASES = {"sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
@@ -76,11 +75,11 @@ class _EngineRefiner:
     schedulers: dict[str, Any] = attrs.field(factory=dict)
 
     def use_scheduler(self, name: str) -> Any:
-        if name == schedulers.DEFAULT:
+        if name == DEFAULT_SCHEDULER:
             self.pipeline.scheduler = self.default_scheduler
         else:
             if name not in self.schedulers:
-                self.schedulers[name] = schedulers.build(name, self.default_scheduler.config)
+                self.schedulers[name] = build_scheduler(name, self.default_scheduler.config)
             self.pipeline.scheduler = self.schedulers[name]
         return self.pipeline
 
@@ -108,7 +107,7 @@ class Refiners:
         return source
 
     def _resolve(self, value: str) -> str:
-        from t2i_core.engine import is_hub_id, read_model_index
+        from t2i_core.kit import is_hub_id, read_model_index
 
         if value.startswith(TINY_PREFIX):
             if value not in _tiny.TINY_REFINERS:
@@ -185,7 +184,7 @@ def _load(base: Any, source: str) -> Any:
     """Load the refiner with the base's second text encoder and VAE, dtype and device."""
     import torch
 
-    from t2i_core.builtins.accelerators import has_variant
+    from t2i_core.kit import has_variant
 
     with loading_lock:
         from diffusers import StableDiffusionXLImg2ImgPipeline

@@ -380,14 +380,14 @@ def _result(job: Job, images: list[str]) -> dict[str, Any]:
 
 
 def _models(service: Service) -> dict[str, Any]:
-    from t2i_core import schedulers
+    from t2i_core.kit import scheduler_names
 
     listed = []
     for name, served in service.models.items():
         engine = served.engine
         provider = engine.provider
         height, width = provider.native_size(engine.pipeline)
-        names = list(schedulers.family_names(provider.schedulers, provider.named_schedulers))
+        names = list(scheduler_names(provider.schedulers, provider.named_schedulers))
         listed.append(
             {
                 "name": name,

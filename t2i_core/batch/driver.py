@@ -19,11 +19,11 @@ from typing import Any, BinaryIO
 
 import attrs
 
-from ._files import write_atomically
-from ._jobs import InvalidJob, Job, describe_request, read_jobs, request_spec
-from ._manifest import MANIFEST, Manifest, is_complete, locked, read_records, remove_temporaries
-from .errors import InvalidRequestError, OutputError, T2IError
-from .executor import Executor, ExecutorSettings, Outcome, WorkItem
+from .._files import write_atomically
+from ..errors import InvalidRequestError, OutputError, T2IError
+from ..executor import Executor, ExecutorSettings, Outcome, WorkItem
+from .jobs import InvalidJob, Job, describe_request, read_jobs, request_spec
+from .manifest import MANIFEST, Manifest, is_complete, locked, read_records, remove_temporaries
 
 #: A record of the manifest, as `run_batch`'s `on_record` receives it.
 Record = Mapping[str, Any]
@@ -112,7 +112,7 @@ def run_batch(
     the folder cannot be written (what was finished is kept), and whatever the executor raises.
     """
     started = time.perf_counter()
-    from ._manager import get_registry
+    from ..registry import get_registry
 
     if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
         raise InvalidRequestError("micro_batch", micro_batch, "an integer >= 1 (1 = off)")
@@ -370,12 +370,15 @@ def _groups(jobs: list[Job], todo: set[str]) -> tuple[dict[str, Any], ...]:
 
 def _dry_run(entries: list[Job | InvalidJob], folder: Path, executor: str, started: float) -> BatchSummary:
     """Check every job against its model's family without loading weights; write nothing."""
-    from ._manager import get_registry
-    from .engine import _resolve_model
+    from ..engine.checks import check_request, default_max_pixels, scheduler_step_limit
+    from ..engine.sources import resolve_model
+    from ..registry import get_registry
 
     registry = get_registry()
     previous = read_records(folder) if (folder / MANIFEST).is_file() else {}
     providers: dict[tuple[str, str | None], Any] = {}
+    step_limits: dict[tuple[str, str | None], Any] = {}
+    max_pixels = default_max_pixels()
     checked: list[Job | InvalidJob] = []
     for entry in entries:
         if isinstance(entry, Job):
@@ -383,13 +386,19 @@ def _dry_run(entries: list[Job | InvalidJob], folder: Path, executor: str, start
             try:
                 if key not in providers:
                     try:
-                        providers[key] = _resolve_model(registry, entry.model, entry.family)
+                        providers[key] = resolve_model(registry, entry.model, entry.family)
                     except T2IError as exc:
                         providers[key] = exc
                 resolved = providers[key]
                 if isinstance(resolved, Exception):
                     raise resolved
-                check_without_weights(registry, resolved.provider, entry.request)
+                if key not in step_limits:
+                    own = resolved.provider.named_schedulers
+                    step_limits[key] = scheduler_step_limit(resolved.source, resolved.is_local, own)
+                # The engine's own checks, all those that need no weights (t2i_core.engine.checks).
+                check_request(
+                    registry, resolved.provider, entry.request, max_pixels=max_pixels, step_limit=step_limits[key]
+                )
                 entry = attrs.evolve(entry, family=resolved.family)
             except T2IError as exc:
                 entry = InvalidJob(line=entry.line, id=entry.id, error=exc)
@@ -411,24 +420,3 @@ def _dry_run(entries: list[Job | InvalidJob], folder: Path, executor: str, start
         groups=_groups(jobs, todo),
         dry_run=True,
     )
-
-
-def check_without_weights(registry: Any, provider: Any, request: Any) -> None:
-    """The checks of `Engine.resolve` that need no loaded pipeline: scheduler, family options,
-    guidance, a given size against the pixel limit, and the prompt-weighting syntax."""
-    from . import schedulers
-    from .engine import MAX_GUIDANCE_SCALE, _default_max_pixels
-
-    schedulers.check(request.scheduler, provider.schedulers, provider.name, provider.named_schedulers)
-    provider.check(request)
-    if request.guidance_scale is not None and request.guidance_scale > MAX_GUIDANCE_SCALE:
-        raise InvalidRequestError("guidance_scale", request.guidance_scale, f"a number in [0, {MAX_GUIDANCE_SCALE:g}]")
-    if request.height and request.width and request.height * request.width > _default_max_pixels():
-        raise InvalidRequestError(
-            "height x width", f"{request.height}x{request.width}", f"at most {_default_max_pixels()} pixels per image"
-        )
-    if request.prompt_weighting is not None:
-        syntaxes = sorted({c.weighting for c in registry.ordered_conditioners() if c.weighting})
-        if request.prompt_weighting not in syntaxes:
-            allowed = "None or one of " + ", ".join(repr(s) for s in syntaxes) if syntaxes else "None"
-            raise InvalidRequestError("prompt_weighting", request.prompt_weighting, allowed)

@@ -1,0 +1,248 @@
+"""`load()`: a model name to an `Engine`, with the accelerators applied once and the weights cached.
+
+Loading resolves the model (`sources`), checks the accelerators against the device and each
+other, loads the pipeline through its provider (once per process for the same model, device and
+accelerators, however many threads ask) and applies the accelerators in phase order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .._hub import hub_failure, read_model_index
+from .._locks import loading_lock
+from ..accelerator import PHASES, Accelerator, LoadContext
+from ..errors import IncompatibleAcceleratorsError, InvalidRequestError, ModelNotFoundError, T2IError
+from ..provider import load_pipeline_of
+from ..registry import Registry, get_registry
+from .run import Engine
+from .sources import Resolved, check_components, resolve_device, resolve_model
+
+_cache: dict[tuple[Any, ...], Any] = {}
+_cache_lock = threading.Lock()
+#: one lock per cache key, so that threads asking for the same model wait for one load
+_key_locks: dict[tuple[Any, ...], threading.Lock] = {}
+
+
+def _cached_pipeline(
+    key: tuple[Any, ...],
+    model: str,
+    resolved: Resolved,
+    chosen: tuple[Accelerator, ...],
+    context: LoadContext,
+    allow_pickle: bool,
+) -> Any:
+    """The cached pipeline for `key`, loading it once however many threads ask at the same time."""
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _cache_lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        with loading_lock:
+            pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
+        with _cache_lock:
+            _cache[key] = pipeline
+        return pipeline
+
+
+def clear_cache() -> None:
+    """Drop every pipeline the engine cache holds (engines already made keep theirs)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def load(
+    model: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    device: str = "auto",
+    accelerators: Iterable[str] | None = None,
+    cache: bool = True,
+    allow_pickle: bool = False,
+    config: str | None = None,
+) -> Engine:
+    """Load `model` into an `Engine`.
+
+    :param model: a hub id, a local diffusers folder, a family alias (``"sd15"``), ``tiny:<family>``
+        or a single-file checkpoint (``model.safetensors``; ``.ckpt`` only with `allow_pickle`).
+    :param family: the provider to use; None detects it from ``model_index.json``.
+    :param device: ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    :param accelerators: accelerator or preset names, applied in phase order; None = the ``auto`` preset.
+    :param cache: reuse weights already loaded in this process for the same model, family,
+        device and accelerators (each engine still gets its own pipeline object and scheduler).
+    :param allow_pickle: also load ``.bin`` (pickle) weights when a checkpoint has no safetensors.
+    :param config: for a single file only: the diffusers folder, hub id or ``tiny:<family>`` whose
+        configs and tokenizers it loads with; None = the family's default repository, from the
+        local Hugging Face cache only (see ``docs/single-file.md``).
+    """
+    registry = get_registry()
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequestError("model", model, "a hub id, a local folder, a family alias or tiny:<family>")
+    if family is not None and not isinstance(family, str):
+        raise InvalidRequestError("family", family, "None or a family name: " + ", ".join(sorted(registry.providers)))
+    resolved = resolve_model(registry, model, family, config=config, allow_pickle=allow_pickle)
+    device = resolve_device(device)
+    names = _accelerator_names(accelerators, registry)
+    chosen = registry.resolve_accelerators(names, device)
+    context = LoadContext(
+        model=model,
+        source=resolved.source,
+        family=resolved.family,
+        provider=resolved.provider,
+        device=device,
+        accelerators=tuple(a.name for a in chosen),
+    )
+    _check_accelerators(chosen, context)
+    key = (resolved.family, resolved.source, device, context.accelerators, allow_pickle, resolved.config)
+    if cache:
+        pipeline = resolved.provider.share(_cached_pipeline(key, model, resolved, chosen, context, allow_pickle))
+    else:
+        with loading_lock:
+            pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
+    pipeline.set_progress_bar_config(disable=True)
+    return Engine(
+        model=model,
+        source=resolved.source,
+        family=resolved.family,
+        provider=resolved.provider,
+        pipeline=pipeline,
+        device=device,
+        accelerators=chosen,
+        registry=registry,
+    )
+
+
+def _accelerator_names(accelerators: Iterable[str] | None, registry: Registry) -> list[str]:
+    if accelerators is None:
+        return ["auto"] if "auto" in registry.presets else []
+    if isinstance(accelerators, str):
+        accelerators = [accelerators]
+    if not isinstance(accelerators, Iterable):
+        raise InvalidRequestError("accelerators", accelerators, "None or a list of accelerator or preset names")
+    names = list(accelerators)
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidRequestError("accelerators", name, "accelerator names (str)")
+    return names
+
+
+def _check_accelerators(chosen: tuple[Accelerator, ...], context: LoadContext) -> None:
+    names = {a.name for a in chosen}
+    kind = context.device.split(":", 1)[0]
+    for accelerator in chosen:
+        if kind not in accelerator.devices:
+            raise IncompatibleAcceleratorsError(
+                [accelerator.name], f"it runs on {', '.join(accelerator.devices)}, not on {context.device}"
+            )
+        clash = sorted(names.intersection(accelerator.conflicts))
+        if clash:
+            raise IncompatibleAcceleratorsError(
+                [accelerator.name, *clash], f"{accelerator.name} excludes {', '.join(clash)}"
+            )
+        accelerator.check(context)
+
+
+def _load_pipeline(
+    model: str,
+    resolved: Resolved,
+    chosen: tuple[Accelerator, ...],
+    context: LoadContext,
+    allow_pickle: bool,
+) -> Any:
+    if resolved.config is not None:
+        pipeline = _load_single_file(model, resolved, chosen, context)
+        return _apply_accelerators(pipeline, chosen, context)
+    if resolved.is_local:
+        check_components(model, Path(resolved.source), resolved.provider.skipped_components)
+    model_index = resolved.model_index
+    if model_index is None:
+        with contextlib.suppress(ModelNotFoundError):  # another layout, or the hub is out of reach: load says
+            model_index = read_model_index(model, resolved.source, resolved.is_local)
+    load_kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
+    for accelerator in chosen:
+        load_kwargs.update(accelerator.load_kwargs(context))
+    try:
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; older releases t2i supports know only the first.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipeline = load_pipeline_of(resolved.provider, resolved.source, load_kwargs, model_index)
+    except Exception as exc:
+        raise _load_error(model, resolved, exc, allow_pickle) from exc
+    resolved.provider.check_pipeline(model, pipeline)
+    return _apply_accelerators(pipeline, chosen, context)
+
+
+def _load_single_file(model: str, resolved: Resolved, chosen: tuple[Accelerator, ...], context: LoadContext) -> Any:
+    assert resolved.config is not None
+    load_kwargs: dict[str, Any] = {}
+    for accelerator in chosen:
+        load_kwargs.update(accelerator.load_kwargs(context))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipeline = resolved.provider.load_single_file(resolved.source, resolved.config, load_kwargs)
+    except T2IError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ModelNotFoundError(
+            model,
+            f"diffusers could not load it as a single-file {resolved.family} checkpoint with the configs of "
+            f"{resolved.config} ({reason})",
+        ) from exc
+    resolved.provider.check_pipeline(model, pipeline)
+    return pipeline
+
+
+def _apply_accelerators(pipeline: Any, chosen: tuple[Accelerator, ...], context: LoadContext) -> Any:
+    placed = False
+    for accelerator in chosen:
+        if accelerator.phase == "placement":
+            placed = True
+        elif not placed and _after_placement(accelerator):
+            pipeline.to(context.device)
+            placed = True
+        accelerator.apply(pipeline, context)
+    if not placed:
+        pipeline.to(context.device)
+    return pipeline
+
+
+def _after_placement(accelerator: Accelerator) -> bool:
+    return PHASES.index(accelerator.phase) > PHASES.index("placement")
+
+
+def _load_error(model: str, resolved: Resolved, exc: Exception, allow_pickle: bool) -> Exception:
+    if isinstance(exc, T2IError):
+        return exc
+    text = str(exc)
+    missing_safetensors = ".safetensors" in text and (
+        "no file named" in text.lower() or "could not find" in text.lower()
+    )
+    has_pickles = not resolved.is_local or any(Path(resolved.source).glob("**/*.bin"))
+    if missing_safetensors and not has_pickles:
+        return ModelNotFoundError(model, f"some weights are missing ({text.splitlines()[0]})")
+    if not allow_pickle and (missing_safetensors or "Could not find the necessary `safetensors`" in text):
+        return ModelNotFoundError(
+            model, "it has no safetensors weights; pass allow_pickle=True (--allow-pickle) to load .bin files"
+        )
+    if not resolved.is_local and isinstance(exc, (OSError, ValueError)):
+        return ModelNotFoundError(model, hub_failure(exc))
+    return ModelNotFoundError(
+        model,
+        f"diffusers could not load it as a {resolved.family} pipeline ({type(exc).__name__}: {text.splitlines()[0] if text else ''})",
+    )

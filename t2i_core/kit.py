@@ -1,0 +1,134 @@
+"""The helpers for plugin authors: what t2i's own plugins use, public and covered by docs/versioning.md.
+
+A plugin imports `t2i_core` (the request, the base classes, ``hookimpl``), this module,
+`t2i_core.testing` and `t2i_core.tiny`, and nothing else of t2i. Everything here is light to
+import (no torch, diffusers or transformers until a function that needs them runs).
+
+- **Checkpoints**: `is_hub_id`, `hub_offline`, `read_model_index`, `has_variant`.
+- **Weights files** (LoRAs, embeddings): `resolve_file`, `WeightsFile`, `file_digest`.
+- **Running**: `report_progress`, `ProgressCallback`, `takes_latents`, `private_components`,
+  `is_offloaded`, `loading_lock`.
+- **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them.
+- **Schedulers**: `DEFAULT_SCHEDULER`, `build_scheduler`, `scheduler_names`.
+- **Settings**: `env_int`, a positive-integer environment setting with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
+from ._locks import loading_lock
+from ._weights import WeightsFile, file_digest, resolve_file
+from .accelerator import is_offloaded
+from .errors import InvalidRequestError
+from .provider import ProgressCallback, private_components, report_progress, takes_latents
+from .schedulers import DEFAULT as DEFAULT_SCHEDULER
+from .schedulers import build as build_scheduler
+from .schedulers import family_names as scheduler_names
+
+__all__ = [
+    "DEFAULT_SCHEDULER",
+    "ProgressCallback",
+    "SharedState",
+    "WeightsFile",
+    "build_scheduler",
+    "denoiser",
+    "env_int",
+    "file_digest",
+    "has_variant",
+    "hub_offline",
+    "is_hub_id",
+    "is_offloaded",
+    "loading_lock",
+    "private_components",
+    "read_model_index",
+    "report_progress",
+    "resolve_file",
+    "scheduler_names",
+    "takes_latents",
+]
+
+T = TypeVar("T")
+
+#: The pipeline attributes that hold a family's denoiser, in the order `denoiser` looks for them.
+DENOISER_ATTRIBUTES = ("unet", "transformer", "prior")
+
+
+def denoiser(pipeline: Any) -> Any:
+    """The denoising model of `pipeline` (its ``unet``, else ``transformer``, else ``prior``).
+
+    Engines made by `t2i_core.load` from one cached checkpoint share this module, so it is the
+    key of per-weights state (`SharedState`).
+
+    :raises TypeError: `pipeline` has none of them.
+    """
+    for name in DENOISER_ATTRIBUTES:
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            return module
+    raise TypeError(f"{type(pipeline).__name__} has no {', '.join(DENOISER_ATTRIBUTES)} to key shared state on")
+
+
+class SharedState(Generic[T]):
+    """One value per set of loaded weights, made on first use and shared by every engine over them.
+
+    Engines from the same cached `t2i_core.load` share their torch modules (and each has its own
+    pipeline object). What belongs to the weights rather than to one engine — LoRA adapters loaded
+    into a UNet, a ControlNet loaded beside it, a refiner paired with a base — lives here, keyed
+    weakly by the pipeline's denoiser: it goes when the weights go, and `make` runs once per weights
+    however many threads ask at once.
+
+    >>> controlnets: SharedState[dict[str, object]] = SharedState(lambda pipeline: {})
+    >>> # controlnets.get(engine.pipeline) -> the same dict for every engine over these weights
+    """
+
+    def __init__(self, make: Callable[[Any], T], *, key: Callable[[Any], Any] = denoiser) -> None:
+        """:param make: builds the value from the first pipeline that asks (called under a lock).
+        :param key: the object the value is tied to (default: the pipeline's denoiser module);
+            it must be weakly referenceable, as torch modules are.
+        """
+        self._make = make
+        self._key = key
+        self._values: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
+        self._lock = threading.RLock()
+
+    def get(self, pipeline: Any) -> T:
+        """The value for `pipeline`'s weights, made by ``make(pipeline)`` if there is none yet."""
+        key = self._key(pipeline)
+        with self._lock:
+            value = self._values.get(key)
+            if value is None:
+                value = self._values[key] = self._make(pipeline)
+            return value
+
+    def peek(self, pipeline: Any) -> T | None:
+        """The value for `pipeline`'s weights if one was made, else None (never makes one)."""
+        with self._lock:
+            return self._values.get(self._key(pipeline))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
+
+
+def env_int(name: str, default: int, *, minimum: int = 1, what: str | None = None) -> int:
+    """A positive-integer setting from environment variable `name`; `default` when unset or empty.
+
+    :raises InvalidRequestError: naming ``$NAME``, its text and what is allowed, when the value is
+        not an integer >= `minimum`.
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise InvalidRequestError(f"${name}", text, f"{what or 'an integer'} >= {minimum}")
+    return value
