@@ -132,7 +132,9 @@ def test_t2i_core_has_no_import_cycle() -> None:
     """Function-local imports count: low layers never import high ones, not even inside a function."""
     graph = import_graph()
     assert graph["t2i_core.engine.loading"], "the graph builder found no imports: it is broken"
-    assert "t2i_core.registry" in graph["t2i_core.engine.run"] or "t2i_core.registry" in graph["t2i_core.engine.loading"]
+    assert (
+        "t2i_core.registry" in graph["t2i_core.engine.run"] or "t2i_core.registry" in graph["t2i_core.engine.loading"]
+    )
     assert cycles(graph) == []
 
 

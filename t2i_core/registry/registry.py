@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -166,6 +167,10 @@ class Registry:
         what it meant to offer is unknown; a name already taken refuses only that item, with a warning.
         """
         self.plugins[info.name] = info
+        try:
+            hash(plugin)
+        except TypeError:  # pluggy keeps plugins in sets: an unhashable one (a SimpleNamespace) goes in a wrapper
+            plugin = _hashable(plugin, info.name)
         try:
             self.pm.register(plugin, name=info.name)
             self.pm.check_pending()
@@ -370,6 +375,16 @@ def _may_offer(info: PluginInfo, family: str) -> bool:
     module = (info.module or "").split(":", 1)[0].split(".", 1)[0]
     names = (info.name.rpartition(":")[2], info.entry_point or "", info.distribution or "", module)
     return any(name and normalize(name) in wanted for name in names)
+
+
+def _hashable(plugin: object, name: str) -> object:
+    """An unhashable plugin object (a SimpleNamespace) as a module holding its attributes: pluggy keeps
+    plugins in sets and reads their hooks statically."""
+    module = types.ModuleType(f"t2i_plugin_{name}")
+    for attribute in dir(plugin):
+        if not attribute.startswith("__"):
+            setattr(module, attribute, getattr(plugin, attribute))
+    return module
 
 
 def _enabled(variable: str) -> bool:
