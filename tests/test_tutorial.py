@@ -1,7 +1,7 @@
 """The provider tutorial stays true to its finished example, which the suite installs and tests.
 
 A code block marked ``<!-- docs-test: excerpt: PATH -->`` must appear, line for line,
-in the file at PATH, so docs/tutorial-provider.md cannot drift from docs/examples/t2i-sd3.
+in the file at PATH, so docs/tutorial-provider.md cannot drift from docs/examples/t2i-pixart-sigma.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def excerpts() -> list[tuple[str, str, str]]:
 def test_the_tutorial_quotes_its_example() -> None:
     quoted = {path for _, path, _ in excerpts()}
     assert {
-        "docs/examples/t2i-sd3/pyproject.toml",
-        "docs/examples/t2i-sd3/t2i_sd3/__init__.py",
-        "docs/examples/t2i-sd3/tests/test_t2i_sd3.py",
+        "docs/examples/t2i-pixart-sigma/pyproject.toml",
+        "docs/examples/t2i-pixart-sigma/t2i_pixart_sigma/__init__.py",
+        "docs/examples/t2i-pixart-sigma/tests/test_t2i_pixart_sigma.py",
     } <= quoted
 
 
@@ -45,6 +45,6 @@ def test_the_example_is_installed_and_its_tests_are_in_the_suite() -> None:
     """CI installs the example (requirements-dev.txt) and runs its tests (pytest testpaths)."""
     from importlib import metadata
 
-    assert metadata.distribution("t2i-sd3").version == "0.1.0"
-    assert "-e docs/examples/t2i-sd3" in (ROOT / "requirements-dev.txt").read_text().splitlines()
-    assert '"docs/examples/t2i-sd3/tests"' in (ROOT / "pyproject.toml").read_text()
+    assert metadata.distribution("t2i-pixart-sigma").version == "0.1.0"
+    assert "-e docs/examples/t2i-pixart-sigma" in (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert '"docs/examples/t2i-pixart-sigma/tests"' in (ROOT / "pyproject.toml").read_text()
