@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from t2i_core.tiny import clip_text_config, clip_tokenizer
+from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config
 
 NAME = "kandinsky22"
 #: bump when the recipe changes, so that cached copies are rebuilt
@@ -113,24 +113,22 @@ def _prior_scheduler() -> Any:
 def _unet() -> Any:
     from diffusers import UNet2DConditionModel
 
-    # 32 latent cells, times the MoVQ's factor of 2: a 64x64 native size.
-    return UNet2DConditionModel(
-        sample_size=32,
+    # The shared tiny UNet's sizes (32 latent cells, times the MoVQ's factor of 2: a 64x64 native
+    # size) with the real decoder's block kinds and image conditioning.
+    config = tiny_unet_config(
         in_channels=4,
         out_channels=8,  # mean and variance, as in the real decoder
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(32, 64),
-        layers_per_block=1,
         encoder_hid_dim=_EMBEDDING,
         encoder_hid_dim_type="image_proj",
         addition_embed_type="image",
-        cross_attention_dim=32,
         attention_head_dim=4,
         resnet_time_scale_shift="scale_shift",
         class_embed_type=None,
     )
+    return UNet2DConditionModel(**config)
 
 
 def _movq() -> Any:

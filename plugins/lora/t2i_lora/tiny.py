@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from t2i_core.tiny import seeded
+
 #: the layers diffusers' LoRA trainers adapt
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -47,8 +49,6 @@ def lora_file(
         installed transformers names the layers.
     :param strength: multiplies every ``lora_B`` weight (1 gives a clearly visible change on tiny models).
     """
-    import torch
-
     folder, path = Path(folder), Path(path)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -56,8 +56,7 @@ def lora_file(
     dual = index["_class_name"] == "StableDiffusionXLPipeline"
     alpha = rank if alpha is None else alpha
     parts: dict[str, dict[str, Any]] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         if unet:
             parts["unet"] = _adapted(_unet(folder), unet_targets, rank, alpha, strength)
         if text_encoders:
@@ -174,8 +173,7 @@ def embedding_file(
     folder, path = Path(folder), Path(path)
     index = json.loads((folder / "model_index.json").read_text())
     widths = {name: _hidden_size(folder / name) for name in ("text_encoder", "text_encoder_2") if name in index}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         vectors_of = {name: torch.randn(vectors, width) * scale for name, width in widths.items()}
     if "text_encoder_2" in widths:
         tensors = {"clip_l": vectors_of["text_encoder"], "clip_g": vectors_of["text_encoder_2"]}

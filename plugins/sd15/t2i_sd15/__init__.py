@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from t2i_core import FamilyDefaults, ModelProvider, hookimpl
-from t2i_core.tiny import clip_text_config, clip_tokenizer
+from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config, tiny_vae_config
 
 
 class StableDiffusion15(ModelProvider):
@@ -29,24 +29,8 @@ class StableDiffusion15(ModelProvider):
         from transformers import CLIPTextModel
 
         tokenizer = clip_tokenizer(folder / "_tokenizer_src")
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=64,
-        )
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        vae = AutoencoderKL(**tiny_vae_config())
         text_encoder = CLIPTextModel(clip_text_config(tokenizer))
         # The same scheduler configuration as the real stable-diffusion-v1-5 checkpoint.
         scheduler = PNDMScheduler(

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from t2i_core.tiny import clip_text_config, clip_tokenizer
+from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config, tiny_vae_config
 
 #: ``tiny:`` refiner names → (cache name, recipe version); bump the version when a recipe changes
 TINY_REFINERS = {"tiny:sdxl-refiner": ("sdxl-refiner", 2)}
@@ -80,12 +80,7 @@ def _text_encoder_2(tokenizer: Any) -> Any:
 def _unet(*, cross_attention_dim: int, time_ids: int) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    config = tiny_unet_config(
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
@@ -94,22 +89,14 @@ def _unet(*, cross_attention_dim: int, time_ids: int) -> Any:
         # The time ids' features plus the pooled output of the second text encoder.
         projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _HIDDEN_2,
         cross_attention_dim=cross_attention_dim,
-        norm_num_groups=32,
     )
+    return UNet2DConditionModel(**config)
 
 
 def _vae() -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.13025,  # the SDXL VAE's
-    )
+    return AutoencoderKL(**tiny_vae_config(scaling_factor=0.13025))  # the SDXL VAE's scaling factor
 
 
 def _scheduler() -> Any:
