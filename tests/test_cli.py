@@ -254,14 +254,14 @@ def test_quiet_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_control_flag_settings() -> None:
-    from t2i_core.cli import _controls
+    from t2i_core.cli.flags import controls
 
-    (control,) = _controls(
+    (control,) = controls(
         ["edges.png=tiny:controlnet-sd15@0.7,start=0.1,end=0.8,preprocess=canny:50:150,guess_mode=true"]
     )
     assert (control.image, control.model, control.scale) == ("edges.png", "tiny:controlnet-sd15", 0.7)
     assert (control.start, control.end, control.preprocess, control.guess_mode) == (0.1, 0.8, "canny:50:150", True)
-    (plain,) = _controls(["pose.png=lllyasviel/sd-controlnet-openpose"])
+    (plain,) = controls(["pose.png=lllyasviel/sd-controlnet-openpose"])
     assert (plain.model, plain.scale, plain.start, plain.end) == ("lllyasviel/sd-controlnet-openpose", 1.0, 0.0, 1.0)
 
 
@@ -275,15 +275,48 @@ def test_bad_control_flag(value: str, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_warnings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     import warnings
 
-    from t2i_core.cli import _quiet_libraries
+    from t2i_core.cli.logs import quiet_libraries, scoped_output
 
-    original = warnings.showwarning
-    try:
-        _quiet_libraries()
+    with scoped_output():
+        quiet_libraries()
         warnings.warn("prompt was truncated to 77 tokens", UserWarning, stacklevel=1)
-    finally:
-        warnings.showwarning = original
     assert capsys.readouterr().err == "t2i: warning: prompt was truncated to 77 tokens\n"
+
+
+def test_main_leaves_warnings_and_logging_as_they_were(tmp_path: Path) -> None:
+    """The CLI formats warnings and log records only while `main` runs (a generation included)."""
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    loggers = [logging.getLogger(name) for name in ("t2i", "diffusers", "transformers")]
+
+    def state() -> Any:
+        return (
+            warnings.showwarning,
+            list(warnings.filters),
+            [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers],
+            diffusers_logging.is_progress_bar_enabled(),
+        )
+
+    before = state()
+    assert run_cli("generate", "a cat", "--model", "tiny:sd15", "--steps", "1", "-o", str(tmp_path / "w.png")) == 0
+    assert run_cli("--help") == 0
+    assert state() == before
+
+
+def test_importing_the_cli_changes_no_process_state() -> None:
+    code = (
+        "import logging, warnings\n"
+        "before = (warnings.showwarning, list(warnings.filters), dict(logging.root.manager.loggerDict))\n"
+        "import t2i_core.cli, t2i_core.cli.commands, t2i_core.cli.generate\n"
+        "after = (warnings.showwarning, list(warnings.filters), dict(logging.root.manager.loggerDict))\n"
+        "print(before == after)"
+    )
+    proc = _subprocess("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
 
 
 def test_output_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,9 @@ import pytest
 
 import t2i_core
 from t2i_core import hookimpl
-from t2i_core._manager import CORE_COMMANDS, PluginWarning, Registry
-from t2i_core.cli import _parser, main
+from t2i_core.cli import main
+from t2i_core.cli.commands import COMMANDS
+from t2i_core.registry import PluginWarning, Registry
 
 
 @pytest.fixture
@@ -27,11 +28,23 @@ def plugin_registry() -> Iterator[Registry]:
             registry.unregister_plugin(name)
 
 
-def test_core_commands_are_those_of_the_parser() -> None:
-    """CORE_COMMANDS, which no plugin may take, lists exactly t2i-core's own subcommands."""
-    parser = _parser()
-    choices = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices  # type: ignore[attr-defined]
-    assert set(choices) == set(CORE_COMMANDS)
+def test_core_commands_are_registered_like_any_plugin_command() -> None:
+    """t2i-core's own subcommands come from its built-in plugin ``commands``, through `register_commands`."""
+    registry = t2i_core.get_registry()
+    info = registry.plugins["commands"]
+    assert info.source == "built-in" and info.error is None and info.warnings == []
+    assert info.registered == [f"command:{name}" for name in COMMANDS]
+    assert list(registry.commands)[: len(COMMANDS)] == list(COMMANDS)  # built-ins first: none can be taken
+
+
+def test_a_plugin_cannot_take_a_core_command(plugin_registry: Registry) -> None:
+    @hookimpl
+    def register_commands(cli: Any) -> None:
+        cli.command("generate", run=lambda args: 0, help="an impostor")
+
+    with pytest.warns(PluginWarning, match=r"command 'generate'"):
+        info = plugin_registry.register_plugin(types.SimpleNamespace(register_commands=register_commands), "impostor")
+    assert info.registered == [] and plugin_registry.commands["generate"].help == "generate images from a prompt"
 
 
 def test_a_broken_command_plugin_does_not_break_help(
@@ -81,17 +94,18 @@ def test_a_later_plugin_cannot_take_a_command(plugin_registry: Registry) -> None
 def test_strict_plugins_make_plugin_commands_fail_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from t2i_core import PluginError, _manager
+    from t2i_core import PluginError, registry
 
     def strict() -> Registry:
         raise PluginError("broken", "it failed to load and $T2I_STRICT_PLUGINS is set: ImportError")
 
-    monkeypatch.setattr(_manager, "get_registry", strict)
+    monkeypatch.setattr(registry, "get_registry", strict)
     assert main(["serve", "--model", "tiny:sd15"]) == 2
     assert capsys.readouterr().err == (
         "t2i: error: plugin 'broken': it failed to load and $T2I_STRICT_PLUGINS is set: ImportError\n"
     )
-    assert main(["--help"]) == 0  # help still shows t2i-core's commands
+    assert main(["--help"]) == 0  # help still works, and says why no command is available
+    assert "no command is available: plugin 'broken'" in capsys.readouterr().out
 
 
 def test_help_imports_no_torch_and_no_web_framework() -> None:

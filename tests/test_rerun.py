@@ -102,7 +102,7 @@ def test_prompt_and_model_are_required_without_from(capsys: pytest.CaptureFixtur
 
 
 def test_pairs_saved_by_0_1_0_are_read_back() -> None:
-    from t2i_core.cli import _saved_option
+    from t2i_core.cli.rerun import _saved_option
 
     assert _saved_option("(512, 512)") == "512,512"
     assert _saved_option("(dramatic clouds)1.3") == "(dramatic clouds)1.3"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from t2i_core._template import ROLES
 from t2i_core.cli import main
+from t2i_core.cli.template import ROLES
 
 HEAVY = ("torch", "diffusers", "transformers")
 

@@ -1,0 +1,91 @@
+"""The flags of ``t2i generate`` that take a small syntax: ``--control``, ``--lora``, ``--embedding``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import InvalidRequestError
+
+CONTROL_SYNTAX = "IMAGE=MODEL[@SCALE][,start=F][,end=F][,preprocess=NAME][,guess_mode=true|false]"
+
+
+def controls(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--control`` values: ``IMAGE=MODEL[@SCALE]`` plus optional ``,key=value`` settings."""
+    from ..request import Control
+
+    controls = []
+    for item in items:
+        image, sep, rest = item.partition("=")
+        model, *settings = rest.split(",")
+        if not sep or not image or not model:
+            raise InvalidRequestError("--control", item, CONTROL_SYNTAX)
+        fields: dict[str, Any] = {}
+        head, at, tail = model.rpartition("@")
+        if at:
+            fields["scale"] = _control_number(item, tail)
+            model = head
+        for setting in settings:
+            key, eq, value = setting.partition("=")
+            key = key.strip()
+            if not eq or key not in ("start", "end", "preprocess", "guess_mode"):
+                raise InvalidRequestError("--control", item, CONTROL_SYNTAX)
+            if key in ("start", "end"):
+                fields[key] = _control_number(item, value)
+            elif key == "guess_mode":
+                if value.lower() not in ("true", "false"):
+                    raise InvalidRequestError("--control", item, CONTROL_SYNTAX)
+                fields[key] = value.lower() == "true"
+            else:
+                fields[key] = value
+        controls.append(Control(image=image, model=model, **fields))
+    return tuple(controls)
+
+
+def loras(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--lora SOURCE[@SCALE]``: an ``@`` followed by a number sets the scale.
+
+    A source that exists as given (a path with ``@`` in it) is taken whole.
+    """
+    from ..request import Lora
+
+    loras = []
+    for item in items:
+        source, at, scale = item.rpartition("@")
+        if not at or os.path.exists(item):
+            loras.append(Lora(item))
+            continue
+        try:
+            value = float(scale)
+        except ValueError:
+            if "/" in scale or os.sep in scale:  # an @ inside a path: the whole text is the source
+                loras.append(Lora(item))
+                continue
+            raise InvalidRequestError("--lora", item, "SOURCE[@SCALE] with a number for SCALE") from None
+        if not source:
+            raise InvalidRequestError("--lora", item, "SOURCE[@SCALE] with a SOURCE")
+        loras.append(Lora(source, value))
+    return tuple(loras)
+
+
+def embeddings(items: list[str]) -> tuple[Any, ...]:
+    """Parse ``--embedding SOURCE[=TOKEN]``; a source that exists as given is taken whole."""
+    from ..request import Embedding
+
+    embeddings = []
+    for item in items:
+        source, eq, token = item.rpartition("=")
+        if not eq or os.path.exists(item):
+            embeddings.append(Embedding(item))
+            continue
+        if not source or not token.strip():
+            raise InvalidRequestError("--embedding", item, "SOURCE[=TOKEN] with a SOURCE and a TOKEN after =")
+        embeddings.append(Embedding(source, token))
+    return tuple(embeddings)
+
+
+def _control_number(item: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidRequestError("--control", item, CONTROL_SYNTAX + " with numbers for SCALE, start, end") from None
