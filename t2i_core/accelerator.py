@@ -43,6 +43,11 @@ class Accelerator:
     #: True: images stay those of plain fp32 up to floating-point rounding; False: it trades
     #: precision or exactness for speed or memory (half dtypes, tiled decoding)
     lossless: ClassVar[bool] = True
+    #: the parts of the pipeline it compiles with torch.compile: ``"denoiser"`` (its UNet or
+    #: transformer, whole or by blocks), ``"decoder"`` (the autoencoder's); empty when it compiles
+    #: nothing. ``t2i warmup`` needs an accelerator that compiles; a conditioner that swaps the
+    #: denoiser's weights (LoRA) hot-swaps them in place when ``"denoiser"`` is compiled.
+    compiles: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
     def check(self, context: LoadContext) -> None:
@@ -54,22 +59,6 @@ class Accelerator:
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         """Transform the loaded pipeline in place."""
-
-
-def is_offloaded(module: Any) -> bool:
-    """Whether offloading moves `module`'s weights (a torch module, or any of its submodules).
-
-    True for accelerate's model and sequential offload hooks and diffusers' group offloading:
-    models that move in and out of the device around each call, so a model placed beside them
-    with ``.to(device)`` would meet its inputs on the wrong device.
-    """
-    for submodule in module.modules():
-        if hasattr(submodule, "_hf_hook"):
-            return True
-        registry = getattr(submodule, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook("group_offloading") is not None:
-            return True
-    return False
 
 
 @attrs.frozen(kw_only=True)
@@ -85,3 +74,18 @@ class Preset:
         """The accelerator names for `device` (``"cuda:1"`` counts as ``"cuda"``; else the ``"*"`` stack)."""
         kind = device.split(":", 1)[0]
         return self.stacks.get(kind, self.stacks.get("*", ()))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "is_offloaded":  # here until t2i 0.2; removed in 0.3
+        import warnings
+
+        from ._modules import is_offloaded
+
+        warnings.warn(
+            "t2i_core.accelerator.is_offloaded is deprecated: import it from t2i_core.kit",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return is_offloaded
+    raise AttributeError(f"module 't2i_core.accelerator' has no attribute {name!r}")

@@ -23,10 +23,10 @@ from typing import Any, Generic, TypeVar
 
 from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
 from ._locks import loading_lock
-from ._weights import WeightsFile, file_digest, resolve_file
-from .accelerator import is_offloaded
+from ._modules import is_offloaded, private_components
+from ._weight_files import WeightsFile, file_digest, resolve_file
 from .errors import InvalidRequestError
-from .provider import ProgressCallback, private_components, report_progress, takes_latents
+from .provider import ProgressCallback, report_progress, takes_latents
 from .schedulers import DEFAULT as DEFAULT_SCHEDULER
 from .schedulers import build as build_scheduler
 from .schedulers import family_names as scheduler_names
@@ -74,6 +74,10 @@ def denoiser(pipeline: Any) -> Any:
     raise TypeError(f"{type(pipeline).__name__} has no {', '.join(DENOISER_ATTRIBUTES)} to key shared state on")
 
 
+def _no_default(pipeline: Any) -> Any:
+    raise TypeError("this SharedState has no make function: pass make= to get()")
+
+
 class SharedState(Generic[T]):
     """One value per set of loaded weights, made on first use and shared by every engine over them.
 
@@ -87,7 +91,7 @@ class SharedState(Generic[T]):
     >>> # controlnets.get(engine.pipeline) -> the same dict for every engine over these weights
     """
 
-    def __init__(self, make: Callable[[Any], T], *, key: Callable[[Any], Any] = denoiser) -> None:
+    def __init__(self, make: Callable[[Any], T] = _no_default, *, key: Callable[[Any], Any] = denoiser) -> None:
         """:param make: builds the value from the first pipeline that asks (called under a lock).
         :param key: the object the value is tied to (default: the pipeline's denoiser module);
             it must be weakly referenceable, as torch modules are.
@@ -97,13 +101,17 @@ class SharedState(Generic[T]):
         self._values: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
         self._lock = threading.RLock()
 
-    def get(self, pipeline: Any) -> T:
-        """The value for `pipeline`'s weights, made by ``make(pipeline)`` if there is none yet."""
+    def get(self, pipeline: Any, make: Callable[[Any], T] | None = None) -> T:
+        """The value for `pipeline`'s weights, made by ``make(pipeline)`` if there is none yet.
+
+        :param make: builds it this time instead of the `SharedState`'s own `make` (for a value that
+            depends on more than the pipeline, such as the engine's accelerators).
+        """
         key = self._key(pipeline)
         with self._lock:
             value = self._values.get(key)
             if value is None:
-                value = self._values[key] = self._make(pipeline)
+                value = self._values[key] = (make or self._make)(pipeline)
             return value
 
     def peek(self, pipeline: Any) -> T | None:

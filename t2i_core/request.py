@@ -296,7 +296,7 @@ class GenerationResult:
         if request.controls:
             data["controls"] = json.dumps([_describe_control(control) for control in request.controls])
         if request.loras or request.embeddings:
-            from ._weights import describe
+            from ._weight_files import describe
 
             # File name and content hash, never the path: a PNG shared on the web tells no folder names.
             if request.loras:

@@ -165,7 +165,7 @@ def test_native_size_reads_a_transformer_and_says_when_it_cannot() -> None:
 def test_accelerators_find_the_denoiser_of_a_transformer_family() -> None:
     from t2i_core.builtins._components import autoencoders, denoisers
 
-    engine = t2i_core.load("tiny:sd3", device="cpu", accelerators=["fp32"])  # docs/examples/t2i-sd3
+    engine = t2i_core.load("tiny:pixart-sigma", device="cpu", accelerators=["fp32"])  # docs/examples/t2i-pixart-sigma
     assert list(denoisers(engine.pipeline)) == ["transformer"]
     assert list(autoencoders(engine.pipeline)) == ["vae"]
     assert engine.provider.native_size(engine.pipeline) == (64, 64)
@@ -244,5 +244,5 @@ def test_first_party_items_exclude_third_party_ones(t2i_registry: Registry) -> N
     register(t2i_registry, sd15_like(name="outsider")())
     providers = t2i_registry.first_party("provider")
     assert {"sd15", "sdxl", "kandinsky22"} <= set(providers) and "outsider" not in providers
-    assert "sd3" in t2i_registry.providers and "sd3" not in providers  # the tutorial's example is third-party
+    assert "pixart-sigma" in t2i_registry.providers and "pixart-sigma" not in providers  # the tutorial's example
     assert "fp16" in t2i_registry.first_party("accelerator") and "auto" in t2i_registry.first_party("preset")

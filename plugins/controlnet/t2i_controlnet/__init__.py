@@ -8,7 +8,6 @@ components, so switching between controlled and plain requests reloads nothing.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from t2i_core import (
     hookimpl,
     loading_lock,
 )
-from t2i_core.kit import is_offloaded
+from t2i_core.kit import SharedState, is_offloaded
 
 from ._images import ImageReader, parse_preprocess, sized
 from ._sources import IncompatibleControlNetError, Source, check_fits, resolve, tiny_controlnet_folder
@@ -154,7 +153,7 @@ def _pipeline(engine: Engine, state: _EngineState, sources: list[Source]) -> Any
     if pipeline is not None:
         return pipeline
     base = engine.pipeline
-    models = [_model(state, source, base.unet) for source in sources]
+    models = [_model(state, source, base) for source in sources]
     with loading_lock:
         import diffusers
 
@@ -169,20 +168,20 @@ def _pipeline(engine: Engine, state: _EngineState, sources: list[Source]) -> Any
     return pipeline
 
 
-#: base UNet → `Source.location` → loaded ControlNet: engines over the same cached base weights
-#: share their ControlNets' weights too (weakly held: they go when the base weights go)
-_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+#: per set of base weights: `Source.location` → loaded ControlNet. Engines over the same cached base
+#: weights share their ControlNets' weights too; they go when the base weights go.
+_LOADED: SharedState[dict[str, Any]] = SharedState(lambda _pipeline: {})
 _LOADING = threading.Lock()
 
 
-def _model(state: _EngineState, source: Source, unet: Any) -> Any:
+def _model(state: _EngineState, source: Source, base: Any) -> Any:
     model = state.models.get(source.location)
     if model is None:
         with _LOADING:
-            loaded = _LOADED.setdefault(unet, {})
+            loaded = _LOADED.get(base)
             model = loaded.get(source.location)
             if model is None:
-                model = loaded[source.location] = _load_model(source, unet)
+                model = loaded[source.location] = _load_model(source, base.unet)
         state.models[source.location] = model
     return model
 

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
-from t2i_core.kit import is_offloaded
+from t2i_core.kit import SharedState, is_offloaded
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -67,7 +67,7 @@ class Priors:
         self._sources: dict[tuple[str, bool], PriorSource] = {}
         # Per loaded decoder, keyed by its UNet, which no value holds: entries go with the weights.
         self._origins: weakref.WeakKeyDictionary[Any, _Origin] = weakref.WeakKeyDictionary()
-        self._loaded: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        self._loaded: SharedState[dict[str, Any]] = SharedState(lambda _pipeline: {})
         # Per engine (an engine's pipeline object is its own); the values do not hold the key.
         self._engines: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
@@ -132,7 +132,7 @@ class Priors:
                 "(a decoder-only checkpoint, or options['prior']); a combined checkpoint supports it",
             )
         with self._lock:
-            loaded = self._loaded.setdefault(pipeline.unet, {})
+            loaded = self._loaded.get(pipeline)
             if prior.path not in loaded:
                 loaded[prior.path] = self._load(pipeline, prior)
             shared = loaded[prior.path]

@@ -18,16 +18,14 @@ asked for. Three ways to make them do so, chosen at load time by the engine's ac
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from t2i_core import IncompatibleAcceleratorsError, InvalidRequestError, loading_lock
+from t2i_core import IncompatibleAcceleratorsError, InvalidRequestError, get_registry, loading_lock
+from t2i_core.kit import SharedState, env_int
 
 from ._files import EmbeddingFile, LoraFile, embedding_file, lora_file
 from ._turns import Turns
@@ -37,8 +35,6 @@ if TYPE_CHECKING:
 
 #: text encoder attribute → its tokenizer's attribute
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-#: accelerators with which adapters are hot-swapped rather than switched (compiled denoisers)
-COMPILE_ACCELERATORS = ("compile", "compile-regional")
 FUSE_ACCELERATOR = "fuse_lora"
 #: the largest LoRA rank that hot-swap slots take (diffusers' ``enable_lora_hotswap(target_rank=...)``)
 HOTSWAP_RANK_ENV = "T2I_LORA_MAX_RANK"
@@ -103,37 +99,31 @@ class EngineState:
     synced: dict[str, int] = attrs.Factory(dict)
 
 
-_SHARED: weakref.WeakKeyDictionary[Any, SharedWeights] = weakref.WeakKeyDictionary()
-_SHARED_LOCK = threading.Lock()
+_SHARED: SharedState[SharedWeights] = SharedState()
 
 
 def shared_weights(engine: Engine) -> SharedWeights:
     """The state of `engine`'s weights, shared by every engine over them (made on first use)."""
-    unet = engine.pipeline.unet
-    with _SHARED_LOCK:
-        shared = _SHARED.get(unet)
-        if shared is None:
-            shared = _SHARED[unet] = SharedWeights(mode=_mode(engine.accelerators), hotswap_rank=_hotswap_rank())
-        return shared
+    return _SHARED.get(
+        engine.pipeline, lambda _pipeline: SharedWeights(mode=_mode(engine.accelerators), hotswap_rank=_hotswap_rank())
+    )
 
 
 def _mode(accelerators: tuple[str, ...]) -> str:
-    if any(name in COMPILE_ACCELERATORS for name in accelerators):
+    # A compiled denoiser gets its adapters hot-swapped in place rather than switched: no recompile.
+    if any("denoiser" in _compiles(name) for name in accelerators):
         return "hotswap"
     return "fuse" if FUSE_ACCELERATOR in accelerators else "plain"
 
 
+def _compiles(accelerator: str) -> tuple[str, ...]:
+    """What the accelerator named `accelerator` compiles (`Accelerator.compiles`); nothing when unknown."""
+    found = get_registry().accelerators.get(accelerator)
+    return found.compiles if found is not None else ()
+
+
 def _hotswap_rank() -> int:
-    text = os.environ.get(HOTSWAP_RANK_ENV)
-    if not text:
-        return DEFAULT_HOTSWAP_RANK
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InvalidRequestError(f"${HOTSWAP_RANK_ENV}", text, "a LoRA rank >= 1")
-    return value
+    return env_int(HOTSWAP_RANK_ENV, DEFAULT_HOTSWAP_RANK, what="a LoRA rank")
 
 
 def engine_state(engine: Engine) -> EngineState:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError, loading_lock
-from t2i_core.kit import DEFAULT_SCHEDULER, build_scheduler, is_offloaded, report_progress
+from t2i_core.kit import DEFAULT_SCHEDULER, SharedState, build_scheduler, is_offloaded, report_progress
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
 from . import _tiny
@@ -90,9 +90,9 @@ class Refiners:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sources: dict[str, str] = {}
-        # Weights, per loaded base. Keyed by the base UNet, which the refiner does not hold:
-        # keying by the shared VAE would keep every entry alive forever.
-        self._loaded: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        # Weights, per loaded base (keyed by the base UNet, which the refiner does not hold:
+        # keying by the shared VAE would keep every entry alive forever).
+        self._loaded: SharedState[dict[str, Any]] = SharedState(lambda _base: {})
         # Pipelines and schedulers, per engine (an engine's base pipeline object is its own).
         self._engines: weakref.WeakKeyDictionary[Any, dict[str, _EngineRefiner]] = weakref.WeakKeyDictionary()
 
@@ -136,7 +136,7 @@ class Refiners:
         mine = self._engines.setdefault(base, {})
         if source not in mine:
             with self._lock:
-                loaded = self._loaded.setdefault(base.unet, {})
+                loaded = self._loaded.get(base)
                 if source not in loaded:
                     loaded[source] = _load(base, source)
                 shared = loaded[source]
