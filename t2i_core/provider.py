@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import GenerationCancelled, InvalidRequestError, ModelNotFoundError
+from .errors import GenerationCancelled, InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -306,9 +306,17 @@ class ModelProvider:
         }
 
     def run(self, pipeline: Any, kwargs: dict[str, Any], progress: ProgressCallback | None = None) -> list[Image]:
-        """Call `pipeline` with `kwargs` and return its images."""
+        """Call `pipeline` with `kwargs` and return its images, reporting each step to `progress`.
+
+        Progress goes through what the pipeline's ``__call__`` offers: diffusers'
+        ``callback_on_step_end``, else the older ``callback(step, timestep, latents)`` with
+        ``callback_steps=1`` (PixArt-Sigma, Kandinsky 2.1, ...), never a keyword the pipeline
+        would swallow unused. With a `progress` callback, a pipeline that offers neither is refused
+        with `UnsupportedFeatureError` before it runs: override `run` to report its steps with
+        `t2i_core.kit.report_progress`.
+        """
         if progress is not None:
-            kwargs = {**kwargs, "callback_on_step_end": _step_callback(progress)}
+            kwargs = {**kwargs, **_progress_kwargs(self, pipeline, kwargs, progress)}
         return list(pipeline(**kwargs).images)
 
 
@@ -362,6 +370,7 @@ def takes_latents(progress: Callable[..., Any]) -> bool:
 
 
 def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
+    """A diffusers ``callback_on_step_end`` that reports step ``step + 1`` of ``pipeline.num_timesteps``."""
     with_latents = takes_latents(progress)
 
     def on_step_end(pipeline: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -370,6 +379,76 @@ def _step_callback(progress: ProgressCallback) -> Callable[..., dict[str, Any]]:
         return callback_kwargs
 
     return on_step_end
+
+
+def _legacy_step_callback(pipeline: Any, progress: ProgressCallback, steps: int) -> Callable[..., None]:
+    """An old-style diffusers ``callback(step, timestep, latents)``, called with ``callback_steps=1``.
+
+    Such pipelines call it once per completed scheduler step (``step`` counts from 0), so the
+    total is the scheduler's timesteps over its order (`steps`, the requested count, until the
+    scheduler has them).
+    """
+    with_latents = takes_latents(progress)
+
+    def callback(step: int, _timestep: Any, latents: Any) -> None:
+        scheduler = getattr(pipeline, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        order = int(getattr(scheduler, "order", 1) or 1)
+        total = math.ceil(len(timesteps) / order) if timesteps is not None else steps
+        report_progress(progress, step + 1, total, latents=latents if with_latents else None)
+
+    return callback
+
+
+def _progress_kwargs(
+    provider: ModelProvider, pipeline: Any, kwargs: Mapping[str, Any], progress: ProgressCallback
+) -> dict[str, Any]:
+    """The call arguments that make `pipeline` report its steps to `progress`."""
+    parameters = _call_parameters(pipeline)
+    if "callback_on_step_end" in parameters:
+        extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress)}
+        tensor_inputs = parameters.get("callback_on_step_end_tensor_inputs")
+        if tensor_inputs is not None and takes_latents(progress):
+            # Most pipelines pass the latents by default; ask for them only where they do not.
+            inputs = kwargs.get("callback_on_step_end_tensor_inputs", tensor_inputs.default)
+            if isinstance(inputs, (list, tuple)) and "latents" not in inputs:
+                extra["callback_on_step_end_tensor_inputs"] = [*inputs, "latents"]
+        return extra
+    if "callback" in parameters and "callback_steps" in parameters:
+        steps = int(kwargs.get("num_inference_steps") or 0)
+        return {"callback": _legacy_step_callback(pipeline, progress, steps), "callback_steps": 1}
+    raise UnsupportedFeatureError(
+        getattr(provider, "name", type(provider).__name__),
+        f"progress callbacks: {type(pipeline).__name__}.__call__ takes neither callback_on_step_end nor "
+        "callback/callback_steps; the plugin must override ModelProvider.run and report each step "
+        "with t2i_core.kit.report_progress",
+    )
+
+
+def _call_parameters(pipeline: Any) -> dict[str, Any]:
+    """The named parameters (``inspect.Parameter`` by name) that calling `pipeline` takes.
+
+    A ``__call__`` that takes only ``*args, **kwargs`` hands them on (a mixin in front of a
+    diffusers pipeline, like the graph-step accelerator's), so the next class's ``__call__`` in the
+    method resolution order says what the call takes.
+    """
+    import inspect
+
+    passed_on = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    calls = [vars(cls)["__call__"] for cls in type(pipeline).__mro__ if "__call__" in vars(cls)]
+    for call in [pipeline, *(c.__get__(pipeline, type(pipeline)) if inspect.isfunction(c) else c for c in calls)]:
+        try:
+            parameters = inspect.signature(call).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            continue
+        named = {name: p for name, p in parameters.items() if p.kind not in passed_on}
+        if named:
+            return named
+    return {}
+
+
+#: Names plugins imported from here before t2i 0.2, now in `t2i_core.kit` (removed in 0.3).
+_MOVED_TO_KIT = ("private_components",)
 
 
 def private_components(pipeline: Any) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""The plugin author's test kit: conformance test classes for each role, and image comparisons.
+"""The plugin author's test kit: conformance test classes for each role, image comparisons, and helpers.
 
 A plugin's test file subclasses one class per thing it registers and sets class attributes
 (the pandas extension-test style); the pytest plugin of t2i-core (``t2i_core.testing.fixtures``,
-loaded through the ``pytest11`` entry point) provides the fixtures they use. See docs/testing.md.
+loaded through the ``pytest11`` entry point) provides the fixtures they use. The helpers are what
+those classes use, for a plugin's own tests: tiny folders, raw diffusers pipelines, CLI runs,
+``refuse_to_run``; `t2i_core.testing.ldm` writes single-file checkpoints. See docs/testing.md.
 Importing this module does not import torch; running the tests does.
 """
 
@@ -30,19 +32,35 @@ from ._images import (  # noqa: E402
     assert_images_equal,
     cpu_generators,
     levels_apart,
+    reference_call,
 )
 from ._provider import ProviderConformance  # noqa: E402
-from ._support import tiny_folder  # noqa: E402
+from ._support import (  # noqa: E402
+    ReferenceLoadError,
+    install_hint,
+    raw_pipeline,
+    refuse_to_run,
+    require_family,
+    run_cli,
+    tiny_folder,
+)
 
 __all__ = [
     "AcceleratorConformance",
     "ConditionerConformance",
     "ProviderConformance",
+    "ReferenceLoadError",
     "as_array",
     "assert_images_close",
     "assert_images_differ",
     "assert_images_equal",
     "cpu_generators",
+    "install_hint",
     "levels_apart",
+    "raw_pipeline",
+    "reference_call",
+    "refuse_to_run",
+    "require_family",
+    "run_cli",
     "tiny_folder",
 ]

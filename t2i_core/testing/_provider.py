@@ -18,6 +18,7 @@ from ._support import (
     cached_reference,
     forget_references,
     light_import_report,
+    other_shipped_family_hint,
     read_index,
     run_cli,
     shipped_families,
@@ -181,7 +182,7 @@ class ProviderConformance:
         """The family claims none of the tiny checkpoints of the families t2i ships."""
         others = shipped_families(exclude=self.family)
         if not others:
-            pytest.skip("no other family of t2i's own is installed")
+            pytest.skip(other_shipped_family_hint(self.family))
         provider = self._provider()
         for other in others:
             index = read_index(tiny_folder(other))
@@ -195,7 +196,7 @@ class ProviderConformance:
 
         others = shipped_families(exclude=self.family)
         if not others:
-            pytest.skip("no other family of t2i's own is installed")
+            pytest.skip(other_shipped_family_hint(self.family))
         other = "sd15" if "sd15" in others else others[0]
         folder = tiny_folder(other)
         with pytest.raises(T2IError):
@@ -355,12 +356,32 @@ class ProviderConformance:
         from t2i_core import T2IError
 
         if not self.invalid_requests:
-            pytest.skip("declare invalid_requests: requests the family refuses before any work")
+            pytest.skip(
+                f"nothing to refuse: family {self.family!r} declares no invalid_requests "
+                "(set it if the family refuses some requests before any work, e.g. {'height': {'height': 72}})"
+            )
         for field, changes in self.invalid_requests.items():
-            with pytest.raises(T2IError) as caught:
-                engine.resolve(self.make_request(**changes))
-            named = getattr(caught.value, "field", None)
-            assert named == field or (named is None and field in str(caught.value)), caught.value
+            what = f"invalid_requests[{field!r}] = {dict(changes)!r}"
+            request: Any = None
+            try:
+                request = self.make_request(**changes)  # a request's own validators may refuse it
+                engine.resolve(request)
+            except T2IError as exc:
+                named = getattr(exc, "field", None)
+                assert named == field or (named is None and field in str(exc)), (
+                    f"{what} was refused, but naming {named!r} rather than {field!r}: {exc}\nthe request: {request!r}"
+                )
+            except Exception as exc:
+                raise AssertionError(
+                    f"{what}: refused with {type(exc).__name__} rather than a T2IError naming {field!r}: {exc}"
+                    f"\nthe request: {request!r}"
+                ) from exc
+            else:
+                pytest.fail(
+                    f"{what}: Engine.resolve accepted the request; the family must refuse it before any work, "
+                    f"naming {field!r} (in check_request, or with an Option's bounds)\nthe request: {request!r}",
+                    pytrace=False,
+                )
 
     # -- engines -----------------------------------------------------------------------------------
     def test_cached_engines_share_weights(self, engine: Engine) -> None:

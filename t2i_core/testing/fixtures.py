@@ -6,6 +6,9 @@
   process-wide one; plugins registered in it are gone afterwards.
 - ``t2i_engine_factory``: ``load()`` with test defaults (CPU, float32).
 
+It also hides the deprecation notices (``DeprecationWarning``, ``FutureWarning``) that the
+libraries under t2i raise from their own modules, so that a plugin's test run ends with its
+own warnings and t2i's, not dozens of lines about diffusers' or transformers' next release.
 Loading this plugin imports neither torch nor the rest of t2i's heavy dependencies.
 """
 
@@ -21,10 +24,25 @@ import pytest
 
 if TYPE_CHECKING:
     from t2i_core import Engine
-    from t2i_core._manager import Registry
+    from t2i_core.registry import Registry
 
 #: a folder to build tiny checkpoints into and reuse between test runs
 TEST_CACHE_ENV = "T2I_TEST_CACHE"
+
+#: the libraries whose own deprecation notices a kit run hides (matched on the warning's module)
+QUIET_LIBRARIES = ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "peft", "safetensors")
+#: pytest ``filterwarnings`` lines: each library's deprecation notices, by module, nothing else
+LIBRARY_WARNING_FILTERS = tuple(
+    rf"ignore::{category}:{library}(\.|$)"
+    for library in QUIET_LIBRARIES
+    for category in ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning")
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the library filters first, so that a project's own ``filterwarnings`` lines override them."""
+    lines = config.getini("filterwarnings")
+    lines[:0] = [line for line in LIBRARY_WARNING_FILTERS if line not in lines]
 
 
 @pytest.fixture(scope="session")
@@ -54,20 +72,15 @@ def t2i_registry() -> Iterator[Registry]:
     It replaces the process-wide registry (what `load()` and ``t2i`` use) until the test ends,
     so plugins registered in it with ``register_plugin`` leave no trace.
     """
-    from t2i_core import _manager
+    from t2i_core import PluginWarning
+    from t2i_core.registry import Registry, using_registry
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _manager.PluginWarning)  # reported when the suite first loaded them
-        registry = _manager.Registry()
+        warnings.simplefilter("ignore", PluginWarning)  # reported when the suite first loaded them
+        registry = Registry()
         registry.load_entry_points()
-    with _manager._lock:
-        previous = _manager._registry
-        _manager._registry = registry
-    try:
+    with using_registry(registry):
         yield registry
-    finally:
-        with _manager._lock:
-            _manager._registry = previous
 
 
 @pytest.fixture
