@@ -41,7 +41,7 @@ def sd15_folder() -> str:
 
 @pytest.fixture(scope="session")
 def raw_sd15(sd15_folder: str) -> Any:
-    from support import raw_pipeline
+    from t2i_core.testing import raw_pipeline
 
     return raw_pipeline(sd15_folder)
 
@@ -64,7 +64,7 @@ def sdxl_folder() -> str:
 @pytest.fixture(scope="session")
 def raw_sdxl(sdxl_folder: str) -> Any:
     """The tiny SDXL checkpoint as raw diffusers loads it (t2i-sdxl's and t2i-compel's reference)."""
-    from support import raw_pipeline
+    from t2i_core.testing import raw_pipeline
 
     return raw_pipeline(sdxl_folder)
 

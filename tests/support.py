@@ -1,16 +1,13 @@
 """Helpers that core's and the plugins' test files import (``from support import ...``).
 
-One copy each, beside the kit: what a plugin author would also need lives in ``t2i_core.testing``
-(image comparisons, seeded generators, tiny folders); this module adds only what the t2i suite's
-own files share. pytest puts this folder on ``sys.path`` (``pythonpath`` in pyproject.toml).
+What a plugin author also needs lives in ``t2i_core.testing`` (image comparisons, seeded
+generators, tiny folders, raw pipelines, ``refuse_to_run``); this module only adds what the suite's
+own files use differently: tiny folders as strings, and the CLI run on the test's own streams.
+pytest puts this folder on ``sys.path`` (``pythonpath`` in pyproject.toml), so plugin test folders
+import it too.
 """
 
 from __future__ import annotations
-
-import sys
-from typing import Any
-
-import pytest
 
 from t2i_core import testing
 
@@ -20,29 +17,12 @@ def tiny_folder(family: str) -> str:
     return str(testing.tiny_folder(family))
 
 
-def raw_pipeline(folder: str) -> Any:
-    """The checkpoint at `folder` as raw diffusers loads it, the reference of every parity test."""
-    from diffusers import AutoPipelineForText2Image
-
-    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def run_cli(*args: str) -> int:
-    """Run ``t2i ARGS`` in this process and return its exit status; its output reaches ``capsys``."""
-    from t2i_core.testing._support import run_cli as run_captured
+    """Run ``t2i ARGS`` in this process and return its exit status.
 
-    code, out, err = run_captured(*args)
-    sys.stdout.write(out)
-    sys.stderr.write(err)
-    return code
+    Unlike ``t2i_core.testing.run_cli``, which captures the output, the command writes to the
+    test's own ``sys.stdout`` and ``sys.stderr``: ``capsys`` reads them, or a test swaps in a terminal.
+    """
+    from t2i_core.cli import main
 
-
-def refuse_to_run(monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
-    """Make `engine`'s pipeline fail the test if it runs: the request should be refused before."""
-
-    def run(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("the pipeline ran although the request should have been refused")
-
-    monkeypatch.setattr(engine.provider, "run", run)
+    return main(list(args))

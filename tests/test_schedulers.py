@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support import raw_pipeline
 
 from t2i_core import GenerationRequest, InvalidRequestError, load
 from t2i_core import schedulers as named
-from t2i_core.testing import assert_images_equal, cpu_generators
+from t2i_core.testing import assert_images_equal, cpu_generators, raw_pipeline
 
 PROMPT = "a watercolor fox"
 

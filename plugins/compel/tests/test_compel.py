@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import refuse_to_run
 
 from t2i_core import Call, GenerationRequest, InvalidRequestError, UnsupportedFeatureError, get_registry, load
 from t2i_core.cli import main
-from t2i_core.testing import as_array, assert_images_equal, cpu_generators
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators, refuse_to_run
 
 STEPS = 2
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"

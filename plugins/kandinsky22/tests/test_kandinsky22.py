@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import raw_pipeline, refuse_to_run, tiny_folder
+from support import tiny_folder
 
 from t2i_core import (
     Conditioner,
@@ -22,7 +22,7 @@ from t2i_core import (
     hookimpl,
     load,
 )
-from t2i_core.testing import as_array, assert_images_equal, cpu_generators
+from t2i_core.testing import as_array, assert_images_equal, cpu_generators, raw_pipeline, refuse_to_run
 
 STEPS = 3
 PRIOR_STEPS = 3

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import raw_pipeline, refuse_to_run, tiny_folder
+from support import tiny_folder
 
 from t2i_core import (
     Embedding,
@@ -32,7 +32,14 @@ from t2i_core import (
     load,
 )
 from t2i_core.cli import main
-from t2i_core.testing import as_array, assert_images_close, assert_images_equal, cpu_generators
+from t2i_core.testing import (
+    as_array,
+    assert_images_close,
+    assert_images_equal,
+    cpu_generators,
+    raw_pipeline,
+    refuse_to_run,
+)
 
 pytest.importorskip("t2i_lora")
 from t2i_lora import tiny
