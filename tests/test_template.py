@@ -67,6 +67,32 @@ def test_each_role_installs_and_passes_its_generated_tests(tmp_path: Path) -> No
     assert int(summary.split(" passed")[0].split()[-1]) >= 30, summary
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_the_test_extra_installs_what_the_kits_cross_family_tests_need(role: str, tmp_path: Path) -> None:
+    """The ``test`` extra brings t2i's test kit and the shipped plugins its cross-family tests run against."""
+    import tomllib
+
+    from t2i_core import get_registry
+
+    assert main(["plugin", "new", f"extra-{role}", "--role", role, "--dir", str(tmp_path)]) == 0
+    project = tomllib.loads((tmp_path / f"t2i-extra-{role}" / "pyproject.toml").read_text(encoding="utf-8"))
+    extra = project["project"]["optional-dependencies"]["test"]
+    assert "t2i-core[testing]" in extra
+    registry = get_registry()
+    offered = [item for info in registry.plugins.values() if info.distribution in extra for item in info.registered]
+    families = [item.partition(":")[2] for item in offered if item.startswith("provider:")]
+    restricted = [
+        name
+        for kind, _, name in (item.partition(":") for item in offered)
+        if kind == "conditioner" and registry.conditioners[name].families is not None
+    ]
+    assert "sd15" in families, extra  # tiny:sd15: what conditioner and accelerator kits run on
+    if role == "provider":  # a shipped family it must not claim, a conditioner restricted to other families
+        assert restricted, extra
+    if role == "conditioner":  # a family outside a restricted conditioner's families
+        assert len(families) >= 2, extra
+
+
 def test_an_existing_folder_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "t2i-mine"
     folder.mkdir()
