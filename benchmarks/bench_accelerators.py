@@ -89,6 +89,7 @@ def arguments(index: dict[str, Any]) -> dict[str, Any]:
 CONFIG_FILES = {
     "Scheduler": "scheduler_config.json",
     "Tokenizer": "tokenizer_config.json",
+    "TokenizerFast": "tokenizer_config.json",
     "Processor": "preprocessor_config.json",
 }
 
@@ -105,13 +106,15 @@ def architecture_size(folder: Path) -> int:
     index = json.loads((folder / "model_index.json").read_text())
     parts = components(index)
     denoiser = next(name for name in ("unet", "transformer") if name in parts)
-    sample = component_config(folder, denoiser, parts[denoiser][1])["sample_size"]
+    sample = component_config(folder, denoiser, parts[denoiser][1]).get("sample_size")
     autoencoder = next(name for name in ("vae", "movq") if name in parts)
-    blocks = len(component_config(folder, autoencoder, parts[autoencoder][1])["block_out_channels"])
-    return int(sample) * 2 ** (blocks - 1)
+    autoencoder_config = component_config(folder, autoencoder, parts[autoencoder][1])
+    if sample is None:  # FLUX.1's transformer has no sample size: its VAE's is the image size (1024)
+        return int(autoencoder_config["sample_size"])
+    return int(sample) * 2 ** (len(autoencoder_config["block_out_channels"]) - 1)
 
 
-FAMILIES = ("sd15", "sdxl", "kandinsky22")
+FAMILIES = ("sd15", "sdxl", "kandinsky22", "flux")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "raw-fast", "t2i-quick", "t2i-fast")
 RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast")
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -134,7 +137,9 @@ def build_pipeline(folder: Path, dtype: Any, device: str, seed: int = 0) -> Any:
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as scratch:
         for name, (library, class_name) in components(index).items():
             config = component_config(folder, name, class_name)
-            part = _build_component(library, class_name, config, Path(scratch) / name, device)
+            # Made in `dtype` directly: FLUX.1's 12B transformer in float32 alone is 48 GB.
+            with _default_dtype(dtype):
+                part = _build_component(library, class_name, config, Path(scratch) / name, device)
             if isinstance(part, torch.nn.Module):
                 part = part.to(dtype=dtype).eval()
             parts[name] = part
@@ -143,9 +148,27 @@ def build_pipeline(folder: Path, dtype: Any, device: str, seed: int = 0) -> Any:
     return pipeline
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: Any) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _build_component(library: str, class_name: str, config: dict[str, Any], scratch: Path, device: str) -> Any:
     import torch
 
+    if class_name == "T5TokenizerFast":
+        from t2i_core.tiny import t5_tokenizer
+
+        # A Unigram vocabulary built offline (FLUX.1's T5): ids differ from T5's, the sequence length does not.
+        return t5_tokenizer(scratch, model_max_length=config["model_max_length"])
     if class_name == "CLIPTokenizer":
         from t2i_core.tiny import clip_tokenizer
 
@@ -273,6 +296,13 @@ def _register_config_provider(registry: Any, family: str, folder: Path, base: An
 # -- the variants ----------------------------------------------------------------------------------
 
 
+def _raw_dtype(family: str, device: str) -> str:
+    """Raw variants' default dtype: float16 on CUDA (bfloat16 for FLUX.1, whose activations overflow float16)."""
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if family == "flux" else "float16"
+
+
 def accelerators_of(variant: str) -> list[str] | None:
     """The accelerator names a ``t2i-<preset>`` / ``t2i:<a>+<b>`` variant loads with; None for raw ones."""
     if variant.startswith("t2i-"):
@@ -317,12 +347,15 @@ def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple
     if variant in ("raw-compiled", "raw-fast"):
         owner = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky's combined pipeline
         mode = "reduce-overhead" if source.device.startswith("cuda") else None
-        if variant == "raw-fast" and hasattr(owner.unet, "fuse_qkv_projections"):
-            owner.unet.fuse_qkv_projections()
-            applied.append("unet.fuse_qkv_projections()")
-        owner.unet.to(memory_format=torch.channels_last)
-        owner.unet = torch.compile(owner.unet, mode=mode, fullgraph=True)
-        applied += ["channels_last", f"torch.compile(unet, mode={mode!r}, fullgraph=True)"]
+        denoiser = "unet" if getattr(owner, "unet", None) is not None else "transformer"  # FLUX.1: a transformer
+        if variant == "raw-fast" and hasattr(getattr(owner, denoiser), "fuse_qkv_projections"):
+            getattr(owner, denoiser).fuse_qkv_projections()
+            applied.append(f"{denoiser}.fuse_qkv_projections()")
+        if denoiser == "unet":
+            owner.unet.to(memory_format=torch.channels_last)
+            applied.append("channels_last")
+        setattr(owner, denoiser, torch.compile(getattr(owner, denoiser), mode=mode, fullgraph=True))
+        applied.append(f"torch.compile({denoiser}, mode={mode!r}, fullgraph=True)")
         vae = getattr(owner, "vae", None) or getattr(owner, "movq", None)
         if variant == "raw-fast" and vae is not None:
             if hasattr(vae, "fuse_qkv_projections"):
@@ -718,7 +751,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": args.steps,
             "batch": args.batch,
             "guidance_scale": guidance,
-            "dtype": args.dtype or ("float16" if device.startswith("cuda") else "float32"),
+            "dtype": args.dtype or _raw_dtype(family, device),
             "scheduler": args.scheduler,
             "runs": args.runs,
             "warmup": args.warmup,

@@ -62,7 +62,69 @@ def _peak(model: Any, run: Any) -> dict[str, float]:
     }
 
 
+def _bf16_from_config(model_class: Any, config: Any) -> Any:
+    """`model_class` built from `config` with bfloat16 parameters (inside FakeTensorMode: no storage)."""
+    import torch
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def estimate_flux(size: int) -> dict[str, Any]:
+    """FLUX.1 as ``FluxPipeline`` runs it on one GPU in bf16 with every component resident (``.to("cuda")``):
+    CLIP-L and T5-XXL encode the prompt (512 T5 tokens), the transformer runs once per step (batch 1:
+    the guidance is embedded, no classifier-free batch), the VAE decodes in bf16 (FluxPipeline does not upcast)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from t2i_core import get_registry
+
+    folder = get_registry().provider("flux").architecture_folder()
+    if folder is None:
+        raise SystemExit("family 'flux' ships no architecture/ folder")
+    transformer_config, vae_config = _config(folder, "transformer"), _config(folder, "vae")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latent = size // factor
+    tokens, text_tokens = (latent // 2) ** 2, 512
+    report: dict[str, Any] = {"family": "flux", "size": size, "method": "FakeTensorMode + MemTracker on CPU"}
+    bf16 = torch.bfloat16
+    with FakeTensorMode():
+        transformer = _bf16_from_config(FluxTransformer2DModel, transformer_config)
+        inputs = {
+            "hidden_states": torch.zeros(1, tokens, transformer_config["in_channels"], dtype=bf16),
+            "encoder_hidden_states": torch.zeros(1, text_tokens, transformer_config["joint_attention_dim"], dtype=bf16),
+            "pooled_projections": torch.zeros(1, transformer_config["pooled_projection_dim"], dtype=bf16),
+            "timestep": torch.ones(1, dtype=bf16),
+            "img_ids": torch.zeros(tokens, 3, dtype=bf16),
+            "txt_ids": torch.zeros(text_tokens, 3, dtype=bf16),
+            "guidance": torch.full((1,), 3.5, dtype=torch.float32) if transformer_config["guidance_embeds"] else None,
+            "return_dict": False,
+        }
+        report["transformer_bf16"] = _peak(transformer, lambda: transformer(**inputs))
+        t5 = _bf16_from_config(T5EncoderModel, T5Config.from_pretrained(folder / "text_encoder_2"))
+        ids = torch.zeros(1, text_tokens, dtype=torch.long)
+        report["t5_bf16"] = _peak(t5, lambda: t5(ids))
+        clip = _bf16_from_config(CLIPTextModel, CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        report["clip_bf16"] = _peak(clip, lambda: clip(torch.zeros(1, 77, dtype=torch.long)))
+        vae = _bf16_from_config(AutoencoderKL, vae_config)
+        latents = torch.zeros(1, vae_config["latent_channels"], latent, latent, dtype=bf16)
+        report["vae_decode_bf16"] = _peak(vae, lambda: vae.decoder(latents))
+    parts = ("transformer_bf16", "t5_bf16", "clip_bf16", "vae_decode_bf16")
+    parameters = sum(report[part]["parameters_gib"] for part in parts)
+    report["parameters_gib"] = parameters
+    report["without_offload_peak_estimate_gib"] = parameters + max(report[part]["activations_gib"] for part in parts)
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
+
+
 def estimate(family: str, size: int) -> dict[str, Any]:
+    if family == "flux":
+        return estimate_flux(size)
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
