@@ -10,7 +10,7 @@ import attrs
 import pytest
 
 from ._images import assert_images_close, assert_images_equal
-from ._support import light_import_report
+from ._support import light_import_report, require_family
 
 if TYPE_CHECKING:
     from t2i_core import Accelerator, Engine
@@ -123,7 +123,7 @@ class AcceleratorConformance:
 
     def _skip_without_device(self) -> None:
         from t2i_core import InvalidRequestError
-        from t2i_core.engine import resolve_device
+        from t2i_core.engine.sources import resolve_device
 
         try:
             resolve_device(self.device)
@@ -131,6 +131,8 @@ class AcceleratorConformance:
             pytest.skip(str(exc))
         if self.device.split(":", 1)[0] not in self.instance().devices:
             pytest.skip(f"{self.accelerator!r} does not run on {self.device}")
+        if self.model.startswith("tiny:"):
+            require_family(self.model.removeprefix("tiny:"))
 
     # -- tests -----------------------------------------------------------------------------------
     def test_registers_without_importing_torch(self) -> None:
@@ -147,7 +149,7 @@ class AcceleratorConformance:
     def test_declares_its_phase_devices_and_conflicts(self) -> None:
         """Its phase is one of PHASES, its devices are known device types, its conflicts are other names."""
         from t2i_core import PHASES
-        from t2i_core.engine import DEVICE_TYPES
+        from t2i_core.engine.sources import DEVICE_TYPES
 
         accelerator = self.instance()
         assert accelerator.phase in PHASES, f"phase {accelerator.phase!r} is not one of {PHASES}"

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 from ._images import assert_images_equal, reference_call
-from ._support import cached_reference, forget_references, light_import_report, offers_tiny, run_cli
+from ._support import (
+    cached_reference,
+    forget_references,
+    light_import_report,
+    offers_tiny,
+    require_family,
+    run_cli,
+)
 
 if TYPE_CHECKING:
     from t2i_core import Conditioner, Engine, GenerationRequest, GenerationResult
@@ -83,6 +90,8 @@ class ConditionerConformance:
         """`model` on CPU in float32."""
         from t2i_core import load
 
+        if cls.model is None:
+            require_family(cls.family)
         yield load(cls.model or f"tiny:{cls.family}", device="cpu", accelerators=("fp32",))
         forget_references(cls)
 
@@ -201,7 +210,11 @@ class ConditionerConformance:
             if name not in conditioner.families and offers_tiny(registry.providers[name])
         ]  # fmt: skip
         if not others:
-            pytest.skip("no installed family outside its families offers a tiny checkpoint")
+            outside = "sdxl" if "sd15" in conditioner.families else "sd15"
+            pytest.skip(
+                f"no installed family outside {sorted(conditioner.families)} offers a tiny checkpoint: "
+                f"install one (e.g. python -m pip install t2i-{outside}) to run this cross-family check"
+            )
         other = load(f"tiny:{others[0]}", device="cpu", accelerators=("fp32",))
         monkeypatch.setattr(conditioner, "prepare", _refuse_work)
         monkeypatch.setattr(other.provider, "run", _refuse_work)

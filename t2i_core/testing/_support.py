@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .. import get_registry
-from ..provider import ModelProvider
+from .. import ModelProvider, get_registry
 
 if TYPE_CHECKING:
     from .. import Engine
