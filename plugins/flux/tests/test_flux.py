@@ -387,3 +387,32 @@ def test_serve_native_api_equals_the_sdk(flux: Engine) -> None:
     assert data["family"] == "flux" and data["seeds"] == [7, 8]
     images = [decode_png(image) for image in data["images"]]
     assert_images_equal(images, flux.generate(GenerationRequest(**fields)).images)
+
+
+def test_full_size_architecture_builds_flux1_dev(tmp_path: Path) -> None:
+    """The benchmarks build FLUX.1-dev from the architecture configs: published parameter counts, 1024x1024."""
+    import importlib.util
+
+    import torch
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_accelerators.py"
+    spec = importlib.util.spec_from_file_location("bench_accelerators_flux", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = bench.architecture("flux")
+    assert bench.architecture_size(folder) == 1024
+    parts = bench.components(json.loads((folder / "model_index.json").read_text()))
+    # Millions of parameters: FLUX.1-dev's transformer, T5-v1.1-XXL's encoder, CLIP-L's text model, FLUX.1's VAE.
+    expected = {"transformer": 11901.4, "text_encoder_2": 4762.3, "text_encoder": 123.06, "vae": 83.8}
+    for component, millions in expected.items():
+        library, class_name = parts[component]
+        config = bench.component_config(folder, component, class_name)
+        model = bench._build_component(library, class_name, config, tmp_path / component, "meta")
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert count == pytest.approx(millions, rel=0.002), f"{component}: {count:.1f}M"
+        assert next(model.parameters()).device == torch.device("meta")
+    tokenizer = bench._build_component(
+        *parts["tokenizer_2"], bench.component_config(folder, "tokenizer_2", "T5TokenizerFast"), tmp_path / "t5", "cpu"
+    )
+    assert tokenizer.model_max_length == 512
