@@ -372,7 +372,7 @@ def test_serve_native_api_equals_the_sdk(flux: Engine) -> None:
     from t2i_server._jobs import Service, load_model
 
     served = load_model("tiny:flux", "tiny:flux", device="cpu")
-    fields = {
+    fields: dict[str, Any] = {
         "prompt": "a red fox",
         "negative_prompt": "blurry",
         "options": {"true_cfg_scale": 2.0},
