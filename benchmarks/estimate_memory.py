@@ -122,7 +122,54 @@ def estimate_flux(size: int) -> dict[str, Any]:
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
 
 
+def estimate_zimage(size: int, *, guided: bool = False) -> dict[str, Any]:
+    """Z-Image-Turbo as ``ZImagePipeline`` runs it on one GPU in bf16 with every component resident
+    (``.to("cuda")``): Qwen3-4B encodes the chat-templated prompt (512 tokens, every hidden state kept:
+    the pipeline reads the second-to-last), the transformer runs once per step on 512 caption and
+    (size/16)² image tokens (batch 1 at the default guidance 0; 2 with `guided`, CFG), and the VAE
+    decodes in bf16 (ZImagePipeline does not upcast)."""
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import Qwen3Config, Qwen3Model
+
+    from t2i_core import get_registry
+
+    folder = get_registry().provider("z-image").architecture_folder()
+    if folder is None:
+        raise SystemExit("family 'z-image' ships no architecture/ folder")
+    transformer_config, vae_config = _config(folder, "transformer"), _config(folder, "vae")
+    latent = size // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    text_tokens, batch = 512, 2 if guided else 1
+    report: dict[str, Any] = {"family": "z-image", "size": size, "cfg": guided}
+    report["method"] = "FakeTensorMode + MemTracker on CPU"
+    bf16 = torch.bfloat16
+    with FakeTensorMode():
+        transformer = _bf16_from_config(ZImageTransformer2DModel, transformer_config)
+        channels = transformer_config["in_channels"]
+        images = [torch.zeros(channels, 1, latent, latent, dtype=bf16) for _ in range(batch)]
+        captions = [torch.zeros(text_tokens, transformer_config["cap_feat_dim"], dtype=bf16) for _ in range(batch)]
+        timestep = torch.full((batch,), 0.5, dtype=torch.float32)
+        report["transformer_bf16"] = _peak(
+            transformer, lambda: transformer(images, timestep, captions, return_dict=False)
+        )
+        qwen = _bf16_from_config(Qwen3Model, Qwen3Config.from_pretrained(folder / "text_encoder"))
+        ids = torch.zeros(batch, text_tokens, dtype=torch.long)
+        mask = torch.ones(batch, text_tokens, dtype=torch.long)
+        report["qwen3_bf16"] = _peak(qwen, lambda: qwen(input_ids=ids, attention_mask=mask, output_hidden_states=True))
+        vae = _bf16_from_config(AutoencoderKL, vae_config)
+        latents = torch.zeros(1, vae_config["latent_channels"], latent, latent, dtype=bf16)
+        report["vae_decode_bf16"] = _peak(vae, lambda: vae.decoder(latents))
+    parts = ("transformer_bf16", "qwen3_bf16", "vae_decode_bf16")
+    parameters = sum(report[part]["parameters_gib"] for part in parts)
+    report["parameters_gib"] = parameters
+    report["without_offload_peak_estimate_gib"] = parameters + max(report[part]["activations_gib"] for part in parts)
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
+
+
 def estimate(family: str, size: int) -> dict[str, Any]:
+    if family == "z-image":
+        return estimate_zimage(size)
     if family == "flux":
         return estimate_flux(size)
     import torch
