@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     quiet_libraries()
     from .. import load
-    from ..builtins.compilation import compile_stats, save_compile_artifacts
+    from ..builtins.compile import compile_stats, save_compile_artifacts
 
     engine = load(args.model, family=args.family, device=args.device, accelerators=args.accelerator, cache=False)
     if not any(name.startswith("compile") for name in engine.accelerators):

@@ -90,7 +90,7 @@ class Engine:
         options = check_request(
             self._registry, self.provider, request, max_pixels=self.max_pixels, step_limit=self._step_limit
         )
-        defaults = self.provider.defaults
+        defaults = self.provider.pipeline_defaults(self.pipeline)
         native_height, native_width = self.provider.native_size(self.pipeline)
         resolved = request.evolve(
             height=request.height or defaults.height or native_height,

@@ -207,12 +207,10 @@ class ProviderConformance:
         """Size, guidance and scheduler default to the family's; the seed and steps are as asked."""
         provider = self._provider()
         height, width = provider.native_size(engine.pipeline)
+        defaults = provider.pipeline_defaults(engine.pipeline)
         request = base.request
-        assert (request.height, request.width) == (
-            provider.defaults.height or height,
-            provider.defaults.width or width,
-        )
-        assert request.guidance_scale == provider.defaults.guidance_scale
+        assert (request.height, request.width) == (defaults.height or height, defaults.width or width)
+        assert request.guidance_scale == defaults.guidance_scale
         assert request.num_inference_steps == self.steps and request.scheduler == "default"
         assert base.seeds == [self.seed] and base.family == self.family
         assert [image.size for image in base.images] == [(request.width, request.height)]

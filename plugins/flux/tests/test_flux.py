@@ -240,11 +240,6 @@ def test_schnell_pipeline_defaults_are_its_model_cards(schnell: Engine, flux: En
     assert provider.pipeline_defaults(flux.pipeline) == Flux.defaults
 
 
-@pytest.mark.xfail(
-    reason="t2i_core's Engine fills defaults from the class-wide ModelProvider.defaults; schnell's 4 steps "
-    "need the engine to ask ModelProvider.pipeline_defaults(pipeline) (requested from t2i_core)",
-    strict=False,
-)
 def test_schnell_defaults_to_four_steps(schnell: Engine) -> None:
     resolved, _ = schnell.resolve(GenerationRequest(prompt=PROMPT, seed=1))
     assert resolved.num_inference_steps == 4
