@@ -178,6 +178,19 @@ def test_bad_sizes_and_option_values_are_refused_naming_them(engine: Engine) -> 
         assert error.field == f"options[{name!r}]", error
 
 
+def test_lora_embeddings_and_compel_are_refused_naming_the_family(engine: Engine) -> None:
+    """t2i-lora and t2i-compel serve other families: refused before any work, not ignored."""
+    from t2i_core import Embedding, Lora, UnsupportedFeatureError
+
+    for fields in (
+        {"loras": (Lora("style.safetensors", scale=0.8),)},
+        {"embeddings": (Embedding("negative.safetensors", token="<neg>"),)},
+        {"prompt_weighting": "compel"},
+    ):
+        with pytest.raises(UnsupportedFeatureError, match="z-image"):
+            engine.resolve(request(**fields))
+
+
 # -- the command line, t2i batch, t2i serve ------------------------------------------------------
 
 
