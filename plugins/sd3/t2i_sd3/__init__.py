@@ -10,7 +10,7 @@ guidance and the T5 sequence length are family options, under diffusers' names.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,6 +46,22 @@ NO_T5 = "no-t5"
 WITHOUT_T5 = "t2i_sd3.without_t5"
 #: the longest T5 prompt StableDiffusion3Pipeline accepts
 MAX_SEQUENCE_LENGTH = 512
+
+#: the model cards' defaults: SD3.5 Large (the family's), Large Turbo, 3.5 Medium, SD3 Medium
+LARGE_DEFAULTS = FamilyDefaults(num_inference_steps=28, guidance_scale=3.5)
+TURBO_DEFAULTS = FamilyDefaults(num_inference_steps=4, guidance_scale=0.0)
+MEDIUM_35_DEFAULTS = FamilyDefaults(num_inference_steps=40, guidance_scale=4.5)
+SD3_MEDIUM_DEFAULTS = FamilyDefaults(num_inference_steps=28, guidance_scale=7.0)
+
+#: a tensor only the original (Stability AI) SD3 transformer layout has, bare, or as the all-in-one
+#: files save it (diffusers' own single-file detection reads the same key)
+_ORIGINAL_KEYS = (
+    "joint_blocks.0.context_block.adaLN_modulation.1.bias",
+    "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+)
+#: tensors of an SD3Transformer2DModel saved in diffusers' layout as one file (FLUX.1's has no
+#: pos_embed.proj, PixArt's no context_embedder)
+_DIFFUSERS_KEYS = ("pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight")
 
 #: the skip-layer guidance settings that mean something only with ``skip_guidance_layers``
 SKIP_LAYER_SETTINGS = (
@@ -94,10 +110,9 @@ class StableDiffusion3(ModelProvider):
         "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     }
     pipeline_classes = (PIPELINE_CLASS,)
-    # SD3.5 Large's model card: 28 steps, guidance 3.5 (Medium's suggests 40 and 4.5, Large
-    # Turbo's 4 and 0: pass those per request, see docs/families/sd3.md). 1024x1024 is read from the
-    # checkpoint (transformer sample_size x VAE factor), so tiny:sd3 stays tiny.
-    defaults = FamilyDefaults(num_inference_steps=28, guidance_scale=3.5)
+    # SD3.5 Large's model card; `pipeline_defaults` gives the other checkpoints' own. 1024x1024 is
+    # read from the checkpoint (transformer sample_size x VAE factor), so tiny:sd3 stays tiny.
+    defaults = LARGE_DEFAULTS
     description = "Stable Diffusion 3 / 3.5 (1024x1024, 28 steps, guidance 3.5), CLIP-L + CLIP-G + optional T5"
     options = (
         Option(
@@ -125,7 +140,13 @@ class StableDiffusion3(ModelProvider):
     }
     # A local checkpoint saved without T5 (no text_encoder_3/ folder) loads without it.
     skipped_components = T5_COMPONENTS
-    tiny_version = 1
+    tiny_version = 2
+
+    # -- discovery -------------------------------------------------------------------------
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        # An SD3 single file is read for its transformer: the original layout, or diffusers'.
+        names = set(keys)
+        return any(key in names for key in _ORIGINAL_KEYS) or all(key in names for key in _DIFFUSERS_KEYS)
 
     def build_tiny(self, folder: Path) -> None:
         _tiny.build(folder)
@@ -141,6 +162,37 @@ class StableDiffusion3(ModelProvider):
         if _saved_without_t5(source, model_index):
             kwargs.update(dict.fromkeys(T5_COMPONENTS))
         return StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+
+    def load_single_file(self, file: str, config: str, load_kwargs: Mapping[str, Any]) -> Any:
+        # The transformer comes from the file (diffusers converts the original layout); the text
+        # encoders, tokenizers, VAE and scheduler from `config`, a diffusers folder with their weights.
+        import torch
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        dtype = load_kwargs.get("torch_dtype")
+        single: dict[str, Any] = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+        transformer = SD3Transformer2DModel.from_single_file(
+            file, config=config, subfolder="transformer", local_files_only=True, **single
+        )
+        kwargs = dict(load_kwargs)
+        if _saved_without_t5(config, None):
+            kwargs.update(dict.fromkeys(T5_COMPONENTS))
+        return StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, **kwargs)
+
+    def pipeline_defaults(self, pipeline: Any) -> FamilyDefaults:
+        """The model card's defaults of the loaded checkpoint, told apart by its transformer.
+
+        SD3.5 Medium's has dual attention (MMDiT-X), SD3 Medium's no query-key norm; Large Turbo's is
+        Large's, so Turbo is told by its name (the hub id or folder it was loaded from says "turbo").
+        """
+        config = pipeline.transformer.config
+        if getattr(config, "dual_attention_layers", None):
+            return MEDIUM_35_DEFAULTS
+        if getattr(config, "qk_norm", None) is None:
+            return SD3_MEDIUM_DEFAULTS
+        if "turbo" in str(getattr(pipeline, "name_or_path", "") or "").lower():
+            return TURBO_DEFAULTS
+        return LARGE_DEFAULTS
 
     # -- generation ------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> dict[str, Any]:

@@ -73,9 +73,9 @@ def _transformer() -> Any:
         joint_attention_dim=T5_WIDTH,
         pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,  # both pooled CLIP outputs, concatenated
         pos_embed_max_size=POS_EMBED_MAX_SIZE,
-        # 3.5's query-key RMS norm, and 3.5 Medium's dual attention (MMDiT-X) in the first block.
+        # SD3.5 Large's shape: query-key RMS norm, no dual attention (3.5 Medium's MMDiT-X), so that
+        # tiny:sd3 gets Large's defaults, the family's (StableDiffusion3.pipeline_defaults).
         qk_norm="rms_norm",
-        dual_attention_layers=(0,),
     )
 
 

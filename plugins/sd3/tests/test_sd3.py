@@ -233,3 +233,76 @@ def test_cli_image_equals_the_sdk_image(sd3: Engine, tmp_path: Path) -> None:
     with Image.open(out) as image:
         assert image.text["family"] == "sd3"
         assert_images_equal([image.convert("RGB")], sdk.images)
+
+
+# -- single files --------------------------------------------------------------------------------
+
+
+def test_a_single_file_transformer_loads_with_the_configs_of_tiny_sd3(sd3: Engine, tmp_path: Path) -> None:
+    """A transformer saved as one file in diffusers' layout (weights of its own) with config=tiny:sd3 equals
+    raw diffusers' SD3Transformer2DModel.from_single_file in the pipeline of that folder."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    weights = {name: tensor.clone() for name, tensor in sd3.pipeline.transformer.state_dict().items()}
+    with torch.no_grad():
+        weights["proj_out.weight"] += 0.05  # not tiny:sd3's own transformer, so the file must be read
+    file = tmp_path / "sd3-transformer.safetensors"
+    save_file(weights, str(file))
+    engine = load(str(file), config="tiny:sd3", device="cpu", accelerators=("fp32",), cache=False)
+    assert engine.family == "sd3"
+    transformer = SD3Transformer2DModel.from_single_file(
+        str(file), config=sd3.source, subfolder="transformer", local_files_only=True
+    )
+    raw = raw_sd3(sd3.source, transformer=transformer)
+    result = engine.generate(request(6, negative_prompt=NEGATIVE))
+    assert_images_equal(result.images, raw_images(raw, 6, negative_prompt=NEGATIVE))
+    assert_images_differ(result.images, sd3.generate(request(6, negative_prompt=NEGATIVE)).images, "tiny:sd3's own")
+
+
+@pytest.mark.parametrize(
+    ("transformer", "name", "steps", "guidance"),
+    [
+        ({"qk_norm": "rms_norm", "dual_attention_layers": ()}, "stabilityai/stable-diffusion-3.5-large", 28, 3.5),
+        ({"qk_norm": "rms_norm", "dual_attention_layers": ()}, "stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0),
+        (
+            {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1, 2)},
+            "stabilityai/stable-diffusion-3.5-medium",
+            40,
+            4.5,
+        ),
+        ({"qk_norm": None, "dual_attention_layers": ()}, "stabilityai/stable-diffusion-3-medium-diffusers", 28, 7.0),
+        ({"qk_norm": "rms_norm", "dual_attention_layers": ()}, "/models/My-SD35-Turbo-finetune", 4, 0.0),
+    ],
+)
+def test_each_checkpoint_gets_its_model_cards_defaults(
+    sd3: Engine, transformer: dict[str, Any], name: str, steps: int, guidance: float
+) -> None:
+    from types import SimpleNamespace
+
+    pipeline = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**transformer)), name_or_path=name)
+    defaults = sd3.provider.pipeline_defaults(pipeline)
+    assert (defaults.num_inference_steps, defaults.guidance_scale) == (steps, guidance)
+    # tiny:sd3 is Large-shaped: the family's own defaults.
+    assert sd3.provider.pipeline_defaults(sd3.pipeline) == sd3.provider.defaults
+
+
+def test_architecture_configs_build_sd35_large() -> None:
+    """architecture/ is diffusers' layout of stabilityai/stable-diffusion-3.5-large, minus weights: 8.06 B transformer."""
+    import json
+
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from t2i_core import get_registry
+
+    folder = get_registry().provider("sd3").architecture_folder()
+    assert folder is not None
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    for name, (library, _) in ((k, v) for k, v in index.items() if not k.startswith("_") and v[0] is not None):
+        assert (folder / name).is_dir(), f"{name}/ is missing ({library})"
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(folder / "transformer")))
+    assert sum(p.numel() for p in transformer.parameters()) / 1e9 == pytest.approx(8.06, abs=0.01)
