@@ -122,6 +122,60 @@ def estimate_flux(size: int) -> dict[str, Any]:
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
 
 
+def estimate_sd3(size: int) -> dict[str, Any]:
+    """Stable Diffusion 3.5 Large as ``StableDiffusion3Pipeline`` runs it on one GPU in bf16 with every
+    component resident (``.to("cuda")``), with T5 and without (the ``no-t5`` accelerator): CLIP-L,
+    CLIP-G and T5-XXL encode the prompt and the negative prompt (256 T5 tokens), the transformer runs
+    once per step on batch 2 (classifier-free guidance) over 77 + 256 text tokens (zeros stand in for
+    T5's without it), the VAE decodes in bf16 (the SD3 pipeline does not upcast it)."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from t2i_core import get_registry
+
+    folder = get_registry().provider("sd3").architecture_folder()
+    if folder is None:
+        raise SystemExit("family 'sd3' ships no architecture/ folder")
+    transformer_config, vae_config = _config(folder, "transformer"), _config(folder, "vae")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latent = size // factor
+    t5_tokens = 256
+    report: dict[str, Any] = {"family": "sd3", "size": size, "method": "FakeTensorMode + MemTracker on CPU"}
+    bf16 = torch.bfloat16
+    with FakeTensorMode():
+        transformer = _bf16_from_config(SD3Transformer2DModel, transformer_config)
+        inputs = {
+            "hidden_states": torch.zeros(2, transformer_config["in_channels"], latent, latent, dtype=bf16),
+            "encoder_hidden_states": torch.zeros(
+                2, 77 + t5_tokens, transformer_config["joint_attention_dim"], dtype=bf16
+            ),
+            "pooled_projections": torch.zeros(2, transformer_config["pooled_projection_dim"], dtype=bf16),
+            "timestep": torch.ones(2, dtype=bf16),
+            "return_dict": False,
+        }
+        report["transformer_bf16_batch2"] = _peak(transformer, lambda: transformer(**inputs))
+        t5 = _bf16_from_config(T5EncoderModel, T5Config.from_pretrained(folder / "text_encoder_3"))
+        ids = torch.zeros(2, t5_tokens, dtype=torch.long)
+        report["t5_bf16"] = _peak(t5, lambda: t5(ids))
+        for name in ("text_encoder", "text_encoder_2"):
+            clip = _bf16_from_config(CLIPTextModelWithProjection, CLIPTextConfig.from_pretrained(folder / name))
+            ids = torch.zeros(2, 77, dtype=torch.long)
+            report[f"{name}_bf16"] = _peak(clip, lambda clip=clip, ids=ids: clip(ids))
+        vae = _bf16_from_config(AutoencoderKL, vae_config)
+        latents = torch.zeros(1, vae_config["latent_channels"], latent, latent, dtype=bf16)
+        report["vae_decode_bf16"] = _peak(vae, lambda: vae.decoder(latents))
+    parts = ("transformer_bf16_batch2", "t5_bf16", "text_encoder_bf16", "text_encoder_2_bf16", "vae_decode_bf16")
+    without = tuple(part for part in parts if part != "t5_bf16")
+    for key, chosen in (("", parts), ("no_t5_", without)):
+        parameters = sum(report[part]["parameters_gib"] for part in chosen)
+        report[f"{key}parameters_gib"] = parameters
+        peak = parameters + max(report[part]["activations_gib"] for part in chosen)
+        report[f"{key}without_offload_peak_estimate_gib"] = peak
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
+
+
 def estimate_zimage(size: int, *, guided: bool = False) -> dict[str, Any]:
     """Z-Image-Turbo as ``ZImagePipeline`` runs it on one GPU in bf16 with every component resident
     (``.to("cuda")``): Qwen3-4B encodes the chat-templated prompt (512 tokens, every hidden state kept:
@@ -172,6 +226,8 @@ def estimate(family: str, size: int) -> dict[str, Any]:
         return estimate_zimage(size)
     if family == "flux":
         return estimate_flux(size)
+    if family == "sd3":
+        return estimate_sd3(size)
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
