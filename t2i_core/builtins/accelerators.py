@@ -2,19 +2,20 @@
 
 This module registers every built-in: the weight dtype (fp32, fp16, bf16) and SDPA attention
 (here), fused projections and channels-last (`layout`), offloading and VAE tiling/slicing
-(`memory`), and the torch.compile flavours (`compilation`); then the presets that stack them.
+(`memory`), and the compiling ones (`compile`: torch.compile flavours and graph-step); then the presets that stack them.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 from t2i_core import Accelerator, IncompatibleAcceleratorsError, LoadContext, Preset, hookimpl
+from t2i_core.kit import has_variant as _has_variant
 
-from . import compilation, graph_step, layout, memory
+from . import layout, memory
+from .compile import ACCELERATORS as COMPILE_ACCELERATORS
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -35,7 +36,7 @@ class _Dtype(Accelerator):
         import torch
 
         kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, self.torch_dtype)}
-        if self.variant is not None and has_variant(context.source, self.variant):
+        if self.variant is not None and _has_variant(context.source, self.variant):
             kwargs["variant"] = self.variant
         return kwargs
 
@@ -148,27 +149,6 @@ def attention_modules(pipeline: Any) -> list[Any]:
     ]
 
 
-def has_variant(source: str, variant: str) -> bool:
-    """Whether the checkpoint at `source` (folder or hub id) ships weights of `variant`."""
-    folder = Path(source)
-    pattern = f"*.{variant}.*"
-    if folder.is_dir():
-        return any(folder.glob(f"*/{pattern}")) or any(folder.glob(pattern))
-    try:
-        from huggingface_hub import list_repo_files
-
-        return any(f".{variant}." in name for name in list_repo_files(source))
-    except Exception:  # noqa: BLE001 - offline or unreachable: look at what the local cache holds
-        pass
-    try:
-        from huggingface_hub import snapshot_download
-
-        cached = Path(snapshot_download(source, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached either: load the default weights
-        return False
-    return any(cached.glob(f"*/{pattern}")) or any(cached.glob(pattern))
-
-
 # -- presets ---------------------------------------------------------------------------------
 # What each resolves to per device type; docs/optimize.md explains the choices and the figures.
 
@@ -219,8 +199,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Sdpa(),
     *layout.ACCELERATORS,
     *memory.ACCELERATORS,
-    *compilation.ACCELERATORS,
-    *graph_step.ACCELERATORS,
+    *COMPILE_ACCELERATORS,
 )
 PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY)
 
@@ -230,3 +209,16 @@ def register_accelerators(register: Callable[[Accelerator | Preset], None]) -> N
     items: tuple[Accelerator | Preset, ...] = (*ACCELERATORS, *PRESETS)
     for item in items:
         register(item)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "has_variant":  # here until t2i 0.2; removed in 0.3
+        import warnings
+
+        warnings.warn(
+            "t2i_core.builtins.accelerators.has_variant is deprecated: import it from t2i_core.kit",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _has_variant
+    raise AttributeError(f"module 't2i_core.builtins.accelerators' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from t2i_core import Accelerator, LoadContext
 
-from ._components import nothing_to_do
+from .._components import nothing_to_do
 
 logger = logging.getLogger("t2i.accelerators")
 
