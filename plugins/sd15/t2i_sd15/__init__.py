@@ -16,6 +16,9 @@ class StableDiffusion15(ModelProvider):
     # 512x512 is the checkpoint's native size, read from its UNet config (so tiny:sd15 stays tiny).
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=7.5)
     description = "Stable Diffusion 1.x (512x512, 50 steps, guidance 7.5)"
+    # Measured with raw diffusers on an H200 (30 steps, fp16, batch 1): regional compile 0.80 s/image
+    # (eager 0.78), with CUDA graphs 0.56 s and a 5.5 s first image.
+    cuda_graph_regions = True
 
     def detect_single_file(self, keys: Collection[str]) -> bool:
         # The original SD 1.x layout: a UNet and CLIP-L under cond_stage_model.transformer (SD 2.x has
