@@ -427,7 +427,7 @@ def compile_counters(pipeline: Any) -> dict[str, Any]:
     """What compiling did in this process: graphs, recompiles, cache hits, CUDA-graph skips, t2i's own counts."""
     from torch._dynamo.utils import counters
 
-    from t2i_core.builtins.compilation import compile_stats
+    from t2i_core.builtins.compile import compile_stats
 
     picked = {
         "graphs": counters["stats"].get("unique_graphs", 0),
@@ -644,7 +644,7 @@ def environment(device: str) -> dict[str, Any]:
 
             info["triton"] = triton.__version__
     else:
-        from t2i_core.builtins.compilation import device_key
+        from t2i_core.builtins.compile import device_key
 
         info["cpu"] = device_key("cpu")
     return info

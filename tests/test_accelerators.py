@@ -329,7 +329,7 @@ def test_sequential_offload_installs_layer_hooks(registry: Any) -> None:
 @pytest.fixture
 def pretend_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """`load(device="cuda")` on a CPU machine, for the checks that run before the pipeline loads."""
-    import t2i_core.engine as engine_module
+    import t2i_core.engine.loading as engine_module
     from t2i_core.builtins.accelerators import dtype_problem
 
     monkeypatch.setattr(engine_module, "resolve_device", lambda device: device)
@@ -542,10 +542,10 @@ def test_compile_cache_folder_is_keyed_by_torch_python_and_device(
 ) -> None:
     import torch
 
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import cache
 
     monkeypatch.setenv("T2I_CACHE", str(tmp_path))
-    cpu = compilation.compile_cache_dir("cpu")
+    cpu = cache.compile_cache_dir("cpu")
     assert cpu.parent.parent == tmp_path / "compile"
     assert (
         torch.__version__.split("+")[0] in cpu.parent.name
@@ -554,35 +554,58 @@ def test_compile_cache_folder_is_keyed_by_torch_python_and_device(
     assert cpu.name.startswith("cpu-")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-    gpu = compilation.compile_cache_dir("cuda:0")
+    gpu = cache.compile_cache_dir("cuda:0")
     assert gpu.parent == cpu.parent and gpu.name == "NVIDIA-H200-sm90"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA GeForce RTX 4090")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
-    assert compilation.compile_cache_dir("cuda").name == "NVIDIA-GeForce-RTX-4090-sm89"
+    assert cache.compile_cache_dir("cuda").name == "NVIDIA-GeForce-RTX-4090-sm89"
 
 
 def test_compile_cache_activation_respects_the_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     import os
 
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import cache
 
-    monkeypatch.setattr(compilation, "_active_cache", None)
+    monkeypatch.setattr(cache, "_active_cache", None)
     monkeypatch.setenv("T2I_CACHE", str(tmp_path / "t2i"))
-    monkeypatch.setenv("T2I_COMPILE_CACHE", "0")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert compilation.activate_compile_cache("cpu") is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    monkeypatch.delenv("T2I_COMPILE_CACHE")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert compilation.activate_compile_cache("cpu") == tmp_path / "mine"
+    assert cache.activate_compile_cache("cpu") == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    chosen = compilation.activate_compile_cache("cpu")
-    assert chosen == compilation.compile_cache_dir("cpu") and chosen.is_dir()
+    chosen = cache.activate_compile_cache("cpu")
+    assert chosen == cache.compile_cache_dir("cpu") and chosen.is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
-    assert compilation.activate_compile_cache("cpu") == chosen  # one folder per process
+    assert cache.activate_compile_cache("cpu") == chosen  # one folder per process
+
+
+@pytest.mark.parametrize(("setting", "wanted"), [(None, False), ("0", False), ("1", True), ("on", True)])
+def test_the_compile_cache_folder_is_opt_in(
+    monkeypatch: pytest.MonkeyPatch, registry: Any, setting: str | None, wanted: bool
+) -> None:
+    """Only ``T2I_COMPILE_CACHE=1`` lets a compile accelerator point inductor at t2i's folder."""
+    from t2i_core.builtins.compile import accelerators, calls
+
+    if setting is None:
+        monkeypatch.delenv("T2I_COMPILE_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("T2I_COMPILE_CACHE", setting)
+    monkeypatch.delenv("T2I_COMPILE_ARTIFACTS", raising=False)
+    activated: list[str] = []
+    monkeypatch.setattr(accelerators, "activate_compile_cache", activated.append)
+    monkeypatch.setattr(calls, "compile_function", lambda function, options: function)
+    engine = tiny("fp32")
+    registry.accelerator("compile-vae").apply(engine.pipeline, context(engine, "cpu"))
+    assert activated == (["cpu"] if wanted else [])
+
+
+def test_compiling_accelerators_declare_what_they_compile(registry: Any) -> None:
+    """What a plugin reads instead of a list of names (t2i-lora hot-swaps for a compiled denoiser)."""
+    compiles = {name: a.compiles for name, a in registry.accelerators.items() if a.compiles}
+    assert compiles == {"compile": ("denoiser",), "compile-regional": ("denoiser",), "compile-vae": ("decoder",)}
 
 
 def test_regional_compile_falls_back_to_resnet_and_attention_blocks() -> None:
-    from t2i_core.builtins.compilation import compile_regions
+    from t2i_core.builtins.compile import compile_regions
 
     unet = kandinsky_like_unet()  # no BasicTransformerBlock, so no declared repeated block is present
     count = compile_regions(unet)
@@ -593,12 +616,12 @@ def test_regional_compile_falls_back_to_resnet_and_attention_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("device", "dtype", "stack", "unet_mode", "vae_mode"),
+    ("device", "dtype", "stack", "unet_graphs", "vae_graphs"),
     [
-        ("cuda", "fp16", (), "reduce-overhead", "reduce-overhead"),
-        ("cuda", "fp16", ("vae_tiling",), "reduce-overhead", None),  # tiles outlive a CUDA graph's output
-        ("cuda", "fp16", ("vae_slicing",), "reduce-overhead", None),
-        ("cpu", "fp32", (), None, None),  # CUDA graphs exist on CUDA only
+        ("cuda", "fp16", (), True, True),
+        ("cuda", "fp16", ("vae_tiling",), True, False),  # tiles outlive a CUDA graph's output
+        ("cuda", "fp16", ("vae_slicing",), True, False),
+        ("cpu", "fp32", (), False, False),  # CUDA graphs exist on CUDA only
     ],
 )
 def test_compile_options_per_device_and_stack(
@@ -607,16 +630,17 @@ def test_compile_options_per_device_and_stack(
     device: str,
     dtype: str,
     stack: tuple[str, ...],
-    unet_mode: str | None,
-    vae_mode: str | None,
+    unet_graphs: bool,
+    vae_graphs: bool,
 ) -> None:
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import calls as compiled
+    from t2i_core.builtins.compile import compile_options
 
     engine = tiny("fp32")  # the options depend on the stack's names, not on the weights
     calls: dict[str, dict[str, Any]] = {}
     owners = {engine.pipeline.unet.forward.__func__: "unet", engine.pipeline.vae.decoder.forward.__func__: "vae"}
     monkeypatch.setattr(
-        compilation, "compile_function", lambda function, options: calls.__setitem__(owners[function.__func__], options)
+        compiled, "compile_function", lambda function, options: calls.__setitem__(owners[function.__func__], options)
     )
     ctx = LoadContext(
         model=engine.model,
@@ -628,28 +652,31 @@ def test_compile_options_per_device_and_stack(
     )
     registry.accelerator("compile").compile(engine.pipeline, ctx)
     registry.accelerator("compile-vae").compile(engine.pipeline, ctx)
-    assert calls["unet"] == {"mode": unet_mode, "fullgraph": False, "dynamic": False}
-    assert calls["vae"] == {"mode": vae_mode, "fullgraph": False, "dynamic": False}
+    assert calls["unet"] == compile_options(device, cuda_graphs=unet_graphs)
+    assert calls["vae"] == compile_options(device, cuda_graphs=vae_graphs)
+    assert compiled.uses_cuda_graphs(calls["unet"]) is unet_graphs
+    assert compiled.uses_cuda_graphs(calls["vae"]) is vae_graphs
 
 
-@pytest.mark.parametrize(("family", "mode"), [("sdxl", None), ("sd15", "reduce-overhead")])
+@pytest.mark.parametrize(("family", "cuda_graphs"), [("sdxl", False), ("sd15", True)])
 def test_compiled_vae_skips_cuda_graphs_only_when_the_pipeline_upcasts_it(
-    registry: Any, monkeypatch: pytest.MonkeyPatch, family: str, mode: str | None
+    registry: Any, monkeypatch: pytest.MonkeyPatch, family: str, cuda_graphs: bool
 ) -> None:
     """SDXL's pipeline casts an fp16 VAE with force_upcast to fp32 around every decode; SD 1.5's
     VAE config inherits force_upcast=True too, but its pipeline never upcasts (no upcast_vae)."""
     import torch
 
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import calls as compiled
+    from t2i_core.builtins.compile import compile_options
 
     engine = load(f"tiny:{family}", device="cpu", accelerators=["fp32"], cache=False)
     vae = engine.pipeline.vae
     vae.to(torch.float16)
     vae.register_to_config(force_upcast=True)
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(compilation, "compile_function", lambda function, options: calls.append(options))
+    monkeypatch.setattr(compiled, "compile_function", lambda function, options: calls.append(options))
     registry.accelerator("compile-vae").compile(engine.pipeline, context(engine, "cuda"))
-    assert calls == [{"mode": mode, "fullgraph": False, "dynamic": False}]
+    assert calls == [compile_options("cuda", cuda_graphs=cuda_graphs)]
 
 
 @pytest.fixture
@@ -657,12 +684,12 @@ def compile_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """t2i's own persistent compile folder under the test cache (warm after the first run)."""
     import torch
 
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import cache
     from t2i_core.tiny import cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("T2I_COMPILE_CACHE", raising=False)
-    monkeypatch.setattr(compilation, "_active_cache", None)
+    monkeypatch.setenv("T2I_COMPILE_CACHE", "1")
+    monkeypatch.setattr(cache, "_active_cache", None)
     torch._dynamo.reset()
     yield cache_dir() / "compile"
     torch._dynamo.reset()
@@ -693,7 +720,7 @@ def test_regional_compile_recompiles_for_size_and_batch_only(
 
 @pytest.mark.slow
 def test_full_compile_and_compiled_vae(compile_cache: Any, reference: dict[int, np.ndarray]) -> None:
-    from t2i_core.builtins.compilation import compiled_call
+    from t2i_core.builtins.compile import compiled_call
 
     engine = tiny("fp32", "compile", "compile-vae")
     assert compiled_call(engine.pipeline.unet) is not None
@@ -714,7 +741,7 @@ def test_a_new_process_reuses_the_persistent_compile_cache(tmp_path: Any) -> Non
         "engine.generate(GenerationRequest(prompt='a cat', seed=1, num_inference_steps=2))\n"
         "print(dict(counters['inductor']).get('fxgraph_cache_hit', 0), dict(counters['inductor']).get('fxgraph_cache_miss', 0))\n"
     )
-    env = {**os.environ, "T2I_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "T2I_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "T2I_COMPILE_CACHE": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     runs = [
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -1,5 +1,6 @@
 """The compiled call's promises, checked on CPU: CUDA-graph outputs safe to keep, no recompile
-for a timestep dtype, visible recompiles, and the CUDA-graph choices per family and pipeline.
+for a timestep dtype, visible recompiles, the CUDA-graph choices per family and pipeline, and no
+process-wide state changed by loading or running a compiled engine.
 
 CUDA graphs do not exist on a CPU, so `cuda_graph_like` stands in for their one property that
 matters here: every replay writes its output into the same static buffer. Without the clone a
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from t2i_core import GenerationRequest, LoadContext, load, schedulers
-from t2i_core.builtins import compilation
+from t2i_core.builtins.compile import INDUCTOR_TUNING, accelerators, calls
 
 STEPS = 3
 
@@ -55,10 +56,8 @@ def plain() -> Any:
 def compiled_engine(monkeypatch: pytest.MonkeyPatch, *, clone: bool) -> Any:
     """A tiny SD 1.5 engine whose UNet runs through `CompiledCall` with `cuda_graph_like` replays."""
     engine = load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
-    monkeypatch.setattr(compilation, "compile_function", cuda_graph_like)
-    call = compilation.install_compiled(
-        engine.pipeline.unet, "unet", {"mode": "reduce-overhead"}, normalise_timestep=True
-    )
+    monkeypatch.setattr(calls, "compile_function", cuda_graph_like)
+    call = calls.install_compiled(engine.pipeline.unet, "unet", {"mode": "reduce-overhead"}, normalise_timestep=True)
     if not clone:
         call.cuda_graphs = False  # what t2i did before: hand the static buffer straight to the scheduler
     return engine
@@ -85,7 +84,7 @@ def test_every_scheduler_gets_its_exact_image_from_cuda_graph_outputs(
 
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     engine = compiled_engine(monkeypatch, clone=True)
-    call = compilation.compiled_call(engine.pipeline.unet)
+    call = calls.compiled_call(engine.pipeline.unet)
     assert call is not None
     for name in schedulers.names():
         marks.clear()
@@ -119,7 +118,7 @@ def eager_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def traced(function: Any, options: dict[str, Any]) -> Any:
         return torch.compile(function, backend="eager", dynamic=options.get("dynamic"))
 
-    monkeypatch.setattr(compilation, "compile_function", traced)
+    monkeypatch.setattr(calls, "compile_function", traced)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -127,23 +126,23 @@ def eager_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_recompiles_are_warned_with_their_cause_and_counted(eager_dynamo: None, plain: Any) -> None:
     engine = load("tiny:sd15", device="cpu", accelerators=["fp32", "compile"], cache=False)
-    call = compilation.compiled_call(engine.pipeline.unet)
+    call = calls.compiled_call(engine.pipeline.unet)
     assert call is not None
     with warnings.catch_warnings():
-        warnings.simplefilter("error", compilation.RecompileWarning)
+        warnings.simplefilter("error", calls.RecompileWarning)
         first = generate(engine)
         # int64 timesteps (PNDM) and float ones (Euler, DPM-Solver) share one graph.
         generate(engine, scheduler="euler")
         generate(engine, scheduler="dpm++-2m", seed=4, prompt_weighting=None)
     assert first == generate(plain), "the eager backend does the uncompiled work"
     with pytest.warns(
-        compilation.RecompileWarning,
+        calls.RecompileWarning,
         match=r"unet compiled again: argument 0 \[2, 4, 32, 32\] float32 -> \[2, 4, 24, 32\]",
     ):
         generate(engine, height=48)
-    with pytest.warns(compilation.RecompileWarning, match=r"argument 0 \[2, 4, 32, 32\] float32 -> \[1, 4, 32, 32\]"):
+    with pytest.warns(calls.RecompileWarning, match=r"argument 0 \[2, 4, 32, 32\] float32 -> \[1, 4, 32, 32\]"):
         generate(engine, guidance_scale=1.0)
-    stats = compilation.compile_stats(engine.pipeline)
+    stats = calls.compile_stats(engine.pipeline)
     assert stats["unet"]["compiles"] == 3 and stats["unet"]["input_kinds"] == 3
 
 
@@ -155,16 +154,27 @@ def test_the_recompile_limit_is_never_passed_silently(eager_dynamo: None) -> Non
         warnings.simplefilter("always")
         for height in (64, 56, 48):
             generate(engine, height=height, num_inference_steps=1)
-    messages = [str(w.message) for w in caught if issubclass(w.category, compilation.RecompileWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, calls.RecompileWarning)]
     assert any("past torch's recompile limit (2" in message for message in messages), messages
 
 
 @pytest.mark.parametrize(
-    ("family", "device", "mode"),
-    [("sd15", "cuda", "reduce-overhead"), ("sdxl", "cuda", None), ("kandinsky22", "cuda", None), ("sd15", "cpu", None)],
+    ("family", "device", "cuda_graphs"),
+    [("sd15", "cuda", True), ("sdxl", "cuda", False), ("kandinsky22", "cuda", False), ("sd15", "cpu", False)],
 )
-def test_regional_cuda_graphs_per_family(family: str, device: str, mode: str | None) -> None:
-    assert compilation.regional_mode(family, device) == mode
+def test_regional_cuda_graphs_are_a_capability_the_provider_declares(
+    family: str, device: str, cuda_graphs: bool
+) -> None:
+    from t2i_core import ModelProvider, get_registry
+
+    provider = get_registry().provider(family)
+    assert type(provider).cuda_graph_regions is (family == "sd15"), "declared by the family's own plugin"
+    assert accelerators.regional_cuda_graphs(provider, device) is cuda_graphs
+
+    class ThirdParty(ModelProvider):
+        name = "third-party"
+
+    assert accelerators.regional_cuda_graphs(ThirdParty(), "cuda") is False, "off unless declared"
 
 
 def test_regional_cuda_graphs_mark_a_step_per_denoiser_call(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,20 +196,24 @@ def test_regional_cuda_graphs_mark_a_step_per_denoiser_call(monkeypatch: pytest.
         accelerators=("fp16", "compile-regional"),
     )
     get_registry().accelerator("compile-regional").compile(engine.pipeline, context)
-    assert options == [{"fullgraph": True, "mode": "reduce-overhead"}]
+    assert options == [{"fullgraph": True, "options": {**INDUCTOR_TUNING, "triton.cudagraphs": True}}]
     generate(engine, num_inference_steps=2, scheduler="ddim")
     assert len(marks) == 2  # one per UNet call (guidance batches both halves in one call)
 
 
-def test_compiling_on_cuda_tunes_inductor_like_diffusers_speed_guide(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiling_on_cuda_tunes_inductor_for_the_compiled_module_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' speed-guide settings travel in torch.compile's ``options``; inductor's config stays."""
+    import torch
     import torch._inductor.config as inductor_config
 
     from t2i_core import get_registry
 
-    for name in compilation.INDUCTOR_TUNING:
-        monkeypatch.setattr(inductor_config, name, not compilation.INDUCTOR_TUNING[name])
+    monkeypatch.delenv("T2I_COMPILE_CACHE", raising=False)
+    monkeypatch.delenv("T2I_COMPILE_ARTIFACTS", raising=False)
+    before = inductor_config.get_config_copy()
     engine = load("tiny:sd15", device="cpu", accelerators=["fp32"], cache=False)
-    monkeypatch.setattr(compilation, "compile_function", lambda function, options: function)
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(calls, "compile_function", lambda function, options: seen.append(options) or function)
     context = LoadContext(
         model=engine.model,
         source=engine.source,
@@ -208,9 +222,42 @@ def test_compiling_on_cuda_tunes_inductor_like_diffusers_speed_guide(monkeypatch
         device="cuda",
         accelerators=("fp16", "compile"),
     )
-    monkeypatch.setattr(compilation, "activate_compile_cache", lambda device: None)
     get_registry().accelerator("compile").apply(engine.pipeline, context)
-    assert {name: getattr(inductor_config, name) for name in compilation.INDUCTOR_TUNING} == compilation.INDUCTOR_TUNING
+    tuned = {**INDUCTOR_TUNING, "triton.cudagraphs": True}
+    assert seen == [{"fullgraph": False, "dynamic": False, "options": tuned}]
+    assert inductor_config.get_config_copy() == before
+    torch.compile(lambda x: x, **seen[0])  # torch accepts every option (it checks them here)
+    assert seen[0]["options"] == tuned, "the options given to torch.compile are left as they were"
+
+
+def test_loading_and_running_a_compiled_engine_changes_no_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real inductor on CPU: inductor's and AOTAutograd's config and the environment are as before."""
+    import os
+
+    import torch
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("T2I_COMPILE_CACHE", raising=False)
+    monkeypatch.delenv("T2I_COMPILE_ARTIFACTS", raising=False)
+
+    def environment() -> dict[str, str]:
+        # Inductor's own bookkeeping: the folder it compiles into (its default unless the user chose
+        # one) and private variables of its C++ wrapper.
+        variables = {k: v for k, v in os.environ.items() if not k.startswith("_TORCHINDUCTOR_")}
+        variables.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+        return variables
+
+    torch._dynamo.reset()
+    before = environment()
+    configs = inductor_config.get_config_copy(), functorch_config.get_config_copy()
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32", "compile-vae"], cache=False)
+    generate(engine, num_inference_steps=1, height=32, width=32)
+    assert calls.compile_stats(engine.pipeline)["vae.decoder"]["compiles"] == 1, "inductor compiled the decoder"
+    torch._dynamo.reset()
+    assert (inductor_config.get_config_copy(), functorch_config.get_config_copy()) == configs
+    assert environment() == before
 
 
 def test_regional_compile_takes_whole_joint_blocks_of_an_sd3_transformer() -> None:
@@ -228,7 +275,7 @@ def test_regional_compile_takes_whole_joint_blocks_of_an_sd3_transformer() -> No
         pooled_projection_dim=16,
         out_channels=4,
     )
-    assert compilation.compile_regions(transformer) == 2
+    assert accelerators.compile_regions(transformer) == 2
     compiled = {type(m).__name__ for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None}
     assert compiled == {"JointTransformerBlock"}
 
@@ -244,13 +291,13 @@ def test_a_recompile_with_the_same_input_kinds_is_warned_too(eager_dynamo: None)
             return sample * self.factor + timestep
 
     module = Scaled()
-    call = compilation.install_compiled(module, "toy", {"dynamic": False}, normalise_timestep=True)
+    call = calls.install_compiled(module, "toy", {"dynamic": False}, normalise_timestep=True)
     sample = torch.ones(2, 3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", compilation.RecompileWarning)
+        warnings.simplefilter("error", calls.RecompileWarning)
         module(sample, torch.tensor(1))
         module(sample, torch.tensor(2.0))  # another timestep dtype: the same graph
     Scaled.factor = 3
-    with pytest.warns(compilation.RecompileWarning, match="toy compiled again: the same input kinds"):
+    with pytest.warns(calls.RecompileWarning, match="toy compiled again: the same input kinds"):
         module(sample, torch.tensor(1))
     assert call.compiles == 2 and len(call.signatures) == 1
