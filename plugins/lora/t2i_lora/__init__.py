@@ -1,5 +1,6 @@
-"""t2i conditioner: LoRA adapters (``GenerationRequest.loras``) and textual-inversion embeddings
-(``GenerationRequest.embeddings``) for SD1.5 and SDXL, plus the ``fuse_lora`` accelerator.
+"""t2i conditioner: LoRA adapters (``GenerationRequest.loras``) for SD1.5, SDXL, FLUX.1, SD3 and
+Z-Image, textual-inversion embeddings (``GenerationRequest.embeddings``) for SD1.5 and SDXL,
+plus the ``fuse_lora`` accelerator.
 
 Adapters and embeddings are loaded once into an engine's weights, which engines from the same
 cached `load()` share; each request activates exactly its own. See ``docs/lora.md`` and
@@ -22,7 +23,9 @@ __all__ = ["FuseLora", "LoraConditioner", "register_accelerators", "register_con
 
 class LoraConditioner(Conditioner):
     name = "lora"
-    families = ("sd15", "sdxl")
+    # The families whose diffusers pipeline has `load_lora_weights`. Embeddings go only into the
+    # UNet families' CLIP encoders: `prepare` refuses them on the others (_adapters.EMBEDDING_FAMILIES).
+    families = ("sd15", "sdxl", "flux", "sd3", "z-image")
     feature = "LoRA adapters and textual-inversion embeddings (loras, embeddings)"
     # Before Compel (20), which encodes prompts with the text encoders the LoRAs adapt.
     order = 15

@@ -1,7 +1,7 @@
 """LoRA adapters and embeddings inside an engine's shared weights (imports torch, diffusers and peft).
 
-One `SharedWeights` per set of shared weights (keyed by the UNet, as t2i-controlnet keys its
-ControlNets) records what was loaded into them: each adapter file once, under a name made from
+One `SharedWeights` per set of shared weights (keyed by the denoiser, as t2i-controlnet keys
+its ControlNets) records what was loaded into them: each adapter file once, under a name made from
 its content hash; each embedding's tokens, in the order they were added to the text encoders.
 A request's run holds a turn (`_turns.Turns`) during which the weights compute exactly what it
 asked for. Three ways to make them do so, chosen at load time by the engine's accelerators:
@@ -24,8 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from t2i_core import IncompatibleAcceleratorsError, InvalidRequestError, get_registry, loading_lock
-from t2i_core.kit import SharedState, env_int
+from t2i_core import (
+    IncompatibleAcceleratorsError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+    get_registry,
+    loading_lock,
+)
+from t2i_core.kit import SharedState, denoiser, env_int
 
 from ._files import EmbeddingFile, LoraFile, embedding_file, lora_file
 from ._turns import Turns
@@ -36,6 +42,9 @@ if TYPE_CHECKING:
 #: text encoder attribute → its tokenizer's attribute
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 FUSE_ACCELERATOR = "fuse_lora"
+#: the families whose CLIP text encoders take textual-inversion embeddings (the UNet families)
+EMBEDDING_FAMILIES = ("sd15", "sdxl")
+EMBEDDINGS_FEATURE = "textual-inversion embeddings (embeddings)"
 #: the largest LoRA rank that hot-swap slots take (diffusers' ``enable_lora_hotswap(target_rank=...)``)
 HOTSWAP_RANK_ENV = "T2I_LORA_MAX_RANK"
 DEFAULT_HOTSWAP_RANK = 128
@@ -142,6 +151,8 @@ def plan(engine: Engine, request: GenerationRequest) -> Plan:
     """Resolve the request's files and refuse, before any work, what cannot go into this engine."""
     if not request.loras and not request.embeddings:
         return Plan()
+    if request.embeddings and engine.family not in EMBEDDING_FAMILIES:
+        raise UnsupportedFeatureError(engine.family, EMBEDDINGS_FEATURE, EMBEDDING_FAMILIES)
     pipeline = engine.pipeline
     shared = shared_weights(engine)
     if request.loras and "fuse_qkv" in engine.accelerators:
@@ -156,8 +167,8 @@ def plan(engine: Engine, request: GenerationRequest) -> Plan:
             lora.weight_name,
             field,
             family=engine.family,
-            unet_config=pipeline.unet.config,
-            has_text_encoder_2=getattr(pipeline, "text_encoder_2", None) is not None,
+            denoiser=denoiser(pipeline),
+            has_text_encoder_2="text_encoder_2" in _lora_components(pipeline),
         )
         same = next((i for i, p in enumerate(loras) if p.file.digest == found.digest), None)
         if same is not None:
@@ -277,7 +288,19 @@ def _load_adapter(engine: Engine, shared: SharedWeights, lora: PlannedLora) -> N
     except Exception as exc:
         _forget_adapter(pipeline, name)
         raise _load_error(engine, lora, exc) from exc
+    _check_loaded(engine, lora, name)
     shared.adapters[name] = lora.file
+
+
+def _check_loaded(engine: Engine, lora: PlannedLora, name: str) -> None:
+    """Refuse a file none of whose layers went in (diffusers skips keys of layers a model lacks)."""
+    if not any(name in names for names in engine.pipeline.get_list_adapters().values()):
+        _forget_adapter(engine.pipeline, name)
+        raise InvalidRequestError(
+            lora.field,
+            lora.file.file.source,
+            f"a LoRA for this {engine.family} model ({lora.file.file.name} adapts none of its layers)",
+        )
 
 
 def _load_error(engine: Engine, lora: PlannedLora, exc: Exception) -> InvalidRequestError:
@@ -379,19 +402,21 @@ def _load_slots(engine: Engine, shared: SharedWeights, wanted: Plan) -> None:
             else:
                 _forget_adapter(pipeline, slot)
             raise _load_error(engine, lora, exc) from exc
+        if not swap:
+            _check_loaded(engine, lora, slot)
         if swap:
             shared.slots[index] = lora.file.digest
         else:
             shared.slots.append(lora.file.digest)
-        shared.slot_scalings[slot] = _scalings_as_tensors(pipeline.unet, slot)
+        shared.slot_scalings[slot] = _scalings_as_tensors(denoiser(pipeline), slot)
 
 
-def _scalings_as_tensors(unet: Any, slot: str) -> dict[str, float]:
+def _scalings_as_tensors(model: Any, slot: str) -> dict[str, float]:
     """Each layer's scaling of `slot` at weight 1, with the layer's scaling made a tensor if it was a float."""
     import torch
 
     scalings = {}
-    for name, layer in _lora_layers(unet):
+    for name, layer in _lora_layers(model):
         value = layer.scaling.get(slot)
         if value is None:
             continue
@@ -409,7 +434,7 @@ def _activate_slots(engine: Engine, shared: SharedWeights, wanted: Plan) -> None
     if not slots:
         return
     scales = {_SLOT.format(index): lora.scale for index, lora in enumerate(wanted.loras)}
-    for name, layer in _lora_layers(engine.pipeline.unet):
+    for name, layer in _lora_layers(denoiser(engine.pipeline)):
         present = [slot for slot in slots if slot in layer.lora_A]
         if list(layer.active_adapters) != present:
             layer.set_adapter(present)

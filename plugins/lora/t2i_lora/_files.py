@@ -34,6 +34,11 @@ _OTHER_KINDS = {
     ".diff": "a full weight difference (LyCORIS diff)",
     "glora": "GLoRA",
 }
+#: key parts that give away a LoRA for the other kind of denoiser (diffusers' and Kohya's names)
+_UNET_KEYS = re.compile(
+    r"^unet\.|^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_"
+)
+_TRANSFORMER_KEYS = re.compile(r"^transformer\.|^lora_transformer_|^lora_unet_(double_blocks|single_blocks)_")
 _TEXT_ENCODER_2 = ("text_encoder_2.", "lora_te2_")
 _TEXT_ENCODER = ("text_encoder.", "lora_te_", "lora_te1_", "te_text_model")
 
@@ -70,16 +75,22 @@ def lora_file(
     field: str,
     *,
     family: str,
-    unet_config: Mapping[str, Any],
+    denoiser: Any,
     has_text_encoder_2: bool,
 ) -> LoraFile:
-    """Resolve a `Lora` and refuse a file that cannot go into this model, before any weights load."""
+    """Resolve a `Lora` and refuse a file that cannot go into this model, before any weights load.
+
+    `denoiser` is the model's UNet or transformer; `has_text_encoder_2` whether the pipeline
+    loads LoRAs into a second text encoder.
+    """
     found = resolve_file(source, weight_name, field=field)
     shapes = _read(found, field)
     if not shapes:
         raise InvalidRequestError(field, source, f"a LoRA file ({found.name} holds no tensors)")
     _check_kind(found, shapes, field)
-    _check_width(found, shapes, field, family, unet_config)
+    _check_denoiser(found, shapes, field, family, denoiser)
+    _check_width(found, shapes, field, family, denoiser.config)
+    _check_layers(found, shapes, field, family, denoiser)
     text_encoder_2 = any(key.startswith(_TEXT_ENCODER_2) for key in shapes)
     if text_encoder_2 and not has_text_encoder_2:
         raise InvalidRequestError(
@@ -123,11 +134,65 @@ def _check_kind(found: WeightsFile, shapes: Mapping[str, Any], field: str) -> No
     )
 
 
-def _check_width(
-    found: WeightsFile, shapes: Mapping[str, tuple[int, ...]], field: str, family: str, unet_config: Mapping[str, Any]
+def _check_denoiser(found: WeightsFile, shapes: Mapping[str, Any], field: str, family: str, denoiser: Any) -> None:
+    """Refuse a UNet LoRA for a transformer model and the other way round (diffusers would skip its layers)."""
+    unet = type(denoiser).__name__.startswith("UNet")
+    other = _TRANSFORMER_KEYS if unet else _UNET_KEYS
+    example = next((key for key in shapes if other.search(key)), None)
+    if example is None:
+        return
+    made = "a transformer (FLUX.1, SD3, Z-Image...)" if unet else "a UNet (SD 1.x, SDXL)"
+    raise InvalidRequestError(
+        field,
+        found.source,
+        f"a LoRA for this {family} model, whose denoiser is a {'UNet' if unet else 'transformer'} "
+        f"({found.name} is for {made}: keys like {re.sub(r'[0-9]+', 'N', example)!r})",
+    )
+
+
+def _check_layers(
+    found: WeightsFile, shapes: Mapping[str, tuple[int, ...]], field: str, family: str, denoiser: Any
 ) -> None:
-    """Refuse a LoRA whose cross-attention keys and values read text features of another width."""
-    ours = unet_config.get("cross_attention_dim")
+    """Refuse a transformer LoRA (diffusers or PEFT names) whose matrices do not fit the layers they name.
+
+    A UNet LoRA's widths are checked by `_check_width`; Kohya names are converted by diffusers at
+    load, which then raises on a mismatch (and `_adapters` names the file).
+    """
+    if type(denoiser).__name__.startswith("UNet"):
+        return
+    for key, shape in shapes.items():
+        match = _PEFT_KEY.match(key)
+        if match is None or len(shape) != 2:
+            continue
+        module_name, kind = match.group("module"), match.group("kind")
+        try:
+            module = denoiser.get_submodule(module_name)
+        except AttributeError:
+            continue  # diffusers decides: it skips or refuses layers a model lacks
+        ours = getattr(module, "in_features" if kind == "A" else "out_features", None)
+        theirs = shape[-1] if kind == "A" else shape[0]
+        if isinstance(ours, int) and ours != theirs:
+            side = "input" if kind == "A" else "output"
+            raise InvalidRequestError(
+                field,
+                found.source,
+                f"a LoRA for this {family} model ({found.name} gives its layer {module_name} an {side} width of "
+                f"{theirs}; this model's is {ours}: a LoRA for another model size or family)",
+            )
+
+
+#: a transformer LoRA key in diffusers' or PEFT's names: its layer and which matrix
+_PEFT_KEY = re.compile(
+    r"^(?:transformer\.|base_model\.model\.)?(?P<module>[\w.]+?)\.lora_(?P<kind>A|B)(?:\.[\w-]+)?\.weight$"
+)
+
+
+def _check_width(
+    found: WeightsFile, shapes: Mapping[str, tuple[int, ...]], field: str, family: str, config: Mapping[str, Any]
+) -> None:
+    """Refuse a UNet LoRA whose cross-attention keys and values read text features of another width
+    (a transformer's config has no ``cross_attention_dim``: `_check_layers` checks those)."""
+    ours = config.get("cross_attention_dim")
     if isinstance(ours, (list, tuple)):
         ours = ours[0]
     widths = {

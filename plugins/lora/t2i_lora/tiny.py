@@ -1,10 +1,11 @@
 """Tiny LoRA and textual-inversion files for tiny checkpoints, built offline (tests, docs, benchmarks).
 
 `lora_file` writes a LoRA for a diffusers checkpoint folder (``load("tiny:sd15").source``) the
-way diffusers' own training scripts do: PEFT adapters injected into the checkpoint's UNet and
-text encoders (built from their configs), random non-zero weights, saved with the pipeline's
-``save_lora_weights``. It can also write the PEFT layout and the Kohya layout that most
-downloaded LoRAs use. `embedding_file` writes a textual-inversion embedding: one tensor named
+way diffusers' own training scripts do: PEFT adapters injected into the checkpoint's denoiser
+(UNet or transformer) and CLIP text encoders (built from their configs), random non-zero
+weights, saved with the pipeline's ``save_lora_weights``. It can also write the PEFT layout and
+the Kohya layout that most downloaded LoRAs use (for FLUX.1: sd-scripts' names of the original
+model's layers, which diffusers converts). `embedding_file` writes a textual-inversion embedding: one tensor named
 by its token (SD 1.x) or ``clip_l`` / ``clip_g`` (SDXL).
 """
 
@@ -40,33 +41,48 @@ def lora_file(
     """Write a LoRA for the checkpoint in `folder` to `path` (a ``.safetensors`` file) and return `path`.
 
     :param rank: the rank of every adapted layer; `alpha` its LoRA alpha (None = `rank`, scaling 1).
-    :param unet: adapt the UNet's attention projections (`unet_targets`).
-    :param text_encoders: adapt the text encoder(s) too (both for SDXL).
+    :param unet: adapt the denoiser's (UNet's or transformer's) attention projections (`unet_targets`).
+    :param text_encoders: adapt the CLIP text encoder(s) the pipeline loads LoRAs into too (both
+        for SDXL and SD3, the first for FLUX.1, none for Z-Image).
     :param layout: ``"diffusers"`` (what diffusers' training scripts save), ``"peft"`` (raw PEFT
-        ``lora_A``/``lora_B`` keys) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha``).
+        ``lora_A``/``lora_B`` keys) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha``;
+        for FLUX.1 the double blocks' attention, ignoring `unet_targets`; not for SD3 or Z-Image).
     :param text_model_prefix: True writes text-encoder keys with transformers' ``text_model.``
         prefix (as files trained before transformers 5 have them), False without it, None as the
         installed transformers names the layers.
     :param strength: multiplies every ``lora_B`` weight (1 gives a clearly visible change on tiny models).
     """
+    import diffusers
+
     folder, path = Path(folder), Path(path)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     index = json.loads((folder / "model_index.json").read_text())
-    dual = index["_class_name"] == "StableDiffusionXLPipeline"
+    pipeline = getattr(diffusers, index["_class_name"])
+    denoiser = "unet" if "unet" in index else "transformer"
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if name in pipeline._lora_loadable_modules]
+    dual = len(encoders) == 2
     alpha = rank if alpha is None else alpha
+    if layout == "kohya" and denoiser == "transformer":
+        if index["_class_name"] != "FluxPipeline":
+            raise ValueError(f"the kohya layout is written for SD 1.x, SDXL and FLUX.1, not {index['_class_name']}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with seeded(seed):
+            tensors = _kohya_flux(folder, rank, alpha, strength)
+            if text_encoders:
+                clip = _adapted(
+                    _text_encoder(folder, "text_encoder", index), TEXT_ENCODER_TARGETS, rank, alpha, strength
+                )
+                tensors.update(_kohya({"text_encoder": clip}, alpha, dual=True))
+        _save(tensors, path)
+        return path
     parts: dict[str, dict[str, Any]] = {}
     with seeded(seed):
         if unet:
-            parts["unet"] = _adapted(_unet(folder), unet_targets, rank, alpha, strength)
+            parts[denoiser] = _adapted(_denoiser(folder, denoiser, index), unet_targets, rank, alpha, strength)
         if text_encoders:
-            parts["text_encoder"] = _adapted(
-                _text_encoder(folder, "text_encoder"), TEXT_ENCODER_TARGETS, rank, alpha, strength
-            )
-            if dual:
-                parts["text_encoder_2"] = _adapted(
-                    _text_encoder(folder, "text_encoder_2"), TEXT_ENCODER_TARGETS, rank, alpha, strength
-                )
+            for name in encoders:
+                parts[name] = _adapted(_text_encoder(folder, name, index), TEXT_ENCODER_TARGETS, rank, alpha, strength)
     if text_model_prefix is not None:
         for name in ("text_encoder", "text_encoder_2"):
             if name in parts:
@@ -77,7 +93,7 @@ def lora_file(
     elif layout == "peft":
         _save({f"{name}.{key}": value for name, part in parts.items() for key, value in part.items()}, path)
     else:
-        _save_diffusers(parts, path, dual, rank, alpha)
+        _save_diffusers(parts, path, pipeline, rank, alpha)
     return path
 
 
@@ -86,17 +102,18 @@ def _prefixed(key: str, prefix: bool) -> str:
     return f"text_model.{bare}" if prefix else bare
 
 
-def _unet(folder: Path) -> Any:
-    from diffusers import UNet2DConditionModel
+def _denoiser(folder: Path, name: str, index: dict[str, Any]) -> Any:
+    import diffusers
 
-    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    model = getattr(diffusers, index[name][1])
+    return model.from_config(model.load_config(folder / name))
 
 
-def _text_encoder(folder: Path, name: str) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _text_encoder(folder: Path, name: str, index: dict[str, Any]) -> Any:
+    import transformers
 
-    config = CLIPTextConfig.from_pretrained(folder / name)
-    return (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(config)
+    model = getattr(transformers, index[name][1])
+    return model(model.config_class.from_pretrained(folder / name))
 
 
 def _adapted(model: Any, targets: Sequence[str], rank: int, alpha: int, strength: float) -> dict[str, Any]:
@@ -120,13 +137,17 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def _save_diffusers(parts: dict[str, dict[str, Any]], path: Path, dual: bool, rank: int, alpha: int) -> None:
-    """As diffusers' training scripts save: `convert_state_dict_to_diffusers`, then ``save_lora_weights``."""
-    import diffusers
+def _save_diffusers(parts: dict[str, dict[str, Any]], path: Path, pipeline: Any, rank: int, alpha: int) -> None:
+    """As diffusers' training scripts save: ``save_lora_weights`` of the PEFT state dicts (for a
+    UNet's, after `convert_state_dict_to_diffusers`, as the SD 1.x and SDXL scripts do)."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    pipeline = getattr(diffusers, "StableDiffusionXLPipeline" if dual else "StableDiffusionPipeline")
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(part) for name, part in parts.items()}
+    layers = {
+        f"{name}_lora_layers": convert_state_dict_to_diffusers(part)
+        if "unet" in pipeline._lora_loadable_modules
+        else part
+        for name, part in parts.items()
+    }
     metadata: dict[str, Any] = {}
     if alpha != rank:  # diffusers reads a LoRA's alpha from the file's metadata
         metadata = {f"{name}_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha} for name in parts}
@@ -147,6 +168,28 @@ def _kohya(parts: dict[str, dict[str, Any]], alpha: int, dual: bool) -> dict[str
                 module = f"text_model.{module}"
             stem = f"{prefixes[name]}_{module.replace('.', '_')}"
             tensors[f"{stem}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+            tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+#: FLUX.1's double-block attention layers in sd-scripts' names (the original model's): fused
+#: query/key/value of the image and text streams, and their output projections
+_FLUX_KOHYA_LAYERS = {"img_attn_qkv": 3, "img_attn_proj": 1, "txt_attn_qkv": 3, "txt_attn_proj": 1}
+
+
+def _kohya_flux(folder: Path, rank: int, alpha: int, strength: float) -> dict[str, Any]:
+    """A FLUX.1 LoRA as sd-scripts saves it: ``lora_unet_double_blocks_<i>_<layer>`` with one
+    down and one up matrix per fused layer (diffusers splits them at load) and an ``.alpha``."""
+    import torch
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    tensors: dict[str, Any] = {}
+    for block in range(int(config["num_layers"])):
+        for layer, fused in _FLUX_KOHYA_LAYERS.items():
+            stem = f"lora_unet_double_blocks_{block}_{layer}"
+            tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, width) / width**0.5
+            tensors[f"{stem}.lora_up.weight"] = torch.randn(fused * width, rank) * (strength / rank**0.5)
             tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
     return tensors
 
