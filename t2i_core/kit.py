@@ -11,6 +11,7 @@ import (no torch, diffusers or transformers until a function that needs them run
 - **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them.
 - **Schedulers**: `DEFAULT_SCHEDULER`, `build_scheduler`, `scheduler_names`.
 - **Settings**: `env_int`, a positive-integer environment setting with a clear error.
+- **Files**: `write_atomically`, a file written whole or not at all (temporary name, fsync, rename).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from ._files import write_atomically
 from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
 from ._locks import loading_lock
 from ._modules import is_offloaded, private_components
+from ._progress import ProgressCallback, report_progress, takes_latents
 from ._weight_files import WeightsFile, file_digest, resolve_file
 from .errors import InvalidRequestError
-from .provider import ProgressCallback, report_progress, takes_latents
 from .schedulers import DEFAULT as DEFAULT_SCHEDULER
 from .schedulers import build as build_scheduler
 from .schedulers import family_names as scheduler_names
@@ -51,6 +53,7 @@ __all__ = [
     "resolve_file",
     "scheduler_names",
     "takes_latents",
+    "write_atomically",
 ]
 
 T = TypeVar("T")

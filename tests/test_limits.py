@@ -198,3 +198,20 @@ def test_a_nul_in_a_prompt_is_stored_in_an_itxt_chunk(sd15_engine: Any, tmp_path
     with Image.open(path) as image:
         image.load()
         assert image.text["prompt"] == "a\0cat"
+
+
+def test_a_prompt_is_cut_only_past_the_longest_reader() -> None:
+    """Flux's T5 reads max_sequence_length tokens where its CLIP reads 77: no warning until T5 cuts too."""
+    import warnings as _warnings
+
+    from t2i_core import PromptTruncatedWarning, load
+
+    engine = load("tiny:flux")
+    medium = "a cat " * 60  # about 120 tokens: past CLIP's 77, within T5's window
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", PromptTruncatedWarning)
+        engine.generate(GenerationRequest(prompt=medium, seed=1, num_inference_steps=1))
+    with pytest.warns(PromptTruncatedWarning, match=r"the text encoder reads 77: "):  # CLIP's, the longer
+        engine.generate(
+            GenerationRequest(prompt=medium, seed=1, num_inference_steps=1, options={"max_sequence_length": 64})
+        )

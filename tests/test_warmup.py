@@ -27,7 +27,9 @@ print(inductor.get("fxgraph_cache_hit", 0), inductor.get("fxgraph_cache_miss", 0
 
 def test_artefacts_from_warmup_skip_compilation_in_a_fresh_process(tmp_path: Path) -> None:
     artefacts = tmp_path / "sd15-vae.compiled"
-    env = {**os.environ, "T2I_CACHE": str(tmp_path / "first"), "HF_HUB_OFFLINE": "1"}
+    # Each process gets its own inductor cache folder (t2i's, under its T2I_CACHE): the second can
+    # only hit what the artefacts file brings, never the first process's folder on disk.
+    env = {**os.environ, "T2I_CACHE": str(tmp_path / "first"), "HF_HUB_OFFLINE": "1", "T2I_COMPILE_CACHE": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     args = ["--model", "tiny:sd15", "--device", "cpu", "--accelerator", "fp32", "--accelerator", "compile-vae"]
     warm = subprocess.run(
@@ -63,7 +65,7 @@ def test_warmup_sizes_are_checked_before_work(tmp_path: Path, capsys: pytest.Cap
 
 def test_a_foreign_artefacts_file_is_a_clear_error(tmp_path: Path) -> None:
     from t2i_core import ModelNotFoundError
-    from t2i_core.builtins.compilation import load_compile_artifacts
+    from t2i_core.builtins.compile import load_compile_artifacts
 
     junk = tmp_path / "junk.compiled"
     junk.write_bytes(b"not torch's cache")

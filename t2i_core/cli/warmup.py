@@ -54,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
         for height, width in sizes
     ]
     quiet_libraries()
-    from .. import load
+    from .. import get_registry, load
     from ..builtins.compile import compile_stats, save_compile_artifacts
 
     engine = load(args.model, family=args.family, device=args.device, accelerators=args.accelerator, cache=False)
-    if not any(name.startswith("compile") for name in engine.accelerators):
+    accelerators = get_registry().accelerators
+    if not any(accelerators[name].compiles for name in engine.accelerators if name in accelerators):
         allowed = "a compile accelerator or a preset that compiles on " + engine.device
         raise InvalidRequestError("--accelerator", ",".join(args.accelerator), allowed)
     for request in requests:

@@ -23,39 +23,61 @@ class DegenerateImageWarning(UserWarning):
     """An image came out a single flat colour: usually an overflow (guidance, half precision)."""
 
 
-#: (tokenizer attribute, the pipeline argument it reads)
-_TOKENIZED = (("tokenizer", "prompt"), ("tokenizer", "negative_prompt"), ("prior_tokenizer", "prompt"))
+#: the pipeline attributes of text tokenizers, and the argument suffix each reads first (``prompt_2``),
+#: falling back to the plain argument; the prior's tokenizer (Kandinsky) reads only the prompt
+_TOKENIZERS = (("tokenizer", ""), ("tokenizer_2", "_2"), ("tokenizer_3", "_3"), ("prior_tokenizer", ""))
+#: tokenizers whose window is ``model_max_length`` whatever ``max_sequence_length`` says (CLIP's 77)
+_FIXED_WINDOW = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
+def _window(tokenizer: Any, kwargs: dict[str, Any]) -> int:
+    """How many tokens of a text `tokenizer` lets through: CLIP's ``model_max_length``; a T5 or LLM
+    tokenizer's ``max_sequence_length`` when the call sets one (Flux, SD3, Z-Image), else its own limit."""
+    window = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    length = kwargs.get("max_sequence_length")
+    if type(tokenizer).__name__ not in _FIXED_WINDOW and isinstance(length, int) and length > 0:
+        return length
+    return window if 0 < window < 100_000 else 0
 
 
 def warn_truncated_prompts(pipeline: Any, kwargs: dict[str, Any], long_weighting: str | None = None) -> None:
-    """Warn, in one short line per prompt, when a text encoder will cut a prompt.
+    """Warn, in one short line per prompt, when every text encoder that reads it will cut it.
 
-    `long_weighting` names a prompt weighting that keeps long prompts whole, for the hint.
+    A prompt is cut only past the longest window among the tokenizers that read it (Flux's T5 reads
+    512 tokens where its CLIP reads 77). `long_weighting` names a prompt weighting that keeps long
+    prompts whole, for the hint.
     """
-    warned: set[str] = set()
-    for attribute, argument in _TOKENIZED:
-        tokenizer = getattr(pipeline, attribute, None)
-        text = kwargs.get(argument)
-        if tokenizer is None or not isinstance(text, str) or argument in warned:
+    for argument in ("prompt", "negative_prompt"):
+        cuts: list[tuple[int, int, str]] = []  # (window, tokens, text) of each reader that cuts the text
+        whole = False
+        for attribute, suffix in _TOKENIZERS:
+            tokenizer = getattr(pipeline, attribute, None)
+            if tokenizer is None or (attribute == "prior_tokenizer" and argument != "prompt"):
+                continue
+            text = kwargs.get(f"{argument}{suffix}") if suffix else None
+            text = text if isinstance(text, str) else kwargs.get(argument)
+            window = _window(tokenizer, kwargs)
+            if not isinstance(text, str) or not window:
+                continue
+            tokens = len(tokenizer(text, truncation=False, add_special_tokens=True, verbose=False).input_ids)
+            if tokens <= window:
+                whole = True
+                break
+            cuts.append((window, tokens, text))
+        if whole or not cuts:
             continue
-        window = int(getattr(tokenizer, "model_max_length", 0) or 0)
-        if not 0 < window < 100_000:
-            continue
-        ids = tokenizer(text, truncation=False, add_special_tokens=True, verbose=False).input_ids
-        if len(ids) <= window:
-            continue
-        dropped = len(ids) - window
+        window, count, text = max(cuts)
+        dropped = count - window
         words = text.split()
         head = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
         hint = f"; prompt_weighting={long_weighting!r} keeps it whole" if long_weighting else ""
         warnings.warn(
             PromptTruncatedWarning(
-                f"{argument} is {len(ids)} tokens, the text encoder reads {window}: the last {dropped} "
+                f"{argument} is {count} tokens, the text encoder reads {window}: the last {dropped} "
                 f"tokens are ignored ({argument} starts {head!r}{hint})"
             ),
             stacklevel=5,  # the caller of Engine.generate (via _run and _conditioned)
         )
-        warned.add(argument)
 
 
 class _DropTruncationRecords(logging.Filter):

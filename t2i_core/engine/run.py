@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import schedulers
+from .._progress import ProgressCallback
 from ..accelerator import Accelerator
 from ..conditioner import Call
 from ..errors import GenerationCancelled, GenerationError, InvalidRequestError
-from ..provider import ModelProvider, ProgressCallback
+from ..provider import ModelProvider
 from ..registry import Registry
 from ..request import GenerationRequest, GenerationResult
 from .checks import check_pixels, check_request, default_max_pixels

@@ -569,7 +569,7 @@ def test_with_compile_switching_loras_never_recompiles(monkeypatch: pytest.Monke
     import torch
     from torch._dynamo.utils import counters
 
-    from t2i_core.builtins import compilation
+    from t2i_core.builtins.compile import calls as compilation
 
     def eager(function: Any, options: dict[str, Any]) -> Any:
         return torch.compile(function, backend="eager", dynamic=False)

@@ -122,7 +122,7 @@ def save_compile_artifacts(path: str | os.PathLike[str], *, overwrite: bool = Fa
     import torch
 
     from t2i_core import GenerationError
-    from t2i_core._files import write_atomically
+    from t2i_core.kit import write_atomically
 
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
