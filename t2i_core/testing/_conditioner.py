@@ -184,14 +184,21 @@ class ConditionerConformance:
         from t2i_core import T2IError
 
         if not self.refused_requests:
-            pytest.skip("declare refused_requests: requests the conditioner refuses in prepare()")
+            pytest.skip(
+                f"nothing to refuse: conditioner {self.conditioner!r} declares no refused_requests "
+                "(set it if the conditioner refuses some requests before any work, in prepare())"
+            )
         monkeypatch.setattr(self.instance(), "condition", _refuse_work)
         monkeypatch.setattr(engine.provider, "run", _refuse_work)
         for field, changes in self.refused_requests.items():
+            what = f"refused_requests[{field!r}] = {dict(changes)!r}"
             with pytest.raises(T2IError) as caught:
                 engine.generate(self.make_request(**changes))
+                pytest.fail(f"{what}: the request was accepted; it must be refused naming {field!r}", pytrace=False)
             named = getattr(caught.value, "field", None)
-            assert named == field or (named is None and field in str(caught.value)), caught.value
+            assert named == field or (named is None and field in str(caught.value)), (
+                f"{what} was refused, but naming {named!r} rather than {field!r}: {caught.value}"
+            )
 
     def test_other_families_are_refused(self, t2i_tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """On a family outside `Conditioner.families`, a wanted request is refused before any work."""
