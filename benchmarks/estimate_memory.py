@@ -59,7 +59,29 @@ def _peak(model: Any, run: Any) -> dict[str, float]:
     return {
         "parameters_gib": round(by_kind.get("parameter", 0) / GIB, 3),
         "activations_gib": round(by_kind.get("activation", 0) / GIB, 3),
+        "two_largest_layers_gib": round(_largest_leaves(model) / GIB, 3),
     }
+
+
+def with_memory_accelerators(report: dict[str, Any], parts: tuple[str, ...], prefix: str = "") -> None:
+    """The peak of each memory accelerator from the per-component figures of `parts` (one model runs at a time):
+
+    - ``cpu_offload`` (model offload): the running model's weights and activations;
+    - ``group_offload`` / ``sequential_offload`` (leaf level): the running model's activations and its two
+      largest layers (the running one and the prefetched next);
+    - none: every component resident, plus the largest activations.
+    """
+    parameters = sum(report[part]["parameters_gib"] for part in parts)
+    report[f"{prefix}parameters_gib"] = parameters
+    report[f"{prefix}without_offload_peak_estimate_gib"] = parameters + max(
+        report[part]["activations_gib"] for part in parts
+    )
+    report[f"{prefix}cpu_offload_peak_estimate_gib"] = max(
+        report[part]["parameters_gib"] + report[part]["activations_gib"] for part in parts
+    )
+    report[f"{prefix}group_offload_peak_estimate_gib"] = max(
+        report[part]["two_largest_layers_gib"] + report[part]["activations_gib"] for part in parts
+    )
 
 
 def _bf16_from_config(model_class: Any, config: Any) -> Any:
@@ -115,10 +137,7 @@ def estimate_flux(size: int) -> dict[str, Any]:
         vae = _bf16_from_config(AutoencoderKL, vae_config)
         latents = torch.zeros(1, vae_config["latent_channels"], latent, latent, dtype=bf16)
         report["vae_decode_bf16"] = _peak(vae, lambda: vae.decoder(latents))
-    parts = ("transformer_bf16", "t5_bf16", "clip_bf16", "vae_decode_bf16")
-    parameters = sum(report[part]["parameters_gib"] for part in parts)
-    report["parameters_gib"] = parameters
-    report["without_offload_peak_estimate_gib"] = parameters + max(report[part]["activations_gib"] for part in parts)
+    with_memory_accelerators(report, ("transformer_bf16", "t5_bf16", "clip_bf16", "vae_decode_bf16"))
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
 
 
@@ -169,10 +188,7 @@ def estimate_sd3(size: int) -> dict[str, Any]:
     parts = ("transformer_bf16_batch2", "t5_bf16", "text_encoder_bf16", "text_encoder_2_bf16", "vae_decode_bf16")
     without = tuple(part for part in parts if part != "t5_bf16")
     for key, chosen in (("", parts), ("no_t5_", without)):
-        parameters = sum(report[part]["parameters_gib"] for part in chosen)
-        report[f"{key}parameters_gib"] = parameters
-        peak = parameters + max(report[part]["activations_gib"] for part in chosen)
-        report[f"{key}without_offload_peak_estimate_gib"] = peak
+        with_memory_accelerators(report, chosen, key)
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
 
 
@@ -214,10 +230,7 @@ def estimate_zimage(size: int, *, guided: bool = False) -> dict[str, Any]:
         vae = _bf16_from_config(AutoencoderKL, vae_config)
         latents = torch.zeros(1, vae_config["latent_channels"], latent, latent, dtype=bf16)
         report["vae_decode_bf16"] = _peak(vae, lambda: vae.decoder(latents))
-    parts = ("transformer_bf16", "qwen3_bf16", "vae_decode_bf16")
-    parameters = sum(report[part]["parameters_gib"] for part in parts)
-    report["parameters_gib"] = parameters
-    report["without_offload_peak_estimate_gib"] = parameters + max(report[part]["activations_gib"] for part in parts)
+    with_memory_accelerators(report, ("transformer_bf16", "qwen3_bf16", "vae_decode_bf16"))
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in report.items()}
 
 

@@ -71,8 +71,46 @@ def sampler(name: str | None) -> Sampler | None:
     raise invalid("sampler_name", f"sampler_name={name!r} is not a sampler t2i runs", f"one of {allowed}")
 
 
-def scheduler_for(body: Txt2ImgBody) -> tuple[Sampler | None, str | None]:
-    """The sampler and t2i scheduler for `body`'s ``sampler_name`` (or ``sampler_index``) and ``scheduler``."""
+#: t2i's schedulers of a flow-matching family stand for AUTOMATIC1111's by this prefix: "Euler" is
+#: ``flow-euler`` there (Flux, SD3, Z-Image), "Euler" with the Karras schedule ``flow-euler-karras``
+FLOW_PREFIX = "flow-"
+
+
+def family_scheduler(provider: Any, scheduler: str) -> str | None:
+    """The scheduler of `provider`'s family that runs t2i scheduler `scheduler` (``euler``): itself when the
+    family runs it, else its flow-matching counterpart (``flow-euler``); None when the family has neither."""
+    own = provider.named_schedulers or {}
+    if scheduler in own or provider.schedulers is None or scheduler in provider.schedulers:
+        return scheduler
+    flow = f"{FLOW_PREFIX}{scheduler}"
+    return flow if flow in own else None
+
+
+def runs(provider: Any, each: Sampler) -> bool:
+    """Whether `provider`'s family runs AUTOMATIC1111 sampler `each` (as itself or its flow-matching form)."""
+    return family_scheduler(provider, each.scheduler) is not None
+
+
+def scheduler_for(body: Txt2ImgBody, provider: Any = None) -> tuple[Sampler | None, str | None]:
+    """The sampler and t2i scheduler for `body`'s ``sampler_name`` (or ``sampler_index``) and ``scheduler``,
+    for the family of `provider` (None: as named, unchecked): a flow-matching family (Flux, SD3, Z-Image)
+    runs "Euler" as its flow-matching Euler and refuses the samplers it has no form of, naming the pair."""
+    chosen, scheduler = _scheduler_for(body)
+    if provider is None or chosen is None or scheduler is None:
+        return chosen, scheduler
+    mapped = family_scheduler(provider, scheduler)
+    if mapped is None:
+        served = [each.name for each in SAMPLERS if runs(provider, each)]
+        schedule = " with scheduler='karras'" if scheduler != chosen.scheduler else ""
+        raise invalid(
+            "sampler_name",
+            f"sampler_name={chosen.name!r}{schedule} is not available for family {provider.name!r}",
+            "one of " + (", ".join(repr(name) for name in served) or "none (leave sampler_name empty)"),
+        )
+    return chosen, mapped
+
+
+def _scheduler_for(body: Txt2ImgBody) -> tuple[Sampler | None, str | None]:
     chosen = sampler(body.sampler_name or body.sampler_index)
     schedule = (body.scheduler or "automatic").strip().lower()
     if schedule not in SCHEDULES:
@@ -123,7 +161,7 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
             f"batch_size x n_iter at most {service.limits.max_images}",
         )
     served = model_of(service, body)
-    _sampler, scheduler = scheduler_for(body)
+    _sampler, scheduler = scheduler_for(body, served.engine.provider)
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
     requests = []
     try:
@@ -146,10 +184,11 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
 
 
 def _sampler_label(body: Txt2ImgBody) -> str:
-    chosen, scheduler = scheduler_for(body)
+    chosen, scheduler = _scheduler_for(body)
     if chosen is None:
         return "Default"
-    return f"{chosen.name} Karras" if scheduler == "dpm++-2m-karras" and "Karras" not in chosen.name else chosen.name
+    karras = scheduler == chosen.karras and scheduler != chosen.scheduler
+    return f"{chosen.name} Karras" if karras and "Karras" not in chosen.name else chosen.name
 
 
 def infotext(body: Txt2ImgBody, job: Job, seed: int) -> str:
@@ -235,12 +274,15 @@ def sd_models(service: Service) -> list[dict[str, Any]]:
 
 def samplers(service: Service) -> list[dict[str, Any]]:
     """The samplers the default model's family runs."""
-    engine = service.models[service.default_model].engine
-    runs = engine.provider.schedulers
+    provider = service.models[service.default_model].engine.provider
     return [
-        {"name": s.name, "aliases": list(s.aliases), "options": {"t2i_scheduler": s.scheduler}}
+        {
+            "name": s.name,
+            "aliases": list(s.aliases),
+            "options": {"t2i_scheduler": family_scheduler(provider, s.scheduler)},
+        }
         for s in SAMPLERS
-        if runs is None or s.scheduler in runs
+        if runs(provider, s)
     ]
 
 
