@@ -168,7 +168,15 @@ def _check_layers(
         try:
             module = denoiser.get_submodule(module_name)
         except AttributeError:
-            continue  # diffusers decides: it skips or refuses layers a model lacks
+            if not key.startswith("transformer."):
+                continue  # perhaps another component's layer: diffusers decides
+            # diffusers would load the rest and skip this layer with a warning: half a LoRA
+            raise InvalidRequestError(
+                field,
+                found.source,
+                f"a LoRA for this {family} model ({found.name} adapts a layer it lacks, {module_name}: "
+                "a LoRA for another model size or family)",
+            ) from None
         ours = getattr(module, "in_features" if kind == "A" else "out_features", None)
         theirs = shape[-1] if kind == "A" else shape[0]
         if isinstance(ours, int) and ours != theirs:

@@ -150,8 +150,17 @@ def _save_diffusers(parts: dict[str, dict[str, Any]], path: Path, pipeline: Any,
     }
     metadata: dict[str, Any] = {}
     if alpha != rank:  # diffusers reads a LoRA's alpha from the file's metadata
-        metadata = {f"{name}_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha} for name in parts}
+        # The whole LoRA config, as diffusers' training scripts save it (peft reads more than r and alpha).
+        metadata = {f"{name}_lora_adapter_metadata": _lora_config(part, rank, alpha) for name, part in parts.items()}
     pipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
+
+
+def _lora_config(part: dict[str, Any], rank: int, alpha: int) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    targets = sorted({key.split(".lora_")[0] for key in part})  # full layer paths, as diffusers' get_peft_kwargs
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets).to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
 def _kohya(parts: dict[str, dict[str, Any]], alpha: int, dual: bool) -> dict[str, Any]:
