@@ -1,7 +1,7 @@
 """Single-file checkpoints: ``load("model.safetensors")`` equals raw ``from_single_file``, offline by design.
 
 The single files are the tiny checkpoints written in the original (LDM) layout by
-`t2i_core.ldm.write_single_file`; the reference is diffusers' ``<Pipeline>.from_single_file(file,
+`t2i_core.testing.ldm.write_single_file`; the reference is diffusers' ``<Pipeline>.from_single_file(file,
 config=folder)`` for the same file, and the same call.
 """
 
@@ -17,8 +17,8 @@ from support import tiny_folder
 
 from t2i_core import GenerationRequest, InvalidRequestError, ModelNotFoundError, load
 from t2i_core.cli import main
-from t2i_core.ldm import write_single_file
 from t2i_core.testing import assert_images_equal, cpu_generators
+from t2i_core.testing.ldm import write_single_file
 
 STEPS = 2
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
