@@ -159,7 +159,7 @@ def _lora_config(part: dict[str, Any], rank: int, alpha: int) -> dict[str, Any]:
     from peft import LoraConfig
 
     targets = sorted({key.split(".lora_")[0] for key in part})  # full layer paths, as diffusers' get_peft_kwargs
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets).to_dict()
+    config: dict[str, Any] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets).to_dict()  # type: ignore[no-untyped-call]
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
