@@ -66,9 +66,29 @@ MODELS = {
     "lllyasviel/sd-controlnet-canny": "tiny:controlnet-sd15",
     "thibaud/controlnet-openpose-sdxl-1.0": "tiny:controlnet-sdxl",
     "diffusers/controlnet-canny-sdxl-1.0": "tiny:controlnet-sdxl",
+    "black-forest-labs/FLUX.1-dev": "tiny:flux",
+    "black-forest-labs/FLUX.1-schnell": "tiny:flux",
+    "stabilityai/stable-diffusion-3.5-large": "tiny:sd3",
+    "stabilityai/stable-diffusion-3.5-medium": "tiny:sd3",
+    "stabilityai/stable-diffusion-3.5-large-turbo": "tiny:sd3",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "tiny:sd3",
+    "Tongyi-MAI/Z-Image-Turbo": "tiny:z-image",
 }
 #: Family aliases, as a model name (``load("sd15")``, ``--model sd15``) → their tiny stand-in.
-ALIASES = {"sd15": "tiny:sd15", "sdxl": "tiny:sdxl", "kandinsky22": "tiny:kandinsky22"}
+ALIASES = {
+    "sd15": "tiny:sd15",
+    "sdxl": "tiny:sdxl",
+    "kandinsky22": "tiny:kandinsky22",
+    "flux": "tiny:flux",
+    "sd3": "tiny:sd3",
+    "z-image": "tiny:z-image",
+    "flux-dev": "tiny:flux",
+    "flux-schnell": "tiny:flux",
+    "sd3.5-large": "tiny:sd3",
+    "sd3.5-medium": "tiny:sd3",
+    "sd3.5-large-turbo": "tiny:sd3",
+    "z-image-turbo": "tiny:z-image",
+}
 #: Short names for hub ids that are only ever option values (``refiner=sdxl-refiner``) → their stand-in.
 VALUE_ALIASES = {"sdxl-refiner": "tiny:sdxl-refiner", "kandinsky22-prior": "tiny:kandinsky22"}
 #: Local folders the examples load (a reader's own checkpoint) → what stands in: ``tiny:<family>``'s
@@ -326,7 +346,8 @@ def stand_in_image(path: Path) -> None:
 @contextlib.contextmanager
 def docs_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Few steps, the CPU, one torch thread, and the process's warning and logging state restored afterwards."""
-    from t2i_core import engine, get_registry
+    from t2i_core import get_registry
+    from t2i_core.engine import loading, sources
 
     registry = get_registry()
     for provider in registry.providers.values():
@@ -336,8 +357,8 @@ def docs_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             for o in provider.options
         ]
         monkeypatch.setattr(provider, "options", tuple(fewer))
-    real_resolve = engine.resolve_device
-    monkeypatch.setattr(engine, "resolve_device", lambda device: real_resolve("cpu" if device == "auto" else device))
+    real_resolve = sources.resolve_device
+    monkeypatch.setattr(loading, "resolve_device", lambda device: real_resolve("cpu" if device == "auto" else device))
     t2i_logger = logging.getLogger("t2i")
     handlers, propagate = list(t2i_logger.handlers), t2i_logger.propagate
     plugins = set(registry.plugins)
