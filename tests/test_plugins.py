@@ -54,8 +54,8 @@ def test_broken_plugin_is_reported_and_the_rest_works(monkeypatch: pytest.Monkey
 
 
 def test_broken_plugin_shows_in_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from t2i_core.registry import current
     from t2i_core.cli import main
+    from t2i_core.registry import current
 
     broken = metadata.EntryPoint(name="broken", value="t2i_no_such_module_xyz", group="t2i")
     registry = fresh_registry(monkeypatch, [broken])
