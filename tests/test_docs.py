@@ -40,7 +40,7 @@ def test_every_family_has_a_page() -> None:
 
 
 def test_every_conditioner_plugin_has_a_page() -> None:
-    from t2i_core._manager import FIRST_PARTY
+    from t2i_core.registry import FIRST_PARTY
 
     registry = get_registry()
     shipped = [info for info in registry.plugins.values() if info.source == FIRST_PARTY and not info.error]
