@@ -16,7 +16,7 @@ import pytest
 from t2i_flux import Flux
 from t2i_flux._tiny import schnell_folder
 
-from t2i_core import Engine, GenerationRequest, InvalidRequestError, Lora, UnsupportedFeatureError, load
+from t2i_core import Engine, GenerationRequest, InvalidRequestError, Lora, load
 from t2i_core.testing import (
     ProviderConformance,
     as_array,
@@ -299,12 +299,6 @@ def raw_dev_lora(raw_dev: Any) -> Iterator[Any]:
     raw_dev.unload_lora_weights()
 
 
-@pytest.mark.xfail(
-    reason="t2i-lora declares families ('sd15', 'sdxl') and reads pipeline.unet (plan, hotswap slots), so "
-    "a LoRA on flux is refused with UnsupportedFeatureError; raw diffusers loads this file",
-    raises=UnsupportedFeatureError,
-    strict=False,
-)
 def test_lora_matches_diffusers_load_lora_weights(flux: Engine, raw_dev_lora: Any, tmp_path: Path) -> None:
     path = flux_lora(flux.source, tmp_path / "style.safetensors")
     request = GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=STEPS, loras=(Lora(str(path), scale=0.8),))
