@@ -178,12 +178,11 @@ def test_bad_sizes_and_option_values_are_refused_naming_them(engine: Engine) -> 
         assert error.field == f"options[{name!r}]", error
 
 
-def test_lora_embeddings_and_compel_are_refused_naming_the_family(engine: Engine) -> None:
-    """t2i-lora and t2i-compel serve other families: refused before any work, not ignored."""
-    from t2i_core import Embedding, Lora, UnsupportedFeatureError
+def test_embeddings_and_compel_are_refused_naming_the_family(engine: Engine) -> None:
+    """Textual inversion and Compel serve the CLIP families: refused before any work, not ignored (LoRAs run: t2i-lora)."""
+    from t2i_core import Embedding, UnsupportedFeatureError
 
     for fields in (
-        {"loras": (Lora("style.safetensors", scale=0.8),)},
         {"embeddings": (Embedding("negative.safetensors", token="<neg>"),)},
         {"prompt_weighting": "compel"},
     ):

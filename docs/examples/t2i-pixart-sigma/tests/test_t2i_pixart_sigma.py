@@ -49,11 +49,18 @@ def pixart_log() -> Iterator[list[logging.LogRecord]]:
     """What the PixArt-Sigma pipeline logs while the test runs (diffusers' loggers do not propagate to caplog)."""
     handler = logging.handlers.BufferingHandler(capacity=1000)
     logger = logging.getLogger("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma")
+    # Another test (a library's logging setup, the CLI's quiet loading) may have raised diffusers'
+    # verbosity or disabled the logger: this test reads what the pipeline logs, so it sets both.
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
     logger.addHandler(handler)
     try:
         yield handler.buffer
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
 
 
 def test_max_sequence_length_matches_diffusers(pixart: Engine) -> None:
