@@ -22,7 +22,7 @@ def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    from t2i_core import GenerationRequest, load
+    from t2i_core import GenerationRequest, T2IError, load
 
     engine = load(f"tiny:{family}", device="cpu", cache=False)
     raw = AutoPipelineForText2Image.from_pretrained(engine.source)
@@ -30,7 +30,12 @@ def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
     request = GenerationRequest(
         prompt="Astronaut in a jungle", negative_prompt="ugly", seed=31, num_inference_steps=steps
     )
-    resolved, _ = engine.resolve(request)
+    try:
+        resolved, _ = engine.resolve(request)
+    except T2IError:  # FLUX.1 and Z-Image-Turbo take a negative prompt only with their CFG options
+        request = GenerationRequest(prompt="Astronaut in a jungle", seed=31, num_inference_steps=steps)
+        resolved, _ = engine.resolve(request)
+    negative = {} if request.negative_prompt is None else {"negative_prompt": request.negative_prompt}
 
     def sdk() -> Any:
         return engine.generate(request).images[0]
@@ -38,7 +43,7 @@ def measure(family: str, repeats: int, steps: int) -> dict[str, Any]:
     def plain() -> Any:
         return raw(
             "Astronaut in a jungle",
-            negative_prompt="ugly",
+            **negative,
             num_inference_steps=steps,
             guidance_scale=resolved.guidance_scale,
             height=resolved.height,
