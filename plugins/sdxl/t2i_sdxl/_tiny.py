@@ -18,7 +18,7 @@ TINY_REFINERS = {"tiny:sdxl-refiner": ("sdxl-refiner", 2)}
 
 _HIDDEN = 32  # the first text encoder's width; the base UNet attends to both, concatenated
 # The second's differs, as in the real checkpoints (768 and 1280): diffusers' from_single_file
-# tells the two encoders of a single file apart by their widths (t2i_core.ldm, docs/single-file.md).
+# tells the two encoders of a single file apart by their widths (t2i_core.testing.ldm, docs/single-file.md).
 _HIDDEN_2 = 40
 _TIME_EMBED = 8  # addition_time_embed_dim: each micro-conditioning number becomes 8 features
 
