@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "PHASES": "accelerator",
     "Accelerator": "accelerator",
+    "AcceleratorParameter": "accelerator",
     "LoadContext": "accelerator",
     "Preset": "accelerator",
     "BatchSummary": "batch",
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "Accelerator",
+    "AcceleratorParameter",
     "BatchSummary",
     "Call",
     "Commands",
@@ -127,7 +129,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._locks import loading_lock
-    from .accelerator import PHASES, Accelerator, LoadContext, Preset
+    from .accelerator import PHASES, Accelerator, AcceleratorParameter, LoadContext, Preset
     from .batch import BatchSummary, run_batch
     from .batch.worker import Worker
     from .command import Commands

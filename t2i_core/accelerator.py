@@ -1,21 +1,132 @@
 """The accelerator role: load-time transformations of an engine's pipeline.
 
 Accelerators are applied once per engine, ordered by `phase` (whatever order the user lists
-them in): dtype first, then attention, fusion, memory layout, device placement, memory
-savers, and compilation last.
+them in): dtype first, then quantization, attention, fusion, memory layout, device placement,
+memory savers, step caches, and compilation last. An accelerator may take one value, written
+``NAME@VALUE`` (``first-block-cache@0.15``), which it declares as its `AcceleratorParameter`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import copy
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
+
+from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from .provider import ModelProvider
 
-PHASES: tuple[str, ...] = ("dtype", "attention", "fusion", "layout", "placement", "memory", "compile")
+_Configured = TypeVar("_Configured", bound="Accelerator")
+
+PHASES: tuple[str, ...] = (
+    "dtype",
+    "quantize",
+    "attention",
+    "fusion",
+    "layout",
+    "placement",
+    "memory",
+    "cache",
+    "compile",
+)
 """The accelerator phases, in the order they are applied; an `Accelerator.phase` is one of them."""
+
+_KINDS: tuple[type, ...] = (float, int, str)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+@attrs.frozen(kw_only=True)
+class AcceleratorParameter:
+    """The one value an accelerator takes, written NAME@VALUE (``first-block-cache@0.15``)."""
+
+    #: what the value is (``"threshold"``), for help texts and errors
+    name: str
+    #: float, int or str
+    kind: type
+    #: the value when the user writes just NAME
+    default: Any
+    #: inclusive bounds of a float or int value; None = unbounded
+    minimum: float | None = None
+    maximum: float | None = None
+    #: the values a str parameter allows; empty = any non-empty text
+    choices: tuple[str, ...] = ()
+    description: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise TypeError(f"AcceleratorParameter {self.name!r}: kind must be float, int or str, not {self.kind!r}")
+        if not self._allows(self.default):
+            raise ValueError(f"AcceleratorParameter {self.name!r}: default {self.default!r} is not {self.allowed()}")
+
+    def allowed(self) -> str:
+        """What a value may be: ``"a number in [0, 1]"``, ``"an integer of at least 1"``, ``"one of fp8, int8"``."""
+        if self.kind is str:
+            return f"one of {', '.join(self.choices)}" if self.choices else "a non-empty text"
+        what = "a number" if self.kind is float else "an integer"
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f"{what} in [{_number(low)}, {_number(high)}]"
+        if low is not None:
+            return f"{what} of at least {_number(low)}"
+        if high is not None:
+            return f"{what} of at most {_number(high)}"
+        return what
+
+    def describe(self) -> str:
+        """``"threshold: a number in [0, 1], default 0.2"``."""
+        return f"{self.name}: {self.allowed()}, default {self.format(self.default)}"
+
+    def format(self, value: Any) -> str:
+        """`value` as written after the ``@`` (what `parse` reads back to the same value)."""
+        return repr(value) if self.kind is float else str(value)
+
+    def parse(self, accelerator: str, text: str) -> Any:
+        """The value `text` stands for; `InvalidRequestError` naming `accelerator`, `text` and what is allowed."""
+        value: Any = text.strip()
+        if self.kind is not str:
+            try:
+                value = self.kind(value)
+            except ValueError:
+                value = text
+        return self.check(accelerator, value, written=text)
+
+    def check(self, accelerator: str, value: Any, *, written: str | None = None) -> Any:
+        """`value` (an int where a float is asked for becomes a float) if allowed; else `InvalidRequestError`
+        naming ``accelerator@written`` (`written` defaults to `value` as `format` writes it)."""
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not self._allows(value):
+            if written is None:
+                written = value if isinstance(value, str) else self.format(value)
+            raise InvalidRequestError(
+                "accelerators",
+                f"{accelerator}@{written}",
+                f"{accelerator}@{self.name.upper()} with {self.name} {self.allowed()} "
+                f"({accelerator} alone means {accelerator}@{self.format(self.default)})",
+            )
+        return value
+
+    def _allows(self, value: Any) -> bool:
+        if self.kind is str:
+            return isinstance(value, str) and bool(value) and (not self.choices or value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (float, int)) or not isinstance(value, self.kind):
+            return False
+        if not math.isfinite(value):
+            return False
+        return (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
+        if isinstance(value, bool) or not isinstance(value, self.kind):
+            return f"not {'a number' if self.kind is float else 'an integer'}"
+        if not math.isfinite(value):
+            return "not a finite number"
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            return "out of range"
+        return None
 
 
 @attrs.frozen(kw_only=True)
@@ -27,7 +138,7 @@ class LoadContext:
     family: str
     provider: ModelProvider
     device: str
-    #: the names of every accelerator of this load, in application order
+    #: the names of every accelerator of this load, in application order (plain names, no ``@VALUE``)
     accelerators: tuple[str, ...]
 
 
@@ -49,6 +160,36 @@ class Accelerator:
     #: denoiser's weights (LoRA) hot-swaps them in place when ``"denoiser"`` is compiled.
     compiles: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    #: the one value it takes, written ``NAME@VALUE``; None = it takes none (``fp16@1`` is refused)
+    parameter: ClassVar[AcceleratorParameter | None] = None
+
+    @property
+    def value(self) -> Any:
+        """This instance's value: the parameter's default unless configured; None without a parameter."""
+        if self.parameter is None:
+            return None
+        return self.__dict__.get("_t2i_value", self.parameter.default)
+
+    def with_value(self: _Configured, value: Any) -> _Configured:
+        """A copy configured with `value` (the registry makes these from ``NAME@VALUE``).
+
+        `InvalidRequestError` when it takes no value or `value` is not allowed.
+        """
+        if self.parameter is None:
+            raise InvalidRequestError(
+                "accelerators", f"{self.name}@{value}", f"{self.name} without a value: {self.name} takes no value"
+            )
+        checked = self.parameter.check(self.name, value)
+        configured = copy.copy(self)
+        configured.__dict__["_t2i_value"] = checked
+        return configured
+
+    @property
+    def spec(self) -> str:
+        """How it is written: ``first-block-cache@0.15`` (the value always written) or just its name."""
+        if self.parameter is None:
+            return self.name
+        return f"{self.name}@{self.parameter.format(self.value)}"
 
     def check(self, context: LoadContext) -> None:
         """Raise `IncompatibleAcceleratorsError` when it cannot work in `context`."""

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ..builtins.compile import compile_stats, save_compile_artifacts
 
     engine = load(args.model, family=args.family, device=args.device, accelerators=args.accelerator, cache=False)
-    accelerators = get_registry().accelerators
-    if not any(accelerators[name].compiles for name in engine.accelerators if name in accelerators):
+    registry = get_registry()
+    if not any(registry.accelerator(spec).compiles for spec in engine.accelerators):
         allowed = "a compile accelerator or a preset that compiles on " + engine.device
         raise InvalidRequestError("--accelerator", ",".join(args.accelerator), allowed)
     for request in requests:

@@ -79,6 +79,7 @@ def load(
     :param family: the provider to use; None detects it from ``model_index.json``.
     :param device: ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     :param accelerators: accelerator or preset names, applied in phase order; None = the ``auto`` preset.
+        An accelerator that takes a value is written ``NAME@VALUE`` (``first-block-cache@0.15``).
     :param cache: reuse weights already loaded in this process for the same model, family,
         device and accelerators (each engine still gets its own pipeline object and scheduler).
     :param allow_pickle: also load ``.bin`` (pickle) weights when a checkpoint has no safetensors.
@@ -106,7 +107,8 @@ def load(
         accelerators=tuple(a.name for a in chosen),
     )
     _check_accelerators(chosen, context)
-    key = (resolved.family, resolved.source, device, context.accelerators, allow_pickle, resolved.config)
+    specs = tuple(a.spec for a in chosen)
+    key = (resolved.family, resolved.source, device, specs, allow_pickle, resolved.config)
     if cache:
         pipeline = resolved.provider.share(_cached_pipeline(key, model, resolved, chosen, context, allow_pickle))
     else:
@@ -135,7 +137,7 @@ def _accelerator_names(accelerators: Iterable[str] | None, registry: Registry) -
     names = list(accelerators)
     for name in names:
         if not isinstance(name, str):
-            raise InvalidRequestError("accelerators", name, "accelerator names (str)")
+            raise InvalidRequestError("accelerators", name, "accelerator names (str), NAME or NAME@VALUE")
     return names
 
 

@@ -65,7 +65,8 @@ class Engine:
         self.provider = provider
         self.pipeline = pipeline
         self.device = device
-        self.accelerators = tuple(a.name for a in accelerators)
+        #: the accelerators applied, as written: ``first-block-cache@0.2`` for one that takes a value
+        self.accelerators = tuple(a.spec for a in accelerators)
         #: per-engine state of conditioners and accelerators (a Compel instance, ControlNets, ...)
         self.state: dict[str, Any] = {}
         self._registry = registry

@@ -22,7 +22,7 @@ import attrs
 import pluggy
 
 from .. import hookspecs
-from ..accelerator import PHASES, Accelerator, Preset
+from ..accelerator import PHASES, Accelerator, AcceleratorParameter, Preset
 from ..command import Command, Commands
 from ..conditioner import Conditioner
 from ..errors import InvalidRequestError, PluginError, UnknownAcceleratorError, UnknownFamilyError
@@ -235,6 +235,13 @@ class Registry:
                 raise PluginError(
                     plugin, f"accelerator {item.name!r} has phase {item.phase!r}; expected one of {PHASES}"
                 )
+            if kind_name == "accelerator" and not isinstance(item.parameter, (AcceleratorParameter, type(None))):
+                raise PluginError(
+                    plugin,
+                    f"accelerator {item.name!r} has parameter {item.parameter!r}; expected an AcceleratorParameter",
+                )
+            if kind_name in ("accelerator", "preset") and "@" in item.name:
+                raise PluginError(plugin, f"{kind_name} {item.name!r}: a name cannot hold '@' (it starts a NAME@VALUE)")
             pending.append((kind_name, item))
 
         return register
@@ -304,11 +311,24 @@ class Registry:
         }
         return {name: item for name, item in self._table(kind).items() if f"{kind}:{name}" in shipped}
 
-    def accelerator(self, name: str) -> Accelerator:
+    def accelerator(self, spec: str) -> Accelerator:
+        """The accelerator `spec` names: ``NAME``, or ``NAME@VALUE`` for a copy configured with VALUE.
+
+        `UnknownAcceleratorError` for an unknown NAME; `InvalidRequestError` naming the accelerator, the
+        value and what is allowed when it takes no value or VALUE is not allowed.
+        """
+        name, value = split_spec(spec)
         try:
-            return self.accelerators[name]
+            accelerator = self.accelerators[name]
         except KeyError:
+            if value is not None and name in self.presets:
+                raise InvalidRequestError("accelerators", spec, f"{name} alone: a preset takes no value") from None
             raise UnknownAcceleratorError(name, [*self.accelerators, *self.presets]) from None
+        if value is None:
+            return accelerator
+        if accelerator.parameter is None:
+            raise InvalidRequestError("accelerators", spec, f"{name} alone: {name} takes no value")
+        return accelerator.with_value(accelerator.parameter.parse(name, value))
 
     def executor(self, name: str) -> Executor:
         """The batch executor registered as `name`; `InvalidRequestError` naming the known ones if none is."""
@@ -341,17 +361,33 @@ class Registry:
                 return f" (plugin {key!r} of {found.distribution} is installed but not loaded: add it to $T2I_LOAD_PLUGINS)"
         return ""
 
-    def resolve_accelerators(self, names: Iterable[str], device: str) -> tuple[Accelerator, ...]:
-        """Expand presets and order accelerators by phase (stable within a phase, duplicates dropped)."""
+    def resolve_accelerators(self, specs: Iterable[str], device: str) -> tuple[Accelerator, ...]:
+        """Expand presets, configure ``NAME@VALUE`` specs and order accelerators by phase (stable within a
+        phase, duplicates dropped); the same accelerator twice with different values is refused."""
         expanded: list[str] = []
-        for name in names:
-            if name in self.presets:
-                expanded.extend(self.presets[name].resolve(device))
+        for spec in specs:
+            if spec in self.presets:
+                expanded.extend(self.presets[spec].resolve(device))
             else:
-                expanded.append(name)
-        unique = list(dict.fromkeys(expanded))
-        accelerators = [self.accelerator(name) for name in unique]
-        return tuple(sorted(accelerators, key=lambda a: PHASES.index(a.phase)))
+                expanded.append(spec)
+        chosen: dict[str, Accelerator] = {}
+        for spec in expanded:
+            accelerator = self.accelerator(spec)
+            earlier = chosen.setdefault(accelerator.name, accelerator)
+            if earlier.spec != accelerator.spec:
+                raise InvalidRequestError(
+                    "accelerators", spec, f"one value of {accelerator.name}: {earlier.spec} is asked for as well"
+                )
+        return tuple(sorted(chosen.values(), key=lambda a: PHASES.index(a.phase)))
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"first-block-cache@0.15"`` → ``("first-block-cache", "0.15")``; ``"fp16"`` → ``("fp16", None)``.
+
+    Split at the last ``@``, as ``--lora SRC@SCALE`` is.
+    """
+    name, at, value = spec.rpartition("@")
+    return (name, value) if at else (spec, None)
 
 
 def _label(info: PluginInfo) -> str:
