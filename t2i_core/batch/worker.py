@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from ..errors import GenerationCancelled, T2IError
 from ..executor import Outcome, WorkItem
-from .jobs import describe_request
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -92,6 +91,8 @@ class Worker:
         return outcomes
 
     def _made(self, job_id: str, result: GenerationResult, generate_s: float, load_s: float, batched: int) -> Outcome:
+        from .jobs import describe_request  # the jobs-file reader loads with the first image, not with the executors
+
         started = time.perf_counter()
         images = tuple(result.png(index) for index in range(len(result.images)))
         timings = {"generate_s": round(generate_s, 4), "encode_s": round(time.perf_counter() - started, 4)}

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from t2i_core import Executor, ExecutorSettings, Outcome, Worker, WorkItem, hookimpl
+from t2i_core import Executor, ExecutorSettings, Outcome, WorkItem, hookimpl
 
 #: How often a waiting driver wakes up, so that Ctrl-C is handled at once.
 _POLL_SECONDS = 0.2
@@ -24,6 +24,8 @@ class LocalExecutor(Executor):
     description = "in this process, one engine per model (--workers N: N threads sharing the weights)"
 
     def run(self, items: Sequence[WorkItem], settings: ExecutorSettings) -> Iterator[Outcome]:
+        from t2i_core import Worker  # the batch machinery loads when a batch runs, not at registration
+
         workers = min(settings.workers or 1, max(1, len(items)))
         if workers == 1:
             worker = Worker(accelerators=settings.accelerators, device=settings.device, name="local")
@@ -34,6 +36,8 @@ class LocalExecutor(Executor):
 
 
 def _threaded(items: Sequence[WorkItem], settings: ExecutorSettings, workers: int) -> Iterator[Outcome]:
+    from t2i_core import Worker
+
     todo: queue.Queue[WorkItem] = queue.Queue()
     for item in items:
         todo.put(item)
