@@ -16,22 +16,36 @@ import (no torch, diffusers or transformers until a function that needs them run
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._files import write_atomically
-from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
-from ._locks import loading_lock
-from ._modules import is_offloaded, private_components
-from ._progress import ProgressCallback, report_progress, takes_latents
-from ._weight_files import WeightsFile, file_digest, resolve_file
 from .errors import InvalidRequestError
-from .schedulers import DEFAULT as DEFAULT_SCHEDULER
-from .schedulers import build as build_scheduler
-from .schedulers import family_names as scheduler_names
+
+#: public name -> (the t2i_core module that defines it, its name there): imported on first use
+#: (PEP 562), so that a plugin importing one helper does not pay for the others
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "write_atomically": ("_files", "write_atomically"),
+    "has_variant": ("_hub", "has_variant"),
+    "hub_offline": ("_hub", "hub_offline"),
+    "is_hub_id": ("_hub", "is_hub_id"),
+    "read_model_index": ("_hub", "read_model_index"),
+    "loading_lock": ("_locks", "loading_lock"),
+    "is_offloaded": ("_modules", "is_offloaded"),
+    "private_components": ("_modules", "private_components"),
+    "ProgressCallback": ("_progress", "ProgressCallback"),
+    "report_progress": ("_progress", "report_progress"),
+    "takes_latents": ("_progress", "takes_latents"),
+    "WeightsFile": ("_weight_files", "WeightsFile"),
+    "file_digest": ("_weight_files", "file_digest"),
+    "resolve_file": ("_weight_files", "resolve_file"),
+    "DEFAULT_SCHEDULER": ("schedulers", "DEFAULT"),
+    "build_scheduler": ("schedulers", "build"),
+    "scheduler_names": ("schedulers", "family_names"),
+}
 
 __all__ = [
     "DEFAULT_SCHEDULER",
@@ -143,3 +157,29 @@ def env_int(name: str, default: int, *, minimum: int = 1, what: str | None = Non
     if value < minimum:
         raise InvalidRequestError(f"${name}", text, f"{what or 'an integer'} >= {minimum}")
     return value
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 't2i_core.kit' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"t2i_core.{module}"), attribute)
+    globals()[name] = value  # once: later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from ._files import write_atomically
+    from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
+    from ._locks import loading_lock
+    from ._modules import is_offloaded, private_components
+    from ._progress import ProgressCallback, report_progress, takes_latents
+    from ._weight_files import WeightsFile, file_digest, resolve_file
+    from .schedulers import DEFAULT as DEFAULT_SCHEDULER
+    from .schedulers import build as build_scheduler
+    from .schedulers import family_names as scheduler_names

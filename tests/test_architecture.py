@@ -66,7 +66,10 @@ def _imports(path: Path, *, type_only: bool) -> Iterator[tuple[str, list[str]]]:
 
 
 def _lazy_exports(path: Path) -> list[str]:
-    """The modules a package's ``_EXPORTS`` table (PEP 562 facade) imports on first use."""
+    """The modules a module's ``_EXPORTS`` table (PEP 562: name -> module, or (module, name), relative
+    to its package) imports on first use."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else None
@@ -74,7 +77,8 @@ def _lazy_exports(path: Path) -> list[str]:
             target = node.targets[0]
         if isinstance(target, ast.Name) and target.id == "_EXPORTS" and node.value is not None:
             table = ast.literal_eval(node.value)
-            return sorted({f"{_module_name(path)}.{module}" for module in table.values()})
+            modules = {value if isinstance(value, str) else value[0] for value in table.values()}
+            return sorted(f"{package}.{module}" for module in modules)
     return []
 
 
@@ -86,8 +90,7 @@ def import_graph() -> dict[str, set[str]]:
         for module, names in _imports(path, type_only=False):
             candidates = [f"{module}.{each}" for each in names if f"{module}.{each}" in modules]
             targets.extend(candidates or [module])
-        if path.name == "__init__.py":
-            targets.extend(_lazy_exports(path))
+        targets.extend(_lazy_exports(path))
         graph[name] = {target for target in targets if target in modules and target != name}
     return graph
 
