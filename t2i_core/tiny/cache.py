@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import functools
 import json
 import os
 import random
 import re
-import secrets
 import shutil
 import socket
 import sys
@@ -47,7 +46,15 @@ STALE_SECONDS = 15 * 60
 # A staging folder's name: ".<name>-build-<host>-<pid>-<random>", so that any later build can tell
 # whether the process writing it still runs. <host> tells machines sharing the cache apart.
 _STAGING = re.compile(r"\.(?P<name>.+)-build-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+@functools.cache
+def _host() -> str:
+    """This machine in a staging folder's name: 8 hex digits of a hash of its host name."""
+    import hashlib  # OpenSSL loads with the first build, not with ``import t2i_core.tiny``
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
 
 # Write errors that are about the cache folder itself rather than the build.
 _CACHE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
@@ -76,7 +83,7 @@ def ensure_built(name: str, version: int, build: Callable[[Path], None]) -> Path
         return target
     if os.path.lexists(target):
         _set_aside(target, name, problem)
-    staging = target.parent / f".{name}-build-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = target.parent / f".{name}-build-{_host()}-{os.getpid()}-{_token()}"
     try:
         staging.mkdir(parents=True)
     except OSError as exc:
@@ -171,6 +178,8 @@ def _write_manifest(folder: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -178,9 +187,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _token() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
 def _set_aside(target: Path, name: str, problem: str) -> None:
     """Move a damaged checkpoint out of the way in one step (readers never see half of it), then delete it."""
-    aside = target.parent / f".{name}-damaged-{secrets.token_hex(4)}"
+    aside = target.parent / f".{name}-damaged-{_token()}"
     try:
         os.replace(target, aside)
     except FileNotFoundError:  # another process set it aside first
@@ -202,7 +217,7 @@ def _remove_leftovers(folder: Path, name: str) -> None:
     for entry in found:
         path = os.path.join(folder, entry)
         staging = _STAGING.fullmatch(entry)
-        if staging is not None and staging["host"] == _HOST and not _process_exists(int(staging["pid"])):
+        if staging is not None and staging["host"] == _host() and not _process_exists(int(staging["pid"])):
             _remove(path)
         elif entry.startswith(f".{name}-") and (entry.startswith(f".{name}-damaged-") or _last_change(path) < deadline):
             _remove(path)

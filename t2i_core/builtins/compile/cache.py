@@ -16,8 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from t2i_core.tiny import cache_dir
-
 #: set to 1 to keep inductor's caches in t2i's folder (`compile_cache_dir`) instead of inductor's default
 COMPILE_CACHE_ENV = "T2I_COMPILE_CACHE"
 #: a file written by ``t2i warmup``: its compiled artefacts are loaded before the first compile
@@ -39,6 +37,8 @@ def compile_cache_dir(device: str) -> Path:
     import sys
 
     import torch
+
+    from t2i_core.tiny import cache_dir
 
     versions = f"torch-{torch.__version__}-py{sys.version_info.major}.{sys.version_info.minor}"
     return cache_dir() / "compile" / _slug(versions) / _slug(device_key(device))
