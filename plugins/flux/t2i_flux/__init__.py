@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
 
-from . import _tiny
-
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -94,6 +92,8 @@ class Flux(ModelProvider):
         return any(key in names for key in _BFL_KEYS) or all(key in names for key in _DIFFUSERS_KEYS)
 
     def build_tiny(self, folder: Path) -> None:
+        from . import _tiny  # the tiny recipe (and t2i_core.tiny) loads for a build, not at registration
+
         _tiny.build(folder, guidance_embeds=True)
 
     # -- loading ---------------------------------------------------------------------------

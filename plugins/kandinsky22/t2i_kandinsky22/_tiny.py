@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config
-
 NAME = "kandinsky22"
 #: bump when the recipe changes, so that cached copies are rebuilt
 VERSION = 1
@@ -24,6 +22,8 @@ _CLIP_IMAGE = 28  # the zero image the prior encodes for "no negative prompt" is
 def build(folder: Path) -> None:
     """Write the combined checkpoint into `folder`: the prior's five parts, a UNet, a MoVQ, two schedulers."""
     from diffusers import KandinskyV22CombinedPipeline
+
+    from t2i_core.tiny import clip_tokenizer  # the configs and tokenizers load for a build, not at registration
 
     tokenizer = clip_tokenizer(folder / "_tokenizer_src")
     pipeline = KandinskyV22CombinedPipeline(
@@ -59,6 +59,8 @@ def _prior(text_length: int) -> Any:
 
 def _text_encoder(tokenizer: Any) -> Any:
     from transformers import CLIPTextModelWithProjection
+
+    from t2i_core.tiny import clip_text_config
 
     return CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden_size=_EMBEDDING, projection_dim=_EMBEDDING))
 
@@ -112,6 +114,8 @@ def _prior_scheduler() -> Any:
 
 def _unet() -> Any:
     from diffusers import UNet2DConditionModel
+
+    from t2i_core.tiny import tiny_unet_config
 
     # The shared tiny UNet's sizes (32 latent cells, times the MoVQ's factor of 2: a 64x64 native
     # size) with the real decoder's block kinds and image conditioning.

@@ -6,7 +6,6 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from t2i_core import FamilyDefaults, ModelProvider, hookimpl
-from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config, tiny_vae_config
 
 
 class StableDiffusion15(ModelProvider):
@@ -30,6 +29,8 @@ class StableDiffusion15(ModelProvider):
     def build_tiny(self, folder: Path) -> None:
         from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
+
+        from t2i_core.tiny import clip_text_config, clip_tokenizer, tiny_unet_config, tiny_vae_config
 
         tokenizer = clip_tokenizer(folder / "_tokenizer_src")
         unet = UNet2DConditionModel(**tiny_unet_config())

@@ -27,8 +27,6 @@ from t2i_core import (
     hookimpl,
 )
 
-from . import _tiny
-
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -149,6 +147,8 @@ class StableDiffusion3(ModelProvider):
         return any(key in names for key in _ORIGINAL_KEYS) or all(key in names for key in _DIFFUSERS_KEYS)
 
     def build_tiny(self, folder: Path) -> None:
+        from . import _tiny  # the tiny recipe (and t2i_core.tiny) loads for a build, not at registration
+
         _tiny.build(folder)
 
     # -- loading ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from t2i_core import (
 )
 from t2i_core.kit import DEFAULT_SCHEDULER
 
-from . import _tiny
 from ._refiner import RefinerPlan, Refiners
 
 if TYPE_CHECKING:
@@ -107,6 +106,8 @@ class StableDiffusionXL(ModelProvider):
         self._refiners = Refiners()
 
     def build_tiny(self, folder: Path) -> None:
+        from . import _tiny  # the tiny recipe (and t2i_core.tiny) loads for a build, not at registration
+
         _tiny.build_base(folder)
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

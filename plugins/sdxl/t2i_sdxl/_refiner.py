@@ -22,8 +22,6 @@ from t2i_core import InvalidRequestError, ModelNotFoundError, UnsupportedFeature
 from t2i_core.kit import DEFAULT_SCHEDULER, SharedState, build_scheduler, is_offloaded, report_progress
 from t2i_core.tiny import TINY_PREFIX, ensure_built
 
-from . import _tiny
-
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -109,6 +107,8 @@ class Refiners:
     def _resolve(self, value: str) -> str:
         from t2i_core.kit import is_hub_id, read_model_index
 
+        from . import _tiny
+
         if value.startswith(TINY_PREFIX):
             if value not in _tiny.TINY_REFINERS:
                 raise InvalidRequestError(_FIELD, value, _allowed())
@@ -176,6 +176,8 @@ class Refiners:
 
 
 def _allowed() -> str:
+    from . import _tiny
+
     named = ", ".join(repr(name) for name in (*_tiny.TINY_REFINERS, *REFINER_ALIASES))
     return f"{named}, a local SDXL refiner folder or a hub id"
 
