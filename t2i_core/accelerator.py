@@ -8,8 +8,10 @@ memory savers, step caches, and compilation last. An accelerator may take one va
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
@@ -17,7 +19,9 @@ import attrs
 from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .provider import ModelProvider
+    from .request import GenerationRequest
 
 _Configured = TypeVar("_Configured", bound="Accelerator")
 
@@ -162,6 +166,10 @@ class Accelerator:
     description: ClassVar[str] = ""
     #: the one value it takes, written ``NAME@VALUE``; None = it takes none (``fp16@1`` is refused)
     parameter: ClassVar[AcceleratorParameter | None] = None
+    #: False: an engine with it never merges requests into one pipeline call (`Engine.generate_batch`),
+    #: because what it does depends on the whole call: a step cache decides for the batch at once
+    #: which steps to skip, so a request's images would depend on the others in its batch
+    batches: ClassVar[bool] = True
 
     @property
     def value(self) -> Any:
@@ -200,6 +208,18 @@ class Accelerator:
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         """Transform the loaded pipeline in place."""
+
+    def around_run(self, engine: Engine, request: GenerationRequest) -> AbstractContextManager[Any]:
+        """A context manager that the engine holds around each run of `engine` (from before the
+        conditioners to after the provider's run), for every accelerator of the engine. `request`
+        is resolved (the first of a batch, whose settings the others share).
+
+        For an accelerator whose work keeps state from one step to the next in weights that
+        engines over the same cached model share (the step caches): take a lock of those weights,
+        and start each run from fresh state, here. Exceptions raised by entering it end the
+        request before any work. The default does nothing (``contextlib.nullcontext()``).
+        """
+        return contextlib.nullcontext()
 
 
 @attrs.frozen(kw_only=True)

@@ -2,7 +2,8 @@
 
 This module registers every built-in: the weight dtype (fp32, fp16, bf16) and SDPA attention
 (here), fused projections and channels-last (`layout`), offloading and VAE tiling/slicing
-(`memory`), and the compiling ones (`compile`: torch.compile flavours and graph-step); then the presets that stack them.
+(`memory`), the step caches (`caches`), and the compiling ones (`compile`: torch.compile flavours
+and graph-step); then the presets that stack them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 from t2i_core import Accelerator, IncompatibleAcceleratorsError, LoadContext, Preset, hookimpl
 from t2i_core.kit import has_variant as _has_variant
 
-from . import layout, memory
+from . import caches, layout, memory
 from .compile import ACCELERATORS as COMPILE_ACCELERATORS
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -199,6 +200,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Sdpa(),
     *layout.ACCELERATORS,
     *memory.ACCELERATORS,
+    *caches.ACCELERATORS,
     *COMPILE_ACCELERATORS,
 )
 PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY)

@@ -67,6 +67,7 @@ class Engine:
         self.device = device
         #: the accelerators applied, as written: ``first-block-cache@0.2`` for one that takes a value
         self.accelerators = tuple(a.spec for a in accelerators)
+        self._accelerators = accelerators
         #: per-engine state of conditioners and accelerators (a Compel instance, ControlNets, ...)
         self.state: dict[str, Any] = {}
         self._registry = registry
@@ -137,7 +138,8 @@ class Engine:
 
         Requests that differ only in `prompt`, `negative_prompt` (given on all of them, or on none)
         and `seed`, with no prompt weighting and no controls, on a family that runs one diffusers
-        call per request (``ModelProvider.run`` not overridden), run as one batch: image ``i`` of
+        call per request (``ModelProvider.run`` not overridden) and with no accelerator that must
+        see each call alone (``Accelerator.batches``, the step caches), run as one batch: image ``i`` of
         each request starts from the noise of its ``seed + i``, as alone, and matches its lone
         image up to the rounding of the batched computation (within one level of 255 per pixel on
         a CPU). Other requests run one after another, exactly as `generate` runs them. Every
@@ -163,6 +165,8 @@ class Engine:
     def _batchable(self, resolved: list[GenerationRequest]) -> bool:
         if type(self.provider).run is not ModelProvider.run:  # a family's own loop may take one prompt only
             return False
+        if not all(accelerator.batches for accelerator in self._accelerators):
+            return False  # a step cache decides per call: a batch would change each request's images
         first = resolved[0]
         if first.prompt_weighting is not None or first.controls:
             return False
@@ -192,6 +196,9 @@ class Engine:
             for conditioner in conditioners:
                 if conditioner.families is None or self.family in conditioner.families:
                     turns.enter_context(conditioner.around_run(self, first))  # the same for every request
+            # Accelerators with per-run state in shared weights (step caches) likewise (Accelerator.around_run).
+            for accelerator in self._accelerators:
+                turns.enter_context(accelerator.around_run(self, first))
             self._use_scheduler(first.scheduler or schedulers.DEFAULT)
             calls = [self._conditioned(request, options, conditioners) for request, options in resolved]
             call = calls[0] if len(calls) == 1 else merge_calls(calls)
