@@ -274,6 +274,8 @@ class GenerationResult:
     request: GenerationRequest
     model: str
     family: str
+    #: the engine's accelerators as written (``fp32``, ``first-block-cache@0.2``), saved in the PNG
+    accelerators: tuple[str, ...] = ()
 
     def metadata(self, index: int = 0) -> dict[str, str]:
         """The text metadata that `save` writes into image `index`'s PNG."""
@@ -289,6 +291,8 @@ class GenerationResult:
             "height": str(request.height),
             "width": str(request.width),
         }
+        if self.accelerators:
+            data["accelerators"] = ",".join(self.accelerators)
         if request.scheduler:
             data["scheduler"] = request.scheduler
         if request.prompt_weighting:

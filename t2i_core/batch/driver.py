@@ -95,7 +95,8 @@ def run_batch(
     :param executor: the name of a registered executor: ``local`` (in this process), ``ray``
         (with t2i-ray), or a third party's.
     :param workers: how many workers the executor runs (None = its default).
-    :param accelerators: accelerator or preset names for every engine (None = the ``auto`` preset).
+    :param accelerators: accelerator or preset names for every engine (None = the ``auto`` preset);
+        ``NAME@VALUE`` gives an accelerator its value. Checked before any work, dry run or not.
     :param device: the engines' device; ``"auto"`` lets each worker pick its best.
     :param micro_batch: run up to this many jobs of one model in one pipeline call when they
         differ only in prompt, negative prompt and seed (1 = off); images then match lone runs
@@ -122,6 +123,11 @@ def run_batch(
         accelerators = (accelerators,)
     folder = Path(out)
     registry = get_registry()
+    if accelerators is not None:
+        from ..engine.checks import check_accelerator_specs
+
+        accelerators = tuple(accelerators)
+        check_accelerator_specs(registry, accelerators, device)
     chosen = registry.executor(executor)
     settings = ExecutorSettings(
         accelerators=None if accelerators is None else tuple(accelerators),

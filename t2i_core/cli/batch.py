@@ -64,7 +64,11 @@ def add_arguments(batch: argparse.ArgumentParser) -> None:
         help="an executor setting, e.g. stall_timeout=600 (repeatable)",
     )
     batch.add_argument(
-        "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
+        "--accelerator",
+        action="append",
+        default=None,
+        metavar="NAME[@VALUE]",
+        help="accelerator or preset (repeatable); NAME@VALUE gives an accelerator its value: first-block-cache@0.15",
     )
     batch.add_argument("--device", default="auto", help='"auto" (each worker\'s best), cpu, cuda, cuda:N, mps')
     batch.add_argument(

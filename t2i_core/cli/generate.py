@@ -75,7 +75,12 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         help="for a single-file --model: the diffusers folder, hub id or tiny:<family> with its configs",
     )
     gen.add_argument(
-        "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
+        "--accelerator",
+        action="append",
+        default=None,
+        metavar="NAME[@VALUE]",
+        help="accelerator or preset (repeatable); NAME@VALUE gives an accelerator its value: first-block-cache@0.15; "
+        "default: those saved in the --from PNG, else the auto preset",
     )
     gen.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
     gen.add_argument(

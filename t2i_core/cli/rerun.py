@@ -41,8 +41,8 @@ _IN_MEMORY = "<in-memory image>"
 def apply_saved_run(args: argparse.Namespace) -> tuple[Any, ...]:
     """Fill `args` from the metadata of ``--from IMAGE.png`` where no flag was given; return its controls.
 
-    Flags given on the command line win; ``--option`` values are merged over the saved ones,
-    and any ``--control`` replaces every saved control.
+    Flags given on the command line win (any ``--accelerator`` replaces every saved accelerator);
+    ``--option`` values are merged over the saved ones, and any ``--control`` replaces every saved control.
     """
     path = Path(args.from_image)
     text = _png_text(path)
@@ -62,6 +62,8 @@ def apply_saved_run(args: argparse.Namespace) -> tuple[Any, ...]:
             raise InvalidRequestError("--from", str(path), f"a PNG whose {key} is a number, not {value!r}") from None
     if model_is_saved and args.family is None:
         args.family = text.get("family")  # the family the saved model was run as
+    if args.accelerator is None and text.get("accelerators"):
+        args.accelerator = text["accelerators"].split(",")  # as applied: presets expanded, values written
     saved_options = [f"{key[7:]}={_saved_option(value)}" for key, value in text.items() if key.startswith("option.")]
     args.option = [*saved_options, *args.option]  # later values win: the command line's
     if args.control or "controls" not in text:

@@ -22,7 +22,11 @@ def add_arguments(warm: argparse.ArgumentParser) -> None:
     warm.add_argument("--model", "-m", required=True, help="hub id, local diffusers folder, alias or tiny:<family>")
     warm.add_argument("--family", help="model family; default: detect from model_index.json")
     warm.add_argument(
-        "--accelerator", action="append", required=True, metavar="NAME", help="accelerator or preset (repeatable)"
+        "--accelerator",
+        action="append",
+        required=True,
+        metavar="NAME[@VALUE]",
+        help="accelerator or preset (repeatable); NAME@VALUE gives an accelerator its value: first-block-cache@0.15",
     )
     warm.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
     warm.add_argument(

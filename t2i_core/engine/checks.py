@@ -9,7 +9,7 @@ need its pipeline (the family's `ModelProvider.check_request`, the native size).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import schedulers
@@ -72,6 +72,23 @@ def check_request(
     if request.height and request.width:
         check_pixels(request.height, request.width, max_pixels)
     return options
+
+
+def check_accelerator_specs(registry: Registry, specs: Iterable[str], device: str) -> None:
+    """Refuse, before any work, the accelerators `load` would refuse without loading: unknown names,
+    a value on one that takes none or outside its range, one accelerator with two values.
+
+    With `device` ``"auto"`` (each worker picks its own), presets are left out: their stacks depend
+    on the device.
+    """
+    listed = list(specs)
+    for spec in listed:
+        if not isinstance(spec, str):
+            raise InvalidRequestError("accelerators", spec, "accelerator names (str), NAME or NAME@VALUE")
+    if device == "auto":
+        listed = [spec for spec in listed if spec not in registry.presets]
+        device = "cpu"
+    registry.resolve_accelerators(listed, device)
 
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:

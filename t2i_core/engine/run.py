@@ -227,7 +227,14 @@ class Engine:
             own, images = images[: len(request_seeds)], images[len(request_seeds) :]
             warn_degenerate(own, request)
             results.append(
-                GenerationResult(images=own, seeds=request_seeds, request=request, model=self.model, family=self.family)
+                GenerationResult(
+                    images=own,
+                    seeds=request_seeds,
+                    request=request,
+                    model=self.model,
+                    family=self.family,
+                    accelerators=self.accelerators,
+                )
             )
         return results
 

@@ -126,8 +126,9 @@ def _mode(accelerators: tuple[str, ...]) -> str:
 
 
 def _compiles(accelerator: str) -> tuple[str, ...]:
-    """What the accelerator named `accelerator` compiles (`Accelerator.compiles`); nothing when unknown."""
-    found = get_registry().accelerators.get(accelerator)
+    """What the accelerator `accelerator` (a name, or ``NAME@VALUE``) compiles (`Accelerator.compiles`);
+    nothing when unknown."""
+    found = get_registry().accelerators.get(accelerator.rpartition("@")[0] or accelerator)
     return found.compiles if found is not None else ()
 
 

@@ -44,7 +44,11 @@ def register_commands(cli: Commands) -> None:
         "under another name (e.g. to keep a local path private); the first is the default model",
     )
     serve.add_argument(
-        "--accelerator", action="append", default=None, metavar="NAME", help="accelerator or preset (repeatable)"
+        "--accelerator",
+        action="append",
+        default=None,
+        metavar="NAME[@VALUE]",
+        help="accelerator or preset (repeatable); NAME@VALUE gives an accelerator its value: first-block-cache@0.15",
     )
     serve.add_argument("--device", default="auto", help='"auto" (cuda > mps > cpu), cpu, cuda, cuda:N, mps')
     serve.add_argument(
