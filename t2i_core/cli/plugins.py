@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..accelerator import AcceleratorParameter
 
 HELP = "list plugins and what they register"
 DESCRIPTION = "List plugins."
@@ -55,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
         name: {"families": list(c.families) if c.families is not None else "all", "description": c.description}
         for name, c in sorted(registry.conditioners.items())
     }
-    accelerators = {
-        name: {"phase": a.phase, "devices": list(a.devices), "description": a.description}
+    accelerators: dict[str, dict[str, Any]] = {
+        name: {
+            "phase": a.phase,
+            "devices": list(a.devices),
+            "description": a.description,
+            "parameter": None if a.parameter is None else _parameter(a.parameter),
+        }
         for name, a in sorted(registry.accelerators.items())
     }
     presets = {name: {k: list(v) for k, v in p.stacks.items()} for name, p in sorted(registry.presets.items())}
@@ -107,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
     print("accelerators:")
     for name, accelerator in accelerators.items():
         print(f"  {name} [{accelerator['phase']}; {', '.join(accelerator['devices'])}]: {accelerator['description']}")
+        parameter = accelerator["parameter"]
+        if parameter is not None:
+            meaning = f" ({parameter['description']})" if parameter["description"] else ""
+            print(
+                f"    {name}@{parameter['name'].upper()}  ({parameter['allowed']}; default {parameter['default']}){meaning}"
+            )
     for name, stacks in presets.items():
         rendered = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in stacks.items())
         print(f"  preset {name}: {rendered}")
@@ -117,3 +131,17 @@ def run(args: argparse.Namespace) -> int:
     for name, command in commands.items():
         print(f"  t2i {name}: {command['help']}")
     return 0
+
+
+def _parameter(parameter: AcceleratorParameter) -> dict[str, Any]:
+    """An accelerator's parameter as ``t2i plugins --json`` shows it."""
+    return {
+        "name": parameter.name,
+        "type": parameter.kind.__name__,
+        "default": parameter.format(parameter.default),
+        "minimum": parameter.minimum,
+        "maximum": parameter.maximum,
+        "choices": list(parameter.choices),
+        "allowed": parameter.allowed(),
+        "description": parameter.description,
+    }
