@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +25,10 @@ class Accelerated:
     """An engine loaded with the accelerator, and the accelerators whose ``apply`` ran, in order."""
 
     engine: Engine
+    #: their names
     applied: list[str]
+    #: as written, with the value of one that takes a value (``first-block-cache@0.2``)
+    specs: list[str] = attrs.Factory(list)
 
 
 class AcceleratorConformance:
@@ -42,7 +45,10 @@ class AcceleratorConformance:
                 return engine.pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
     The tests compare an engine with the accelerator (stacked on ``fp32`` unless it sets the
-    dtype itself) with a plain ``fp32`` one, on `model` and `device`.
+    dtype itself) with a plain ``fp32`` one, on `model` and `device`. An accelerator that takes a
+    value (``NAME@VALUE``, its `Accelerator.parameter`) is also loaded with each of `values`, each
+    of which must reach its ``apply``, and values outside what it declares must be refused before
+    any weights load, with an error that names what is allowed.
     """
 
     #: the accelerator's registered name
@@ -59,6 +65,9 @@ class AcceleratorConformance:
     tolerance: ClassVar[int | None] = None
     #: why the images differ at all, when `tolerance` > 0
     why: ClassVar[str] = ""
+    #: for an accelerator that takes a value: values to load it with (each written ``NAME@VALUE``);
+    #: empty = its default and, where declared, its bounds (a number) or its choices (a text)
+    values: ClassVar[tuple[Any, ...]] = ()
 
     def effect(self, engine: Engine) -> Any:
         """What the accelerator changes in `engine` (a dtype, a flag, processor classes...).
@@ -87,13 +96,11 @@ class AcceleratorConformance:
 
         self = cls()
         self._skip_without_device()
-        registry = get_registry()
-        applied: list[str] = []
+        accelerated = Accelerated(engine=None, applied=[], specs=[])  # type: ignore[arg-type]
         with pytest.MonkeyPatch.context() as patch:
-            for accelerator in registry.accelerators.values():
-                patch.setattr(accelerator, "apply", _recording(accelerator, applied))
+            _record_applies(patch, get_registry().accelerators.values(), accelerated)
             engine = load(self.model, device=self.device, accelerators=self.stack(), cache=False)
-        yield Accelerated(engine=engine, applied=applied)
+        yield attrs.evolve(accelerated, engine=engine)
 
     # -- helpers ---------------------------------------------------------------------------------
     def instance(self) -> Accelerator:
@@ -101,12 +108,47 @@ class AcceleratorConformance:
 
         return get_registry().accelerator(self.accelerator)
 
-    def stack(self) -> list[str]:
-        """The accelerators of the accelerated engine: ``fp32`` and this one, unless it sets the dtype."""
+    def stack(self, spec: str | None = None) -> list[str]:
+        """The accelerators of the accelerated engine: ``fp32`` and this one (or `spec`, this one with a
+        value), unless it sets the dtype."""
         accelerator = self.instance()
+        spec = spec or self.accelerator
         if accelerator.phase == "dtype" or "fp32" in accelerator.conflicts:
-            return [self.accelerator]
-        return ["fp32", self.accelerator]
+            return [spec]
+        return ["fp32", spec]
+
+    def good_values(self) -> tuple[Any, ...]:
+        """`values`, or the parameter's default and its bounds or choices; empty without a parameter."""
+        parameter = self.instance().parameter
+        if parameter is None:
+            return ()
+        if self.values:
+            return self.values
+        extremes = parameter.choices if parameter.kind is str else (parameter.minimum, parameter.maximum)
+        found = [parameter.default]
+        for value in extremes:
+            if value is not None:
+                value = parameter.kind(value)
+                if value not in found:
+                    found.append(value)
+        return tuple(found)
+
+    def bad_values(self) -> list[str]:
+        """Texts after ``NAME@`` that its parameter must refuse (or any text, without a parameter)."""
+        parameter = self.instance().parameter
+        if parameter is None:
+            return ["1"]
+        if parameter.kind is str:
+            return ["no-such-choice", ""] if parameter.choices else [""]
+        bad = ["not-a-number", "nan"]
+        if parameter.kind is int:
+            bad.append("1.5")
+        step = 1 if parameter.kind is int else max(abs(parameter.maximum or 0), abs(parameter.minimum or 0), 1.0)
+        if parameter.minimum is not None:
+            bad.append(parameter.format(parameter.kind(parameter.minimum - step)))
+        if parameter.maximum is not None:
+            bad.append(parameter.format(parameter.kind(parameter.maximum + step)))
+        return bad
 
     def image(self, engine: Engine) -> list[Any]:
         from t2i_core import GenerationRequest
@@ -147,15 +189,62 @@ class AcceleratorConformance:
         assert report["heavy"] == [], f"registering imported {report['heavy']}: import them inside methods"
 
     def test_declares_its_phase_devices_and_conflicts(self) -> None:
-        """Its phase is one of PHASES, its devices are known device types, its conflicts are other names."""
-        from t2i_core import PHASES
+        """Its phase is one of PHASES, its devices are known device types, its conflicts are other names;
+        a parameter it declares describes itself, and its default is what a plain NAME gets."""
+        from t2i_core import PHASES, AcceleratorParameter
         from t2i_core.engine.sources import DEVICE_TYPES
 
         accelerator = self.instance()
+        assert "@" not in self.accelerator, "set accelerator to the registered name; list values in `values`"
         assert accelerator.phase in PHASES, f"phase {accelerator.phase!r} is not one of {PHASES}"
         assert accelerator.devices and set(accelerator.devices) <= set(DEVICE_TYPES), accelerator.devices
         assert all(isinstance(name, str) and name != self.accelerator for name in accelerator.conflicts)
         assert accelerator.description, "describe it in one line (t2i plugins shows it)"
+        parameter = accelerator.parameter
+        if parameter is None:
+            assert not self.values, f"{self.accelerator!r} takes no value: drop `values`"
+            assert accelerator.spec == self.accelerator and accelerator.value is None
+            return
+        assert isinstance(parameter, AcceleratorParameter), parameter
+        assert parameter.description, "describe its parameter in one line (t2i plugins shows it)"
+        assert accelerator.value == parameter.default
+        assert accelerator.spec == f"{self.accelerator}@{parameter.format(parameter.default)}"
+
+    def test_bad_values_are_refused_before_loading(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A value outside what its parameter allows (any value, when it declares none) is refused before any
+        weights load, with an error naming the accelerator and what is allowed."""
+        from t2i_core import InvalidRequestError, get_registry, load
+
+        family = self.model.removeprefix("tiny:") if self.model.startswith("tiny:") else None
+        if family is not None:
+            monkeypatch.setattr(get_registry().provider(family), "load_pipeline", _refuse_loading)
+        parameter = self.instance().parameter
+        for text in self.bad_values():
+            spec = f"{self.accelerator}@{text}"
+            with pytest.raises(InvalidRequestError) as caught:
+                load(self.model, device=self.device, accelerators=self.stack(spec), cache=False)
+            message = str(caught.value)
+            assert self.accelerator in message, message
+            allowed = "takes no value" if parameter is None else parameter.allowed()
+            assert allowed in message, f"{spec!r} was refused without saying what is allowed: {message}"
+
+    def test_each_value_reaches_apply(self) -> None:
+        """Loaded as ``NAME@VALUE`` for each of `values`, the engine lists that spec and its ``apply`` sees
+        the value."""
+        from t2i_core import get_registry, load
+
+        parameter = self.instance().parameter
+        if parameter is None:
+            pytest.skip(f"{self.accelerator!r} takes no value")
+        self._skip_without_device()
+        for value in self.good_values():
+            spec = f"{self.accelerator}@{parameter.format(value)}"
+            recorded = Accelerated(engine=None, applied=[], specs=[])  # type: ignore[arg-type]
+            with pytest.MonkeyPatch.context() as patch:
+                _record_applies(patch, get_registry().accelerators.values(), recorded)
+                engine = load(self.model, device=self.device, accelerators=self.stack(spec), cache=False)
+            assert spec in engine.accelerators, (spec, engine.accelerators)
+            assert recorded.specs.count(spec) == 1, f"{spec!r}: apply ran as {recorded.specs}"
 
     def test_conflicts_are_refused_before_loading(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Each registered accelerator it conflicts with is refused together with it, before any weights load."""
@@ -191,7 +280,7 @@ class AcceleratorConformance:
         registry = get_registry()
         phases = [PHASES.index(registry.accelerator(name).phase) for name in accelerated.applied]
         assert phases == sorted(phases), accelerated.applied
-        assert self.accelerator in accelerated.engine.accelerators
+        assert self.instance().spec in accelerated.engine.accelerators
 
     def test_takes_effect(self, plain: Engine, accelerated: Accelerated) -> None:
         """What `effect` observes differs between an engine with the accelerator and one without."""
@@ -213,13 +302,21 @@ class AcceleratorConformance:
             assert_images_close(ours, reference, max_levels=tolerance, why=self.why)
 
 
-def _recording(accelerator: Accelerator, applied: list[str]) -> Any:
-    original = accelerator.apply
+def _record_applies(patch: pytest.MonkeyPatch, accelerators: Iterable[Accelerator], into: Accelerated) -> None:
+    """Record each ``apply`` of `accelerators` into `into`, in order. The classes are patched, not the
+    instances: the registry configures ``NAME@VALUE`` as copies of the registered instance."""
+    for cls in {type(accelerator) for accelerator in accelerators}:
+        original = cls.apply
+        patch.setattr(cls, "apply", _recording(getattr(original, "__wrapped__", original), into))
 
-    def apply(pipeline: Any, context: Any) -> None:
-        applied.append(accelerator.name)
-        original(pipeline, context)
 
+def _recording(original: Any, into: Accelerated) -> Any:
+    def apply(self: Accelerator, pipeline: Any, context: Any) -> None:
+        into.applied.append(self.name)
+        into.specs.append(self.spec)
+        original(self, pipeline, context)
+
+    apply.__wrapped__ = original  # type: ignore[attr-defined]
     return apply
 
 
