@@ -28,7 +28,6 @@ from t2i_core import (
     GenerationError,
     InvalidRequestError,
     Outcome,
-    Worker,
     WorkItem,
     hookimpl,
 )
@@ -257,6 +256,8 @@ class RayWorker:
     """The callable class that Ray Data runs in each actor: one `t2i_core.Worker`, kept for the actor's life."""
 
     def __init__(self, accelerators: Sequence[str] | None, device: str, threads: int | None) -> None:
+        from t2i_core import Worker  # in the actor: registering the executor loads no batch machinery
+
         if threads:
             import torch
 
