@@ -231,7 +231,7 @@ def test_accelerators_must_be_names(value: Any) -> None:
         load("tiny:sd15", device="cpu", accelerators=value)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "kandinsky22"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "kandinsky22", "flux", "sd3", "z-image"])
 def test_cached_engines_in_threads_make_the_serial_images(family: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
