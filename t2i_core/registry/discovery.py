@@ -91,7 +91,7 @@ def discover() -> list[Found]:
 
 def _classify(entry_point: Any) -> Found:
     dist = getattr(entry_point, "dist", None)
-    distribution = dist.name if dist is not None else None
+    distribution, version = _name_and_version(dist) if dist is not None else (None, None)
     project = normalize(distribution) if distribution else "?"
     try:
         module = getattr(entry_point, "module", None) or ""
@@ -103,8 +103,23 @@ def _classify(entry_point: Any) -> Found:
         source = FIRST_PARTY
     else:
         source = THIRD_PARTY
-    version = dist.version if dist is not None else None
     return Found(entry_point=entry_point, distribution=distribution, version=version, project=project, source=source)
+
+
+def _name_and_version(dist: metadata.Distribution) -> tuple[str | None, str | None]:
+    """``dist.name`` and ``dist.version``, from the headers of its metadata file read once: importlib
+    parses the whole file (the README included) with the email package for each of them."""
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or dist.read_text("") or ""
+    headers: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line:  # the headers end at the first empty line
+            break
+        key, colon, value = line.partition(":")
+        if colon and not key[:1].isspace():
+            headers.setdefault(key.strip().lower(), value.strip())
+    if "name" not in headers:  # not plain headers: let importlib read it
+        return dist.name, dist.version
+    return headers["name"], headers.get("version")
 
 
 def normalize(name: str) -> str:
