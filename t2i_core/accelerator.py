@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -170,6 +171,9 @@ class Accelerator:
     #: because what it does depends on the whole call: a step cache decides for the batch at once
     #: which steps to skip, so a request's images would depend on the others in its batch
     batches: ClassVar[bool] = True
+    #: request fields it cannot serve, each with why (``{"loras": "LoRA layers over float8 weights
+    #: cannot compute"}``): the conditioner of that field refuses such a request before any work
+    refuses: ClassVar[Mapping[str, str]] = {}
 
     @property
     def value(self) -> Any:
