@@ -361,12 +361,15 @@ class ${class_name}(Accelerator):
 
     #: the name users pass: load(..., accelerators=["${name}"]), --accelerator ${name}
     name = "${name}"
-    #: when it is applied, one of t2i_core.PHASES: dtype, attention, fusion, layout, placement, memory, compile
+    #: when it is applied, one of t2i_core.PHASES: dtype, quantize, attention, fusion, layout, placement, memory,
+    #: cache, compile
     phase = "memory"
     #: the device types it works on; elsewhere it is refused before any weights load
     devices = ("cpu", "cuda", "mps")
     #: accelerators it cannot be combined with
     conflicts = ()
+    #: to take a value written ${name}@VALUE, declare it: parameter = t2i_core.AcceleratorParameter(
+    #: name="threshold", kind=float, default=0.2, minimum=0, maximum=1); apply then reads self.value
     #: True: the images stay those of plain fp32 (the kit checks it bit for bit on the tiny models)
     lossless = True
     description = "decodes a batch one image at a time (bounded autoencoder memory)"  # TODO
