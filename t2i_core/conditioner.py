@@ -48,6 +48,14 @@ class Conditioner:
     def prepare(self, engine: Engine, request: GenerationRequest) -> None:
         """Validate the request against the engine before any work starts (raise a `T2IError`)."""
 
+    def describe_request(self, request: GenerationRequest) -> str:
+        """What `request` asks of this conditioner, for the refusal on a family it does not serve:
+        e.g. ``"controls[0].model='tiny:controlnet-sd15' (an sd15 ControlNet)"``, so that the error
+        names what was given as well as the family. Cheap: load and download nothing. The default,
+        ``""``, adds nothing to the message (`feature` names the conditioner).
+        """
+        return ""
+
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
         """Edit `call` in place. `request` is resolved: defaults filled in, seed set."""
         raise NotImplementedError

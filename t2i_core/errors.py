@@ -107,12 +107,15 @@ class ModelNotFoundError(T2IError):
 class UnsupportedFeatureError(T2IError):
     """The request asks for a feature (a conditioner, an option) that the family cannot honour."""
 
-    def __init__(self, family: str, feature: str, supported: Iterable[str] = ()) -> None:
+    def __init__(self, family: str, feature: str, supported: Iterable[str] = (), *, requested: str = "") -> None:
         self.family = family
         self.feature = feature
         self.supported = tuple(supported)
+        #: what the request asked for, when the refusal can name it ("controls[0].model=... (an sd15 ControlNet)")
+        self.requested = requested
         detail = f" (supported by: {', '.join(self.supported)})" if self.supported else ""
-        super().__init__(f"family {family!r} does not support {feature}{detail}")
+        asked = f"; the request asks for {requested}" if requested else ""
+        super().__init__(f"family {family!r} does not support {feature}{detail}{asked}")
 
 
 class GenerationError(T2IError):

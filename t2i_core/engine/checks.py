@@ -126,7 +126,12 @@ def check_conditioners(registry: Registry, family: str, request: GenerationReque
             raise InvalidRequestError(field, value, f"() (no installed conditioner handles {field}: see t2i plugins)")
     for conditioner in conditioners:
         if conditioner.wants(request) and conditioner.families is not None and family not in conditioner.families:
-            raise UnsupportedFeatureError(family, conditioner.feature or conditioner.name, conditioner.families)
+            raise UnsupportedFeatureError(
+                family,
+                conditioner.feature or conditioner.name,
+                conditioner.families,
+                requested=conditioner.describe_request(request),
+            )
 
 
 def scheduler_step_limit(

@@ -25,7 +25,7 @@ from t2i_core import (
 from t2i_core.kit import SharedState, is_offloaded
 
 from ._images import ImageReader, parse_preprocess, sized
-from ._sources import IncompatibleControlNetError, Source, check_fits, resolve, tiny_controlnet_folder
+from ._sources import IncompatibleControlNetError, Source, check_fits, describe, resolve, tiny_controlnet_folder
 
 if TYPE_CHECKING:
     from t2i_core import Control, Engine, GenerationRequest
@@ -59,6 +59,13 @@ class ControlNet(Conditioner):
 
     def wants(self, request: GenerationRequest) -> bool:
         return bool(request.controls)
+
+    def describe_request(self, request: GenerationRequest) -> str:
+        described = []
+        for index, control in enumerate(request.controls):
+            kind = describe(control.model)
+            described.append(f"controls[{index}].model={control.model!r}" + (f" ({kind})" if kind else ""))
+        return ", ".join(described)
 
     def prepare(self, engine: Engine, request: GenerationRequest) -> None:
         _check_placement(engine)

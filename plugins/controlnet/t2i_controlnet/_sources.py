@@ -57,6 +57,46 @@ def resolve(model: str, field: str) -> Source:
     return Source(model, model, _read_config(model, model, field))
 
 
+def describe(model: str) -> str:
+    """What kind of ControlNet `model` names, e.g. "an sd15 ControlNet", from its name or a config
+    already on disk (nothing is built or downloaded); "" when that cannot be told."""
+    if model.startswith(TINY_PREFIX):
+        family = model[len(TINY_PREFIX) :].removeprefix("controlnet-")
+        return f"an {family} ControlNet" if family in TINY_FAMILIES else ""
+    config = _config_on_disk(model)
+    if config is None:
+        return ""
+    if config.get("_class_name") != _CONTROLNET_CLASS:
+        return f"a {config.get('_class_name')}"
+    if config.get("addition_embed_type") == "text_time":
+        return "an sdxl ControlNet"
+    # SD 1.x reads CLIP-L's 768 features, SD 2.x OpenCLIP-H's 1024; other widths are custom (or tiny) bases.
+    return {768: "an sd15 ControlNet", 1024: "an SD 2.x ControlNet"}.get(
+        config.get("cross_attention_dim"), "an SD 1.x/2.x ControlNet"
+    )
+
+
+def _config_on_disk(model: str) -> Mapping[str, Any] | None:
+    """The config.json of a local ControlNet folder, or of a hub ControlNet in the local Hugging Face cache."""
+    import json
+
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        if not is_hub_id(model):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _tiny_family(model: str, field: str) -> str:
     from t2i_core import get_registry
 

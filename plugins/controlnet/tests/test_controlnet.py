@@ -483,6 +483,34 @@ def test_family_without_controlnet_support_is_refused(registry: Any) -> None:
         registry.unregister_plugin("test-other-family")
 
 
+@pytest.mark.parametrize(
+    ("config", "described"),
+    [
+        ({"_class_name": "ControlNetModel", "cross_attention_dim": 768}, "an sd15 ControlNet"),
+        ({"_class_name": "ControlNetModel", "cross_attention_dim": 1024}, "an SD 2.x ControlNet"),
+        ({"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}, "an sdxl ControlNet"),
+        ({"_class_name": "FluxControlNetModel"}, "a FluxControlNetModel"),
+    ],
+)
+def test_a_refusal_names_the_kind_of_controlnet_from_its_config(
+    tmp_path: Path, config: dict[str, Any], described: str
+) -> None:
+    """What a family that takes no ControlNet reports: the ControlNet's kind, read from config.json alone."""
+    from t2i_controlnet import ControlNet
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    image = noise_image(0, 8, 8)
+    request = GenerationRequest(
+        prompt=PROMPT, controls=(Control(image=image, model=TINY), Control(image=image, model=str(tmp_path)))
+    )
+    assert ControlNet().describe_request(request) == (
+        f"controls[0].model={TINY!r} (an sd15 ControlNet), controls[1].model={str(tmp_path)!r} ({described})"
+    )
+    # A hub id that is not in the local cache is named as given: nothing is downloaded to tell more.
+    unknown = GenerationRequest(prompt=PROMPT, controls=(Control(image=image, model="someone/not-cached"),))
+    assert ControlNet().describe_request(unknown) == "controls[0].model='someone/not-cached'"
+
+
 # -- command line and discovery --------------------------------------------------------------
 
 
