@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import OutputError
-from . import flags, outputs, rerun
 from .args import UsageError, integer, key_values, number
 from .logs import progress_bar, quiet_libraries
 
@@ -100,6 +99,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate the images of `args` and save them; returns the exit status."""
     from ..request import GenerationRequest
+    from . import flags, outputs, rerun  # what a run needs; t2i --help reads only add_arguments
 
     if args.from_image is None:
         absent = [name for name, value in (("PROMPT", args.prompt), ("--model/-m", args.model)) if value is None]

@@ -8,7 +8,6 @@ from pathlib import Path
 from ..errors import InvalidRequestError
 from .args import integer, number
 from .logs import quiet_libraries
-from .outputs import check_output
 
 HELP = "compile a model for some sizes and save the compiled code to a portable file"
 DESCRIPTION = (
@@ -41,6 +40,7 @@ def add_arguments(warm: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``t2i warmup``: one short generation per size, then torch's portable compile artefacts to a file."""
     from ..request import GenerationRequest
+    from .outputs import check_output
 
     sizes: list[tuple[int | None, int | None]] = [size_argument(text) for text in args.size] or [(None, None)]
     out = Path(args.output)
