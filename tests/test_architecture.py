@@ -72,12 +72,17 @@ def _lazy_exports(path: Path) -> list[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-        if isinstance(target, ast.Name) and target.id == "_EXPORTS" and node.value is not None:
-            table = ast.literal_eval(node.value)
-            modules = {value if isinstance(value, str) else value[0] for value in table.values()}
+        target: ast.expr
+        value: ast.expr | None
+        if isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == "_EXPORTS" and value is not None:
+            table = ast.literal_eval(value)
+            modules = {each if isinstance(each, str) else each[0] for each in table.values()}
             return sorted(f"{package}.{module}" for module in modules)
     return []
 
@@ -192,6 +197,59 @@ def test_import_t2i_core_imports_only_what_it_needs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] True [] True"
+
+
+#: What ``t2i --help`` and ``t2i plugins`` never import: what a command or a plugin needs only when it
+#: runs (issue #16: both stay near-instant; benchmarks/bench_startup.py times them).
+NOT_AT_STARTUP = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "t2i_core.engine",
+    "t2i_core.request",
+    "t2i_core.batch.driver",
+    "t2i_core.batch.jobs",
+    "t2i_core.batch.worker",
+    "t2i_core.tiny.configs",
+    "t2i_core.tiny.tokenizers",
+    "t2i_core._files",
+    "t2i_core._weight_files",
+    "t2i_core.cli.flags",
+    "t2i_core.cli.outputs",
+    "t2i_core.cli.rerun",
+    "t2i_core.cli.template",
+)
+
+
+@pytest.mark.parametrize("command", ["--help", "plugins"])
+def test_help_and_plugins_import_only_what_registration_needs(command: str) -> None:
+    """Every plugin loads, but a command's implementation, the batch machinery and tiny builds do not."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from t2i_core.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    status = main(sys.argv[1:])\n"
+        "print(status, *sorted(sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True).stdout
+    status, *loaded = out.split()
+    assert status == "0"
+    assert "t2i_core.builtins.accelerators" in loaded and "t2i_core.cli.generate" in loaded  # what registers
+    assert sorted(set(NOT_AT_STARTUP).intersection(loaded)) == []
+
+
+def test_the_kit_and_tiny_load_a_helper_only_when_asked_for_it() -> None:
+    """``t2i_core.kit`` and ``t2i_core.tiny`` are facades (PEP 562): a plugin importing one name pays for its module only."""
+    code = (
+        "import sys\n"
+        "from t2i_core.kit import has_variant\n"
+        "from t2i_core.tiny import TINY_PREFIX\n"
+        "print(*sorted(m for m in sys.modules if m.startswith('t2i_core')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.split())
+    assert {"t2i_core._hub", "t2i_core.tiny.cache"} <= loaded
+    assert sorted(loaded & {"t2i_core._files", "t2i_core._weight_files", "t2i_core.schedulers", *NOT_AT_STARTUP}) == []
 
 
 def test_every_public_name_resolves() -> None:
