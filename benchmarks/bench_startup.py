@@ -1,10 +1,15 @@
-"""Start-up costs: `t2i --help` and `t2i plugins` wall time, and first/second `load()` per tiny family.
+"""Start-up costs: `t2i --help` and `t2i plugins` wall and CPU time, and first/second `load()` per tiny family.
 
-    python benchmarks/bench_startup.py [--repeats 7]
+    python benchmarks/bench_startup.py [--repeats 10] [--startup-only]
 
-`t2i --help` must stay under 0.5 s (it imports no torch). The second `load()` of a model in one
-process reuses the engine cache; detection without `family=` reads only model_index.json.
-Prints JSON.
+`t2i --help` and `t2i plugins` should take at most 0.15 s on the 2-core machine (issue #16; they
+import no torch, and a plugin's helpers load when used). Each is timed twice: with bytecode cached
+(a fresh ``PYTHONPYCACHEPREFIX``, filled by a first run: what an installed t2i runs) and as this
+environment runs it (with ``PYTHONDONTWRITEBYTECODE=1`` and no ``__pycache__``, Python compiles
+t2i's sources on every run). On a shared machine the best of N is the figure to compare; the load
+average at the start is reported with it, and the CPU time (user + system) is less sensitive to
+other processes than the wall time. The second `load()` of a model in one process reuses the engine
+cache; detection without `family=` reads only model_index.json. Prints JSON.
 """
 
 from __future__ import annotations
@@ -15,17 +20,59 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+#: issue #16: ``t2i --help`` and ``t2i plugins`` at most this long (best of N, idle 2-core machine)
+TARGET_S = 0.15
 
-def cli_times(args: list[str], repeats: int) -> dict[str, float]:
-    times = []
+
+def t2i_command() -> list[str]:
+    """The ``t2i`` executable next to this Python (what users run), else ``python -m t2i_core.cli``."""
+    script = Path(sys.executable).with_name("t2i")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "t2i_core.cli"]
+
+
+def timed(command: list[str], repeats: int, env: dict[str, str]) -> dict[str, float]:
+    """Best and median wall time and CPU time (user + system, from the child's rusage) of `command`."""
+    walls, cpus = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "t2i_core.cli", *args], check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3)}
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        walls.append(time.perf_counter() - start)
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        if status != 0:
+            raise SystemExit(f"{' '.join(command)} failed: {child.stderr.read().decode() if child.stderr else ''}")
+    return {
+        "best_s": round(min(walls), 3),
+        "median_s": round(statistics.median(walls), 3),
+        "cpu_best_s": round(min(cpus), 3),
+        "cpu_median_s": round(statistics.median(cpus), 3),
+        "within_target": min(walls) <= TARGET_S,
+    }
+
+
+def cli_times(args: list[str], repeats: int, cached: dict[str, str]) -> dict[str, Any]:
+    command = [*t2i_command(), *args]
+    subprocess.run(command, check=True, capture_output=True, env=cached)  # fills the bytecode cache
+    here = dict(os.environ)
+    return {
+        "bytecode cached": timed(command, repeats, cached),
+        "as run here": {
+            **timed(command, repeats, here),
+            "PYTHONDONTWRITEBYTECODE": here.get("PYTHONDONTWRITEBYTECODE"),
+        },
+    }
+
+
+def slowest_plugins(count: int = 5) -> dict[str, float]:
+    """The plugins whose import took longest in one ``t2i plugins --json`` run (seconds)."""
+    proc = subprocess.run([*t2i_command(), "plugins", "--json"], check=True, capture_output=True, text=True)
+    seconds = {p["name"]: p["import_seconds"] or 0.0 for p in json.loads(proc.stdout)["plugins"]}
+    return dict(sorted(seconds.items(), key=lambda item: -item[1])[:count])
 
 
 def load_times() -> list[dict[str, Any]]:
@@ -56,14 +103,25 @@ print(json.dumps(out))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--startup-only", action="store_true", help="skip the model loads (which import torch)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report = {
-        "t2i --help": cli_times(["--help"], args.repeats),
-        "t2i plugins": cli_times(["plugins"], args.repeats),
-        "loads (first includes importing torch/diffusers; tiny checkpoints already built)": load_times(),
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
+        "target_s": TARGET_S,
     }
+    with tempfile.TemporaryDirectory(prefix="t2i-bench-pyc-") as prefix:
+        cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        cached["PYTHONPYCACHEPREFIX"] = prefix
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=cached)
+        floor = timed([sys.executable, "-c", "pass"], args.repeats, cached)
+        report["python -c pass (the floor)"] = {k: v for k, v in floor.items() if k != "within_target"}
+        report["t2i --help"] = cli_times(["--help"], args.repeats, cached)
+        report["t2i plugins"] = cli_times(["plugins"], args.repeats, cached)
+    report["slowest plugin imports, s (t2i plugins --json)"] = slowest_plugins()
+    if not args.startup_only:
+        report["loads (first includes importing torch/diffusers; tiny checkpoints already built)"] = load_times()
     print(json.dumps(report, indent=2))
 
 
