@@ -6,6 +6,8 @@ import (no torch, diffusers or transformers until a function that needs them run
 
 - **Checkpoints**: `is_hub_id`, `hub_offline`, `read_model_index`, `has_variant`.
 - **Weights files** (LoRAs, embeddings): `resolve_file`, `WeightsFile`, `file_digest`.
+- **Single files**: `load_single_file_component` (a denoiser from one file: dtype, GGUF,
+  quantization), `is_gguf`.
 - **Running**: `report_progress`, `ProgressCallback`, `takes_latents`, `private_components`,
   `is_offloaded`, `loading_lock`.
 - **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them.
@@ -42,6 +44,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WeightsFile": ("_weight_files", "WeightsFile"),
     "file_digest": ("_weight_files", "file_digest"),
     "resolve_file": ("_weight_files", "resolve_file"),
+    "is_gguf": ("_single_file_components", "is_gguf"),
+    "load_single_file_component": ("_single_file_components", "load_single_file_component"),
     "DEFAULT_SCHEDULER": ("schedulers", "DEFAULT"),
     "build_scheduler": ("schedulers", "build"),
     "scheduler_names": ("schedulers", "family_names"),
@@ -58,8 +62,10 @@ __all__ = [
     "file_digest",
     "has_variant",
     "hub_offline",
+    "is_gguf",
     "is_hub_id",
     "is_offloaded",
+    "load_single_file_component",
     "loading_lock",
     "private_components",
     "read_model_index",
@@ -179,6 +185,7 @@ if TYPE_CHECKING:
     from ._locks import loading_lock
     from ._modules import is_offloaded, private_components
     from ._progress import ProgressCallback, report_progress, takes_latents
+    from ._single_file_components import is_gguf, load_single_file_component
     from ._weight_files import WeightsFile, file_digest, resolve_file
     from .schedulers import DEFAULT as DEFAULT_SCHEDULER
     from .schedulers import build as build_scheduler

@@ -141,6 +141,10 @@ class ModelProvider:
     #: Set it when that was measured faster for the family (SD 1.5: 0.56 s/image against 0.80 s
     #: without, on an H200); the default keeps plain compiled kernels, which are never slower.
     cuda_graph_regions: ClassVar[bool] = False
+    #: True: `load_single_file` also takes ``.gguf`` files, whose denoiser is quantized already
+    #: (diffusers' GGUF loader; `t2i_core.kit.load_single_file_component` loads one). A ``.gguf``
+    #: file that a family without it claims is refused before anything loads.
+    loads_gguf: ClassVar[bool] = False
 
     # -- discovery -------------------------------------------------------------------------
     def detect(self, model_index: Mapping[str, Any]) -> bool:
@@ -150,8 +154,8 @@ class ModelProvider:
     def detect_single_file(self, keys: Collection[str]) -> bool:
         """Whether a single-file checkpoint whose tensor names are `keys` belongs to this family.
 
-        Called by `load` for a ``.safetensors`` (or, with ``allow_pickle``, ``.ckpt``) file, with
-        the names from the file's header (no weights are read). The default claims none: a family
+        Called by `load` for a ``.safetensors`` or ``.gguf`` (or, with ``allow_pickle``, ``.ckpt``)
+        file, with the names from the file's header (no weights are read). The default claims none: a family
         that loads single files overrides it and `load_single_file`.
         """
         return False
@@ -212,9 +216,14 @@ class ModelProvider:
 
         The default calls diffusers' ``<first of pipeline_classes>.from_single_file(file,
         config=config, local_files_only=True)`` with the dtype the accelerators chose, so
-        nothing is ever downloaded; the engine holds `loading_lock` around it.
+        nothing is ever downloaded; the engine holds `loading_lock` around it. A
+        ``quantization_config`` in `load_kwargs` that covers the denoiser quantizes it: the
+        denoiser is loaded first (`t2i_core.kit.load_single_file_component`) and handed to the
+        pipeline, since the pipeline's ``from_single_file`` quantizes nothing.
         """
         import diffusers
+
+        from ._single_file_components import quantized_denoiser
 
         if not self.pipeline_classes:
             raise NotImplementedError(f"family {self.name!r} names no pipeline class to load single files with")
@@ -224,6 +233,7 @@ class ModelProvider:
         dtype = load_kwargs.get("torch_dtype")
         # float32 is what from_single_file loads anyway; passing it only makes diffusers warn.
         kwargs = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+        kwargs.update(quantized_denoiser(self.name, file, config, load_kwargs))
         return pipeline_class.from_single_file(file, config=config, local_files_only=True, **kwargs)
 
     def check_pipeline(self, model: str, pipeline: Any) -> None:

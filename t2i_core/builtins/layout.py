@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from t2i_core import Accelerator, LoadContext
+from t2i_core import Accelerator, IncompatibleAcceleratorsError, LoadContext
+from t2i_core.kit import is_gguf
 
 from ._components import has_conv2d, nothing_to_do, torch_modules
 
@@ -13,6 +14,13 @@ class FuseQkv(Accelerator):
     name = "fuse_qkv"
     phase = "fusion"
     description = "fuses each attention's query/key/value projections into one matmul (diffusers fuse_qkv_projections)"
+
+    def check(self, context: LoadContext) -> None:
+        if is_gguf(context.source):
+            # diffusers concatenates the projections' weights into a plain Linear: GGUF blocks are no weights there.
+            raise IncompatibleAcceleratorsError(
+                [self.name], f"{context.model} is a GGUF file: its quantized projections cannot be fused"
+            )
 
     def apply(self, pipeline: Any, context: LoadContext) -> None:
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0

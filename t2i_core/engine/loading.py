@@ -17,6 +17,7 @@ from typing import Any
 
 from .._hub import hub_failure, read_model_index
 from .._locks import loading_lock
+from .._single_file_components import DENOISERS, is_gguf, quantizes
 from ..accelerator import PHASES, Accelerator, LoadContext
 from ..errors import IncompatibleAcceleratorsError, InvalidRequestError, ModelNotFoundError, T2IError
 from ..provider import load_pipeline_of
@@ -75,7 +76,8 @@ def load(
     """Load `model` into an `Engine`.
 
     :param model: a hub id, a local diffusers folder, a family alias (``"sd15"``), ``tiny:<family>``
-        or a single-file checkpoint (``model.safetensors``; ``.ckpt`` only with `allow_pickle`).
+        or a single-file checkpoint (``model.safetensors``, a GGUF ``model.gguf`` for the families that
+        load one; ``.ckpt`` only with `allow_pickle`).
     :param family: the provider to use; None detects it from ``model_index.json``.
     :param device: ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     :param accelerators: accelerator or preset names, applied in phase order; None = the ``auto`` preset.
@@ -191,7 +193,14 @@ def _load_single_file(model: str, resolved: Resolved, chosen: tuple[Accelerator,
     assert resolved.config is not None
     load_kwargs: dict[str, Any] = {}
     for accelerator in chosen:
-        load_kwargs.update(accelerator.load_kwargs(context))
+        kwargs = accelerator.load_kwargs(context)
+        if is_gguf(resolved.source) and _quantizes_denoiser(accelerator, kwargs):
+            raise IncompatibleAcceleratorsError(
+                [accelerator.name],
+                f"{model} is a GGUF file, whose {resolved.family} denoiser is quantized already: drop "
+                f"{accelerator.name}, or load the model's .safetensors file or diffusers folder to quantize it",
+            )
+        load_kwargs.update(kwargs)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
@@ -208,6 +217,14 @@ def _load_single_file(model: str, resolved: Resolved, chosen: tuple[Accelerator,
         ) from exc
     resolved.provider.check_pipeline(model, pipeline)
     return pipeline
+
+
+def _quantizes_denoiser(accelerator: Accelerator, load_kwargs: dict[str, Any]) -> bool:
+    """Whether `accelerator` quantizes the denoiser: its quantization config says so, or it quantizes after load."""
+    if accelerator.phase != "quantize":
+        return False
+    quantization = load_kwargs.get("quantization_config")
+    return quantization is None or quantizes(quantization, DENOISERS)
 
 
 def _apply_accelerators(pipeline: Any, chosen: tuple[Accelerator, ...], context: LoadContext) -> Any:

@@ -1,4 +1,4 @@
-"""Single-file checkpoints: which family a ``model.safetensors`` is, and where its configs come from.
+"""Single-file checkpoints: which family a ``model.safetensors`` (or ``.gguf``) is, and where its configs come from.
 
 A single file holds weights only. diffusers' ``from_single_file`` needs a diffusers folder for
 the configs and tokenizers; t2i never lets it fetch one behind the user's back: the folder is
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._hub import hub_offline, is_hub_id
-from ..errors import InvalidRequestError, ModelNotFoundError
+from .._single_file_components import GGUF_SUFFIX, gguf_tensor_names
+from ..errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
 from ..tiny import TINY_PREFIX, ensure_built
 
 if TYPE_CHECKING:
@@ -28,11 +29,13 @@ CONFIG_PATTERNS = ["*.json", "*/*.json", "*/*.txt", "*/*.model"]
 
 def is_single_file(path: Path) -> bool:
     """Whether `path` names a file of a single-file checkpoint format (it may not exist)."""
-    return path.suffix.lower() in (*SAFE_SUFFIXES, *PICKLE_SUFFIXES)
+    return path.suffix.lower() in (*SAFE_SUFFIXES, GGUF_SUFFIX, *PICKLE_SUFFIXES)
 
 
 def tensor_names(model: str, path: Path, allow_pickle: bool) -> list[str]:
-    """The tensor names of a single file: read from the safetensors header, or from a pickle if allowed."""
+    """The tensor names of a single file: read from its safetensors or GGUF header, or from a pickle if allowed."""
+    if path.suffix.lower() == GGUF_SUFFIX:
+        return gguf_tensor_names(model, path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ModelNotFoundError(
@@ -64,6 +67,14 @@ def tensor_names(model: str, path: Path, allow_pickle: bool) -> list[str]:
 
 def detect(registry: Registry, model: str, names: list[str], family: str | None) -> ModelProvider:
     """The provider whose `detect_single_file` claims a file with tensor `names` (or `family`'s)."""
+    provider = _claimed(registry, model, names, family)
+    if Path(model).suffix.lower() == GGUF_SUFFIX and not provider.loads_gguf:
+        able = sorted(name for name, other in registry.providers.items() if other.loads_gguf)
+        raise UnsupportedFeatureError(provider.name, "GGUF single files", able)
+    return provider
+
+
+def _claimed(registry: Registry, model: str, names: list[str], family: str | None) -> ModelProvider:
     if family is not None:
         provider = registry.provider(family)
         if not provider.detect_single_file(names):

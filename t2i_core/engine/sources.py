@@ -66,7 +66,9 @@ def resolve_model(
     if single_file.is_single_file(Path(model)) and not model.startswith(TINY_PREFIX):
         return _resolve_single_file(registry, model, family, config, allow_pickle)
     if config is not None:
-        raise InvalidRequestError("config", config, "None unless model is a single-file checkpoint (.safetensors)")
+        raise InvalidRequestError(
+            "config", config, "None unless model is a single-file checkpoint (.safetensors, .gguf)"
+        )
     if model.startswith(TINY_PREFIX):
         tiny_family = model[len(TINY_PREFIX) :]
         provider = registry.provider(tiny_family)
@@ -86,7 +88,8 @@ def resolve_model(
     if exists:
         if not path.is_dir():
             raise ModelNotFoundError(
-                model, "it is a file; expected a diffusers pipeline folder or a single-file checkpoint (.safetensors)"
+                model,
+                "it is a file; expected a diffusers pipeline folder or a single-file checkpoint (.safetensors, .gguf)",
             )
         source, is_local = str(path), True
     elif not is_hub_id(model):

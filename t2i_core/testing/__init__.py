@@ -4,7 +4,7 @@ A plugin's test file subclasses one class per thing it registers and sets class 
 (the pandas extension-test style); the pytest plugin of t2i-core (``t2i_core.testing.fixtures``,
 loaded through the ``pytest11`` entry point) provides the fixtures they use. The helpers are what
 those classes use, for a plugin's own tests: tiny folders, raw diffusers pipelines, CLI runs,
-``refuse_to_run``; `t2i_core.testing.ldm` writes single-file checkpoints. See docs/testing.md.
+``refuse_to_run``, ``write_gguf``; `t2i_core.testing.ldm` writes single-file checkpoints. See docs/testing.md.
 Importing this module does not import torch; running the tests does.
 """
 
@@ -25,6 +25,7 @@ pytest.register_assert_rewrite(
 
 from ._accelerator import AcceleratorConformance  # noqa: E402
 from ._conditioner import ConditionerConformance  # noqa: E402
+from ._gguf import write_gguf  # noqa: E402
 from ._images import (  # noqa: E402
     as_array,
     assert_images_close,
@@ -63,4 +64,5 @@ __all__ = [
     "require_family",
     "run_cli",
     "tiny_folder",
+    "write_gguf",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
+from t2i_core.kit import load_single_file_component
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -84,6 +85,8 @@ class Flux(ModelProvider):
         "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     }
     tiny_version = 1
+    # its single files may be GGUF too: the transformer loads quantized and stays so
+    loads_gguf = True
 
     # -- discovery -------------------------------------------------------------------------
     def detect_single_file(self, keys: Collection[str]) -> bool:
@@ -107,15 +110,10 @@ class Flux(ModelProvider):
 
     def load_single_file(self, file: str, config: str, load_kwargs: Mapping[str, Any]) -> Any:
         # diffusers' from_single_file on FluxPipeline expects every component in the file; FLUX.1
-        # files hold the transformer only, so the rest comes from `config`, as its model card shows.
-        import torch
+        # files (.safetensors or GGUF) hold the transformer only, so the rest comes from `config`.
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
-        dtype = load_kwargs.get("torch_dtype")
-        single: dict[str, Any] = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
-        transformer = FluxTransformer2DModel.from_single_file(
-            file, config=config, subfolder="transformer", local_files_only=True, **single
-        )
+        transformer = load_single_file_component(FluxTransformer2DModel, file, config, load_kwargs, "transformer")
         return FluxPipeline.from_pretrained(config, transformer=transformer, **load_kwargs)
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:

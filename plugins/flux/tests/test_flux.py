@@ -16,7 +16,7 @@ import pytest
 from t2i_flux import Flux
 from t2i_flux._tiny import schnell_folder
 
-from t2i_core import Engine, GenerationRequest, InvalidRequestError, Lora, load
+from t2i_core import Engine, GenerationRequest, IncompatibleAcceleratorsError, InvalidRequestError, Lora, load
 from t2i_core.testing import (
     ProviderConformance,
     as_array,
@@ -24,6 +24,7 @@ from t2i_core.testing import (
     assert_images_equal,
     cpu_generators,
     run_cli,
+    write_gguf,
 )
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -405,3 +406,157 @@ def test_full_size_architecture_builds_flux1_dev(tmp_path: Path) -> None:
         *parts["tokenizer_2"], bench.component_config(folder, "tokenizer_2", "T5TokenizerFast"), tmp_path / "t5", "cpu"
     )
     assert tokenizer.model_max_length == 512
+
+
+# -- GGUF files, quantized single files ------------------------------------------------------------
+
+#: tiny:flux's own size, which diffusers' FluxPipeline does not read from the checkpoint
+TINY_SIZE = {"height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def gguf_files(flux: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny:flux's transformer as GGUF files (diffusers' layout), linear weights in Q8_0 and Q4_K."""
+    root = tmp_path_factory.mktemp("gguf")
+    state = flux.pipeline.transformer.state_dict()
+    return {
+        qtype: write_gguf(state, root / f"flux-tiny-{qtype}.gguf", qtype, architecture="flux")
+        for qtype in ("Q8_0", "Q4_K")
+    }
+
+
+def raw_gguf_flux(file: Path, folder: str, dtype: Any = None) -> Any:
+    """A GGUF FLUX.1 transformer as diffusers' docs load one, in the pipeline of `folder`."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+    dtype = dtype or torch.float32
+    half = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(file),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+        config=folder,
+        subfolder="transformer",
+        **half,
+    )
+    pipeline = FluxPipeline.from_pretrained(folder, transformer=transformer, **half)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def gguf_types(engine: Engine) -> set[str]:
+    """The GGUF types of the engine's transformer weights that stayed quantized."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    return {
+        parameter.quant_type.name
+        for parameter in engine.pipeline.transformer.parameters()
+        if isinstance(parameter, GGUFParameter)
+    }
+
+
+@pytest.mark.parametrize(("qtype", "types"), [("Q8_0", {"Q8_0"}), ("Q4_K", {"Q4_K", "Q5_0"})])
+def test_a_gguf_transformer_matches_diffusers_gguf_loading(
+    flux: Engine, gguf_files: dict[str, Path], qtype: str, types: set[str]
+) -> None:
+    engine = load(str(gguf_files[qtype]), config="tiny:flux", device="cpu", accelerators=("fp32",), cache=False)
+    assert engine.family == "flux"
+    assert gguf_types(engine) == types  # Q4_K: rows not of whole 256-blocks fell back to Q5_0
+    request = GenerationRequest(prompt=PROMPT, seed=12, num_inference_steps=STEPS)
+    result = engine.generate(request)
+    expected = raw_images(
+        raw_gguf_flux(gguf_files[qtype], flux.source), 12, prompt=PROMPT, num_inference_steps=STEPS, **TINY_SIZE
+    )
+    assert_images_equal(result.images, expected)
+    assert_images_differ(result.images, flux.generate(request).images, "the quantized weights")
+
+
+def test_a_gguf_transformer_computes_in_the_engines_dtype(flux: Engine, gguf_files: dict[str, Path]) -> None:
+    """bf16: GGUFQuantizationConfig(compute_dtype=torch.bfloat16), as diffusers' docs load FLUX.1 GGUF files."""
+    import torch
+
+    engine = load(str(gguf_files["Q8_0"]), config="tiny:flux", device="cpu", accelerators=("bf16",), cache=False)
+    assert engine.pipeline.transformer.dtype == torch.bfloat16 and gguf_types(engine) == {"Q8_0"}
+    result = engine.generate(GenerationRequest(prompt=PROMPT, seed=3, num_inference_steps=STEPS))
+    raw = raw_gguf_flux(gguf_files["Q8_0"], flux.source, torch.bfloat16)
+    assert_images_equal(result.images, raw_images(raw, 3, prompt=PROMPT, num_inference_steps=STEPS, **TINY_SIZE))
+
+
+def test_cli_generates_from_a_gguf_file(gguf_files: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    file, out = gguf_files["Q4_K"], tmp_path / "gguf.png"
+    code, _, err = run_cli(
+        "generate", PROMPT, "--model", str(file), "--config", "tiny:flux", "--steps", "2", "--seed", "21",
+        "--device", "cpu", "--accelerator", "fp32", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    engine = load(str(file), config="tiny:flux", device="cpu", accelerators=("fp32",))
+    sdk = engine.generate(GenerationRequest(prompt=PROMPT, seed=21, num_inference_steps=2))
+    with Image.open(out) as image:
+        assert image.text["family"] == "flux" and image.text["model"] == str(file)
+        assert_images_equal([image.convert("RGB")], sdk.images)
+
+
+def int8_transformer() -> Any:
+    """torchao's int8 weights on the transformer (what t2i-quantize's ``int8`` hands diffusers)."""
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+
+
+@pytest.fixture
+def quantizing(t2i_registry: Any) -> Iterator[dict[str, str]]:
+    """Registers ``test-int8`` (int8 transformer as it loads) and ``test-storage`` (quantizes after load)."""
+    from t2i_core import Accelerator, LoadContext, hookimpl
+
+    class Int8(Accelerator):
+        name, phase, lossless, description = "test-int8", "quantize", False, "int8 transformer (test)"
+
+        def load_kwargs(self, context: LoadContext) -> dict[str, Any]:
+            return {"quantization_config": int8_transformer()}
+
+    class Storage(Accelerator):
+        name, phase, lossless, description = "test-storage", "quantize", False, "quantizes after load (test)"
+
+    class Plugin:
+        @hookimpl
+        def register_accelerators(self, register: Any) -> None:
+            register(Int8())
+            register(Storage())
+
+    t2i_registry.register_plugin(Plugin(), "test-quantizing")
+    try:
+        yield {"at_load": "test-int8", "after_load": "test-storage"}
+    finally:
+        t2i_registry.unregister_plugin("test-quantizing")
+
+
+def test_a_quantizing_accelerator_quantizes_a_single_file_transformer_as_from_pretrained_does(
+    flux: Engine, tmp_path: Path, quantizing: dict[str, str]
+) -> None:
+    """The file holds tiny:flux's transformer: quantized, it equals diffusers quantizing the folder's."""
+    import torch
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    file = tmp_path / "flux-transformer.safetensors"
+    save_file({key: value.contiguous() for key, value in flux.pipeline.transformer.state_dict().items()}, str(file))
+    accelerators = ("fp32", quantizing["at_load"])
+    engine = load(str(file), config="tiny:flux", device="cpu", accelerators=accelerators, cache=False)
+    assert type(engine.pipeline.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    result = engine.generate(GenerationRequest(prompt=PROMPT, seed=8, num_inference_steps=STEPS))
+    raw = FluxPipeline.from_pretrained(flux.source, torch_dtype=torch.float32, quantization_config=int8_transformer())
+    raw.set_progress_bar_config(disable=True)
+    assert_images_equal(result.images, raw_images(raw, 8, prompt=PROMPT, num_inference_steps=STEPS, **TINY_SIZE))
+
+
+def test_a_gguf_file_refuses_quantizing_it_again_and_fusing_its_projections(
+    gguf_files: dict[str, Path], quantizing: dict[str, str]
+) -> None:
+    file = str(gguf_files["Q8_0"])
+    for accelerator in (quantizing["at_load"], quantizing["after_load"], "fuse_qkv"):
+        with pytest.raises(IncompatibleAcceleratorsError, match="GGUF file") as refused:
+            load(file, config="tiny:flux", device="cpu", accelerators=("fp32", accelerator), cache=False)
+        assert refused.value.names == (accelerator,)

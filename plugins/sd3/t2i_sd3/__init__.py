@@ -26,6 +26,7 @@ from t2i_core import (
     Preset,
     hookimpl,
 )
+from t2i_core.kit import load_single_file_component
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -139,6 +140,8 @@ class StableDiffusion3(ModelProvider):
     # A local checkpoint saved without T5 (no text_encoder_3/ folder) loads without it.
     skipped_components = T5_COMPONENTS
     tiny_version = 2
+    # its single files may be GGUF too: the transformer loads quantized and stays so
+    loads_gguf = True
 
     # -- discovery -------------------------------------------------------------------------
     def detect_single_file(self, keys: Collection[str]) -> bool:
@@ -166,14 +169,9 @@ class StableDiffusion3(ModelProvider):
     def load_single_file(self, file: str, config: str, load_kwargs: Mapping[str, Any]) -> Any:
         # The transformer comes from the file (diffusers converts the original layout); the text
         # encoders, tokenizers, VAE and scheduler from `config`, a diffusers folder with their weights.
-        import torch
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-        dtype = load_kwargs.get("torch_dtype")
-        single: dict[str, Any] = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
-        transformer = SD3Transformer2DModel.from_single_file(
-            file, config=config, subfolder="transformer", local_files_only=True, **single
-        )
+        transformer = load_single_file_component(SD3Transformer2DModel, file, config, load_kwargs, "transformer")
         kwargs = dict(load_kwargs)
         if _saved_without_t5(config, None):
             kwargs.update(dict.fromkeys(T5_COMPONENTS))

@@ -25,6 +25,7 @@ from t2i_core.testing import (
     cpu_generators,
     run_cli,
     tiny_folder,
+    write_gguf,
 )
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -306,3 +307,35 @@ def test_architecture_configs_build_sd35_large() -> None:
     with torch.device("meta"):
         transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(folder / "transformer")))
     assert sum(p.numel() for p in transformer.parameters()) / 1e9 == pytest.approx(8.06, abs=0.01)
+
+
+# -- GGUF files --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_a_gguf_transformer_matches_diffusers_gguf_loading(sd3: Engine, tmp_path: Path, qtype: str) -> None:
+    """tiny:sd3's transformer written as GGUF (diffusers' layout) with config=tiny:sd3 equals raw diffusers'
+    SD3Transformer2DModel.from_single_file(..., quantization_config=GGUFQuantizationConfig(...)), kept quantized."""
+    import torch
+    from diffusers import GGUFQuantizationConfig, SD3Transformer2DModel
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    file = write_gguf(sd3.pipeline.transformer.state_dict(), tmp_path / f"sd3-{qtype}.gguf", qtype, architecture="sd3")
+    engine = load(str(file), config="tiny:sd3", device="cpu", accelerators=("fp32",), cache=False)
+    assert engine.family == "sd3"
+    quantized = [p for p in engine.pipeline.transformer.parameters() if isinstance(p, GGUFParameter)]
+    assert quantized and qtype in {p.quant_type.name for p in quantized}
+    transformer = SD3Transformer2DModel.from_single_file(
+        str(file),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=sd3.source,
+        subfolder="transformer",
+        local_files_only=True,
+    )
+    result = engine.generate(request(6, negative_prompt=NEGATIVE))
+    assert_images_equal(
+        result.images, raw_images(raw_sd3(sd3.source, transformer=transformer), 6, negative_prompt=NEGATIVE)
+    )
+    assert_images_differ(
+        result.images, sd3.generate(request(6, negative_prompt=NEGATIVE)).images, "the quantized weights"
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from t2i_core import FamilyDefaults, InvalidRequestError, ModelNotFoundError, ModelProvider, Option, hookimpl
+from t2i_core.kit import load_single_file_component
 
 if TYPE_CHECKING:
     from t2i_core import GenerationRequest
@@ -84,6 +85,8 @@ class ZImage(ModelProvider):
         "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     }
     tiny_version = 1
+    # its single files may be GGUF too: the transformer loads quantized and stays so
+    loads_gguf = True
 
     # -- discovery -------------------------------------------------------------------------
     def detect_single_file(self, keys: Collection[str]) -> bool:
@@ -107,15 +110,10 @@ class ZImage(ModelProvider):
 
     def load_single_file(self, file: str, config: str, load_kwargs: Mapping[str, Any]) -> Any:
         # Z-Image single files (z_image_turbo_bf16.safetensors and the like) hold the transformer
-        # only: the text encoder, VAE, tokenizer and scheduler come from `config`.
-        import torch
+        # only (GGUF ones too): the text encoder, VAE, tokenizer and scheduler come from `config`.
         from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
-        dtype = load_kwargs.get("torch_dtype")
-        single: dict[str, Any] = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
-        transformer = ZImageTransformer2DModel.from_single_file(
-            file, config=config, subfolder="transformer", local_files_only=True, **single
-        )
+        transformer = load_single_file_component(ZImageTransformer2DModel, file, config, load_kwargs, "transformer")
         return ZImagePipeline.from_pretrained(config, transformer=transformer, **load_kwargs)
 
     def native_size(self, pipeline: Any) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from t2i_core.testing import (
     raw_pipeline,
     run_cli,
     tiny_folder,
+    write_gguf,
 )
 
 MODEL = "tiny:z-image"
@@ -286,10 +287,10 @@ _ORIGINAL_NAMES = {
 }
 
 
-def write_original_transformer(folder: str, path: Path) -> Path:
-    """The tiny transformer as one file in the original (ComfyUI) layout: fused q/k/v, original names."""
+def original_transformer(folder: str, prefix: str = "model.diffusion_model.") -> dict[str, Any]:
+    """The tiny transformer's weights in the original (ComfyUI) layout: fused q/k/v, original names."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     weights = load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
     original: dict[str, Any] = {}
@@ -298,12 +299,19 @@ def write_original_transformer(folder: str, path: Path) -> Path:
             continue
         if ".attention.to_q." in key:
             parts = [weights[key.replace("to_q", name)] for name in ("to_q", "to_k", "to_v")]
-            original["model.diffusion_model." + key.replace("to_q", "qkv")] = torch.cat(parts).contiguous()
+            original[prefix + key.replace("to_q", "qkv")] = torch.cat(parts).contiguous()
             continue
         for new, old in _ORIGINAL_NAMES.items():
             key = key.replace(new, old)
-        original["model.diffusion_model." + key] = value.contiguous()
-    save_file(original, str(path))
+        original[prefix + key] = value.contiguous()
+    return original
+
+
+def write_original_transformer(folder: str, path: Path) -> Path:
+    """The tiny transformer as one file in the original (ComfyUI) layout."""
+    from safetensors.torch import save_file
+
+    save_file(original_transformer(folder), str(path))
     return path
 
 
@@ -322,3 +330,34 @@ def test_a_single_file_transformer_matches_raw_from_single_file(engine: Engine, 
     assert_images_equal(result.images, raw_images(pipeline, 9, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE))
     # The conversion is lossless: the folder's checkpoint makes the same image.
     assert_images_equal(result.images, engine.generate(request(**fields)).images, "the diffusers folder")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_a_gguf_transformer_matches_diffusers_gguf_loading(engine: Engine, tmp_path: Path, qtype: str) -> None:
+    """The original layout without a prefix, as published GGUF files have it: diffusers converts the
+    quantized weights (splitting the fused q/k/v blocks), kept quantized, bit for bit with raw diffusers."""
+    import torch
+    from diffusers import GGUFQuantizationConfig, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    folder = str(tiny_folder("z-image"))
+    file = write_gguf(original_transformer(folder, prefix=""), tmp_path / f"z-image-{qtype}.gguf", qtype)
+    single = load(str(file), config=MODEL, device="cpu", accelerators=("fp32",), cache=False)
+    assert single.family == "z-image"
+    to_q = single.pipeline.transformer.layers[0].attention.to_q.weight
+    assert isinstance(to_q, GGUFParameter)
+    assert qtype in {
+        p.quant_type.name for p in single.pipeline.transformer.parameters() if isinstance(p, GGUFParameter)
+    }
+    fields = {"seed": 9, "negative_prompt": NEGATIVE, "guidance_scale": GUIDANCE}
+    result = single.generate(request(**fields))
+    transformer = ZImageTransformer2DModel.from_single_file(
+        str(file),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=folder,
+        subfolder="transformer",
+    )
+    pipeline = ZImagePipeline.from_pretrained(folder, transformer=transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    assert_images_equal(result.images, raw_images(pipeline, 9, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE))
+    assert_images_differ(result.images, engine.generate(request(**fields)).images, "the quantized weights")
