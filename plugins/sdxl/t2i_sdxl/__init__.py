@@ -6,6 +6,7 @@ as diffusers' ensemble of expert denoisers (see `t2i_sdxl._refiner`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,15 +19,14 @@ from t2i_core import (
     UnsupportedFeatureError,
     hookimpl,
 )
-from t2i_core.kit import DEFAULT_SCHEDULER
-
-from ._refiner import RefinerPlan, Refiners
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from t2i_core import GenerationRequest
     from t2i_core.kit import ProgressCallback
+
+    from ._refiner import Refiners
 
 #: the call-argument key under which `call_kwargs` hands a `RefinerPlan` to `run` (never a diffusers name)
 REFINER = "t2i_sdxl.refiner"
@@ -103,7 +103,19 @@ class StableDiffusionXL(ModelProvider):
     tiny_version = 2
 
     def __init__(self) -> None:
-        self._refiners = Refiners()
+        self._made_refiners: Refiners | None = None
+        self._refiners_lock = threading.Lock()
+
+    @property
+    def _refiners(self) -> Refiners:
+        """The refiner machinery (`t2i_sdxl._refiner`), imported with the first request that names a refiner."""
+        if self._made_refiners is None:
+            with self._refiners_lock:
+                if self._made_refiners is None:
+                    from ._refiner import Refiners
+
+                    self._made_refiners = Refiners()
+        return self._made_refiners
 
     def build_tiny(self, folder: Path) -> None:
         from . import _tiny  # the tiny recipe (and t2i_core.tiny) loads for a build, not at registration
@@ -143,6 +155,10 @@ class StableDiffusionXL(ModelProvider):
             if options[option.name] is not None:
                 kwargs[option.name] = options[option.name]
         if options["refiner"] is not None:
+            from t2i_core.kit import DEFAULT_SCHEDULER
+
+            from ._refiner import RefinerPlan
+
             extra = {name: options[name] for name in ("aesthetic_score", "negative_aesthetic_score")}
             kwargs[REFINER] = RefinerPlan(
                 source=self._refiners.resolve(options["refiner"]),
