@@ -145,6 +145,9 @@ class LoadContext:
     device: str
     #: the names of every accelerator of this load, in application order (plain names, no ``@VALUE``)
     accelerators: tuple[str, ...]
+    #: for a single-file checkpoint (`source` is the file): the local diffusers folder whose
+    #: configs it loads with, where its ``model_index.json`` is; None otherwise
+    config: str | None = None
 
 
 class Accelerator:

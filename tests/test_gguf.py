@@ -225,3 +225,29 @@ def test_quantizing_another_component_of_a_single_file_is_refused(
     name = quantizers("test-int8-encoder", "text_encoder")
     with pytest.raises(UnsupportedFeatureError, match=r"quantizing text_encoder of a single file"):
         load(str(file), config=folder, device="cpu", accelerators=("fp32", name), cache=False)
+
+
+def test_an_accelerator_sees_the_config_folder_of_a_single_file(tmp_path: Path, t2i_registry: Any) -> None:
+    """``LoadContext.config``: where a quantizer reads the components of a single file's pipeline."""
+    seen: list[LoadContext] = []
+
+    class Recorder(Accelerator):
+        name, phase, description = "test-context", "memory", "records its load context (test)"
+
+        def check(self, context: LoadContext) -> None:
+            seen.append(context)
+
+    class Plugin:
+        @hookimpl
+        def register_accelerators(self, register: Callable[[Any], None]) -> None:
+            register(Recorder())
+
+    folder = tiny_folder("sd15")
+    file = write_single_file(folder, tmp_path / "sd15.safetensors")
+    t2i_registry.register_plugin(Plugin(), "test-context")
+    try:
+        load(str(file), config=folder, device="cpu", accelerators=("fp32", "test-context"), cache=False)
+        load(folder, device="cpu", accelerators=("fp32", "test-context"), cache=False)
+    finally:
+        t2i_registry.unregister_plugin("test-context")
+    assert [(context.source, context.config) for context in seen] == [(str(file), folder), (folder, None)]

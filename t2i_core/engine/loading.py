@@ -107,6 +107,7 @@ def load(
         provider=resolved.provider,
         device=device,
         accelerators=tuple(a.name for a in chosen),
+        config=resolved.config,
     )
     _check_accelerators(chosen, context)
     specs = tuple(a.spec for a in chosen)
