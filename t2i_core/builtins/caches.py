@@ -46,9 +46,11 @@ MAG_RATIOS = {"FluxTransformer2DModel": "FLUX_MAG_RATIOS"}
 #: which FasterCache's settings are known: it reuses attention outputs only
 GUIDANCE_DISTILLED = ("FluxTransformer2DModel",)
 
-#: the conflicts of every step cache: the other caches, and group offloading, whose prefetching
-#: follows the order layers ran in on the first step and breaks when a later step skips some
-_CONFLICTS = ("group_offload",)
+#: the conflicts of every step cache besides the other caches: group offloading, whose prefetching
+#: (CUDA streams) follows the order layers ran in on the first step, so a layer a later step skips
+#: leaves the next one on the CPU; regional compile, which compiles each block whole
+#: (``fullgraph=True``) and cannot trace the hooks' ``torch.compiler.disable``d decisions
+_CONFLICTS = ("group_offload", "compile-regional")
 
 
 class _Weights:
@@ -79,6 +81,14 @@ class _StepCache(Accelerator):
     technique: ClassVar[str]
 
     def check(self, context: LoadContext) -> None:
+        if "compile" in context.accelerators and context.device.split(":", 1)[0] == "cuda":
+            # compile captures CUDA graphs there, and a graph's next replay overwrites its outputs,
+            # while the cache keeps some of them (residuals, attention outputs) for later steps.
+            raise IncompatibleAcceleratorsError(
+                [self.name, "compile"],
+                f"{self.name} keeps a step's outputs for later steps, and compile's CUDA graphs overwrite "
+                "them at the next step on CUDA; use the cache without compile",
+            )
         found = _indexed_denoiser(context)
         if found is None:
             return  # a single file, or a class diffusers does not name: decided once loaded
