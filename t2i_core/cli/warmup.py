@@ -66,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if not any(registry.accelerator(spec).compiles for spec in engine.accelerators):
         allowed = "a compile accelerator or a preset that compiles on " + engine.device
         raise InvalidRequestError("--accelerator", ",".join(args.accelerator), allowed)
-    for request in requests:
-        resolved, _ = engine.resolve(request)
+    # Every size is checked before the first compiles: a bad last size must not cost the others' compile time.
+    resolved = [engine.resolve(request)[0] for request in requests]
+    for request, checked in zip(requests, resolved, strict=True):
         engine.generate(request)
-        print(f"compiled for {resolved.height}x{resolved.width}, {request.num_images} image(s)")
+        print(f"compiled for {checked.height}x{checked.width}, {request.num_images} image(s)")
     kinds = save_compile_artifacts(out, overwrite=args.overwrite)
     stats = compile_stats(engine.pipeline)
     counted = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "no artefacts"
