@@ -115,7 +115,7 @@ def raw_image(raw: Any, spec: str | None, seed: int, steps: int = STEPS, **kwarg
 
 
 def request(seed: int, steps: int = STEPS, **fields: Any) -> GenerationRequest:
-    return GenerationRequest(prompt=PROMPT, seed=seed, num_inference_steps=steps, **SIZE, **fields)
+    return GenerationRequest(prompt=PROMPT, seed=seed, num_inference_steps=steps, height=64, width=64, **fields)
 
 
 def engine(spec: str, **load_kwargs: Any) -> Engine:
