@@ -1,8 +1,9 @@
 """The ray executor (t2i-ray) on a local Ray cluster of 2 CPUs started by the test: the same files and
-manifest as local, and a worker killed mid-batch is retried with every job written once.
+manifest as local (SD1.5, and FLUX.1 for the transformer families), and a worker killed mid-batch is
+retried with every job written once.
 
-One Ray batch serves every test here (Ray and its actors take seconds to start): 2 CPU actors,
-one of which the test kills (SIGKILL) as soon as it has finished its first job.
+One Ray cluster serves every test here (Ray takes seconds to start). The SD1.5 batch runs on 2 CPU
+actors, one of which the test kills (SIGKILL) as soon as it has finished its first job.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from t2i_core.batch.manifest import MANIFEST
 
 JOBS = [{"id": f"job-{index}", "prompt": f"a lighthouse, view {index}", "num_inference_steps": 8} for index in range(6)]
 JOBS[1]["num_images"] = 2
+#: a transformer family through the same cluster: a batch, a size, and the family's true CFG option
+FLUX_JOBS: list[dict[str, Any]] = [
+    {"id": "flux-0", "prompt": "a lighthouse", "num_inference_steps": 2, "num_images": 2},
+    {"id": "flux-1", "prompt": "a lighthouse", "num_inference_steps": 2, "height": 48, "width": 80},
+    {
+        "id": "flux-2",
+        "prompt": "a lighthouse at dusk",
+        "negative_prompt": "blurry",
+        "num_inference_steps": 2,
+        "options": {"true_cfg_scale": 3.0},
+    },
+]
 #: What may differ between two executors' records of the same job.
 RUN_FIELDS = ("timings", "worker", "executor", "finished")
 
@@ -34,19 +47,34 @@ def pngs(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_locally(jobs: list[dict[str, Any]], model: str, out: Path) -> Path:
     """The batch with the local executor, with one torch thread as each of the two actors has."""
     import torch
 
-    out = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert run_batch(JOBS, out=out, model="tiny:sd15", device="cpu").ok
+        assert run_batch(jobs, out=out, model=model, device="cpu").ok
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_locally(JOBS, "tiny:sd15", tmp_path_factory.mktemp("local"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """One local Ray cluster of 2 CPUs for every batch of the module (it takes seconds to start)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 #: The title Ray gives the actor processes of the pool; ``.submit`` follows while one runs a job.
@@ -79,10 +107,10 @@ def busy_actor(timeout: float = 20.0) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def ray_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BatchSummary, dict[str, Any]]]:
+def ray_run(
+    cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, BatchSummary, dict[str, Any]]]:
     """The batch on 2 CPU actors of a local 2-CPU cluster; after the first job, an actor is killed mid-job."""
-    import ray
-
     out = tmp_path_factory.mktemp("ray")
     killed: dict[str, Any] = {}
 
@@ -94,33 +122,49 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ba
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_batch(
-            JOBS,
-            out=out,
-            model="tiny:sd15",
-            executor="ray",
-            workers=2,
-            executor_options={"stall_timeout": 120},
-            on_record=kill_a_busy_actor,
-        )
-    finally:
-        ray.shutdown()
+    summary = run_batch(
+        JOBS,
+        out=out,
+        model="tiny:sd15",
+        executor="ray",
+        workers=2,
+        executor_options={"stall_timeout": 120},
+        on_record=kill_a_busy_actor,
+    )
     yield out, summary, killed
 
 
-def test_ray_writes_the_same_files_and_manifest_as_local(
+@pytest.fixture(scope="module")
+def sd15_runs(
     ray_run: tuple[Path, BatchSummary, dict[str, Any]], local_run: Path
-) -> None:
-    out, summary, _ = ray_run
-    assert (summary.done, summary.failed, summary.images) == (6, 0, 7)
-    assert pngs(out) == pngs(local_run), "ray's images are not bit-exact with local's"
+) -> tuple[list[dict[str, Any]], Path, BatchSummary, Path]:
+    """(jobs, ray's folder, ray's summary, local's folder) of the SD1.5 batch."""
+    return JOBS, ray_run[0], ray_run[1], local_run
+
+
+@pytest.fixture(scope="module")
+def flux_runs(
+    cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[dict[str, Any]], Path, BatchSummary, Path]:
+    """(jobs, ray's folder, ray's summary, local's folder) of the FLUX.1 batch, on the same cluster."""
+    out = tmp_path_factory.mktemp("ray-flux")
+    summary = run_batch(
+        FLUX_JOBS, out=out, model="tiny:flux", executor="ray", workers=2, executor_options={"stall_timeout": 120}
+    )
+    return FLUX_JOBS, out, summary, run_locally(FLUX_JOBS, "tiny:flux", tmp_path_factory.mktemp("local-flux"))
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_ray_writes_the_same_files_and_manifest_as_local(family: str, request: pytest.FixtureRequest) -> None:
+    jobs, out, summary, local = request.getfixturevalue(f"{family}_runs")
+    images = sum(job.get("num_images", 1) for job in jobs)
+    assert (summary.done, summary.failed, summary.images) == (len(jobs), 0, images)
+    assert len(pngs(out)) == images and pngs(out) == pngs(local), "ray's images are not bit-exact with local's"
 
     def comparable(folder: Path) -> dict[str, dict[str, Any]]:
         return {r["id"]: {k: v for k, v in r.items() if k not in RUN_FIELDS} for r in manifest(folder)}
 
-    assert comparable(out) == comparable(local_run)
+    assert comparable(out) == comparable(local)
     assert {record["executor"] for record in manifest(out)} == {"ray"}
 
 
