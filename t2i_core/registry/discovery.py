@@ -43,6 +43,7 @@ FIRST_PARTY_DISTRIBUTIONS: dict[str, str] = {
     "t2i-compel": "t2i_compel",
     "t2i-controlnet": "t2i_controlnet",
     "t2i-lora": "t2i_lora",
+    "t2i-quantize": "t2i_quantize",
     "t2i-server": "t2i_server",
     "t2i-ray": "t2i_ray",
 }

@@ -132,6 +132,15 @@ def _compiles(accelerator: str) -> tuple[str, ...]:
     return found.compiles if found is not None else ()
 
 
+def _check_accelerators_take_loras(accelerators: tuple[str, ...]) -> None:
+    """Refuse LoRAs on an engine with an accelerator that declares it cannot take them (`Accelerator.refuses`)."""
+    registry = get_registry()
+    for spec in accelerators:
+        found = registry.accelerators.get(spec.rpartition("@")[0] or spec)
+        if found is not None and found.refuses.get("loras"):
+            raise IncompatibleAcceleratorsError([found.name, "loras"], found.refuses["loras"])
+
+
 def _hotswap_rank() -> int:
     return env_int(HOTSWAP_RANK_ENV, DEFAULT_HOTSWAP_RANK, what="a LoRA rank")
 
@@ -160,6 +169,8 @@ def plan(engine: Engine, request: GenerationRequest) -> Plan:
         raise IncompatibleAcceleratorsError(
             ["fuse_qkv", "loras"], "LoRA adapters target the separate query/key/value projections that fuse_qkv merges"
         )
+    if request.loras:
+        _check_accelerators_take_loras(engine.accelerators)
     loras: list[PlannedLora] = []
     for index, lora in enumerate(request.loras):
         field = f"loras[{index}].source"

@@ -417,6 +417,31 @@ def test_families_without_lora_support_refuse_them(engines: dict[str, Any], file
         fused_projections.resolve(request(loras=(Lora(str(files["sd15-unet"])),)))
 
 
+def test_loras_are_refused_on_an_accelerator_that_refuses_them(t2i_registry: Any, files: dict[str, Path]) -> None:
+    """An accelerator whose weights take no adapters says so (`Accelerator.refuses`): LoRAs are refused, with its
+    reason, and requests without LoRAs are accepted."""
+    from t2i_core import Accelerator, hookimpl
+
+    class NoAdapters(Accelerator):
+        name, phase, description = "test-no-adapters", "memory", "weights that take no adapters (test)"
+        refuses = {"loras": "its weights take no adapters"}
+
+    class Plugin:
+        @hookimpl
+        def register_accelerators(self, register: Any) -> None:
+            register(NoAdapters())
+
+    t2i_registry.register_plugin(Plugin(), "test-no-adapters")
+    engine = load("tiny:sd15", device="cpu", accelerators=["fp32", "test-no-adapters"], cache=False)
+    with pytest.raises(
+        IncompatibleAcceleratorsError,
+        match=r"test-no-adapters, loras cannot be used here: its weights take no adapters",
+    ):
+        engine.resolve(request(loras=(Lora(str(files["sd15-unet"])),)))
+    resolved, _ = engine.resolve(request())
+    assert resolved.loras == ()
+
+
 # -- threads ----------------------------------------------------------------------------------
 
 
