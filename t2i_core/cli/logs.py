@@ -25,6 +25,8 @@ def scoped_output() -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.showwarning = show_warning
         _add_handler(stack, logging.getLogger("t2i"), _OneLine(level=logging.WARNING), propagate=False)
+        for name in IMPORT_CHATTER:
+            _raise_level(stack, logging.getLogger(name), logging.ERROR)
         _scope = stack
         try:
             yield
@@ -66,6 +68,19 @@ def _set(stack: contextlib.ExitStack, get: Callable[[], Any], set_: Callable[[An
     before = get()
     set_(value)
     stack.callback(set_, before)
+
+
+#: Loggers that speak when a library is imported, not about the user's image: torchao's missing
+#: optional kernels, and torch's notice about torchao's pytree registrations. transformers and
+#: diffusers import torchao whenever it is installed (t2i-quantize), so every command would print them.
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
+def _raise_level(stack: contextlib.ExitStack, logger: logging.Logger, level: int) -> None:
+    before = logger.level
+    if before < level:
+        logger.setLevel(level)
+        stack.callback(logger.setLevel, before)
 
 
 def _disable_progress_bars(stack: contextlib.ExitStack, library_logging: Any) -> None:
