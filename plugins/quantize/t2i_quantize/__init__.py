@@ -71,8 +71,8 @@ class Int8(_AtLoad):
     devices = ("cpu", "cuda")
     conflicts = tuple(q for q in QUANTIZERS if q != "int8")
     description = (
-        "int8 weights in the denoiser (torchao Int8WeightOnlyConfig, quantized as they load): "
-        "about half the memory of bf16 weights"
+        "int8 weights in the denoiser's linear layers (torchao Int8WeightOnlyConfig, quantized as they load): "
+        "half the memory of bf16 weights"
     )
 
     def quant_mapping(self, context: LoadContext) -> dict[str, Any]:
@@ -151,8 +151,8 @@ class Fp8Storage(Accelerator):
         "loras": "peft makes LoRA layers in the dtype of the weights they adapt, float8 here, which cannot compute"
     }
     description = (
-        "stores the denoiser's weights in float8_e4m3fn and casts each layer to the engine's dtype as it runs "
-        "(diffusers layerwise casting): half the memory of bf16 weights"
+        "stores the denoiser's weights (not its norms and embeddings) in float8_e4m3fn and casts each layer "
+        "to the engine's dtype as it runs (diffusers layerwise casting); refuses LoRAs"
     )
 
     def check(self, context: LoadContext) -> None:

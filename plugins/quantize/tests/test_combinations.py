@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from t2i_core import Engine, GenerationRequest, IncompatibleAcceleratorsError, Lora, load
@@ -119,6 +120,29 @@ def test_fp8_storage_refuses_compile_and_fuse_lora(family: str, compile_mode: st
     """Its casting hooks call ``module.to()`` inside forward, which Dynamo cannot trace."""
     with pytest.raises(IncompatibleAcceleratorsError, match=r"fp8-storage excludes .*" + compile_mode):
         load(f"tiny:{family}", device="cpu", accelerators=("fp32", "fp8-storage", compile_mode), cache=False)
+
+
+@pytest.mark.parametrize("quantizer", ["int8", "fp8-storage"])
+def test_a_step_cache_on_quantized_weights_matches_raw_diffusers(family: str, quantizer: str) -> None:
+    """first-block-cache's hooks on an int8 / fp8-storage transformer: raw diffusers' enable_cache on the same."""
+    import torch
+    from diffusers import FirstBlockCacheConfig, PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    if family != "flux":
+        pytest.skip("the step caches run on FLUX.1's transformer (diffusers' CacheMixin)")
+    engine = load("tiny:flux", device="cpu", accelerators=("fp32", quantizer, "first-block-cache"), cache=False)
+    if quantizer == "int8":
+        config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+        raw = raw_pipeline(engine.source, quantization_config=config, torch_dtype=torch.float32)
+    else:
+        raw = raw_pipeline(engine.source)
+        raw.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    raw.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    call = {"height": 64, "width": 64, "guidance_scale": GUIDANCE[family]}
+    expected = raw(prompt=PROMPT, num_inference_steps=4, generator=cpu_generators(5, 1), **call).images
+    ours = engine.generate(attrs.evolve(request(family), num_inference_steps=4)).images
+    assert_images_equal(ours, list(expected))
 
 
 @pytest.mark.slow
