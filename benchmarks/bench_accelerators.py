@@ -18,6 +18,20 @@ Variants, on identical weights:
   and a compiled VAE decoder), so that what ``fast`` adds beyond them is visible.
 - ``t2i-<preset>``: ``t2i_core.load(..., accelerators=[preset])`` (auto, quick, fast, low-memory),
   or ``t2i:<name>+<name>`` for any stack of accelerators.
+- ``raw-int8`` (``--tiny`` only: full-size weights are built, not loaded): raw eager loaded with
+  what t2i-quantize's ``int8`` hands diffusers, ``quantization_config=PipelineQuantizationConfig(
+  quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})``; a ``t2i:`` variant with
+  ``int8`` is compared with it (``same_quantization_diff``: the image must be the same). On CPU::
+
+      python benchmarks/bench_accelerators.py --device cpu --tiny --family flux --steps 8 --no-warm \
+          --phase steady --variants raw-eager,raw-int8,t2i:fp32,t2i:fp32+int8
+- ``raw-eager+<cache>``: raw eager with one of t2i's step caches written as a diffusers user
+  writes it (``raw-eager+first-block-cache@0.2`` is ``transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))``);
+  a ``t2i:`` variant with the same cache spec is compared with it (speed and image: they must
+  be the same). For example, on CPU::
+
+      python benchmarks/bench_accelerators.py --device cpu --tiny --family flux --steps 28 --no-warm \
+          --variants raw-eager,raw-eager+first-block-cache@0.2,t2i:fp32+first-block-cache@0.2
 
 Two phases (``--phase``; ``all`` runs both), each writing the JSON (``-o``) after every step, so
 a run cut off by a time limit still reports what it measured:
@@ -114,9 +128,11 @@ def architecture_size(folder: Path) -> int:
     return int(sample) * 2 ** (len(autoencoder_config["block_out_channels"]) - 1)
 
 
-FAMILIES = ("sd15", "sdxl", "kandinsky22", "flux")
+FAMILIES = ("sd15", "sdxl", "kandinsky22", "flux", "sd3", "z-image")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "raw-fast", "t2i-quick", "t2i-fast")
-RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast")
+RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast", "raw-int8")
+#: a raw eager variant with a step cache: ``raw-eager+first-block-cache@0.2``
+RAW_CACHE = "raw-eager+"
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 SEED = 31
 
@@ -224,11 +240,17 @@ class Source:
             self.provider = _register_config_provider(registry, family, self.folder, self.base, device)
             self.source = json.loads((self.folder / "model_index.json").read_text())["_name_or_path"]
 
-    def raw_pipeline(self, dtype: Any) -> Any:
-        """A fresh pipeline on the benchmark device, loaded the way a diffusers user does."""
+    def raw_pipeline(self, dtype: Any, *, int8: bool = False) -> Any:
+        """A fresh pipeline on the benchmark device, loaded the way a diffusers user does (with `int8`:
+        torchao's int8 weights in the denoiser, quantized as they load)."""
         if self.tiny:
-            pipeline = self.provider.load(str(self.folder), {"torch_dtype": dtype, "use_safetensors": True})
+            kwargs = {"torch_dtype": dtype, "use_safetensors": True}
+            if int8:
+                kwargs["quantization_config"] = int8_config(self.folder)
+            pipeline = self.provider.load(str(self.folder), kwargs)
             pipeline.to(self.device)
+        elif int8:
+            raise SystemExit("raw-int8 needs --tiny: full-size pipelines are built from configs, not loaded")
         else:
             pipeline = build_pipeline(self.folder, dtype, self.device)
         pipeline.set_progress_bar_config(disable=True)
@@ -241,6 +263,16 @@ class Source:
             height, _ = self.provider.native_size(self.provider.load(str(self.folder), {"torch_dtype": torch.float32}))
             return height
         return architecture_size(self.folder)
+
+
+def int8_config(folder: Path) -> Any:
+    """``PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})``."""
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    index = json.loads((folder / "model_index.json").read_text())
+    denoiser = "unet" if "unet" in index else "transformer"
+    return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})
 
 
 def _register_config_provider(registry: Any, family: str, folder: Path, base: Any, device: str) -> Any:
@@ -311,7 +343,50 @@ def accelerators_of(variant: str) -> list[str] | None:
         return variant.removeprefix("t2i:").split("+")
     if variant in RAW_VARIANTS:
         return None
-    raise SystemExit(f"unknown variant {variant!r}: raw-eager, raw-compiled, t2i-<preset> or t2i:<name>+<name>")
+    if variant.startswith(RAW_CACHE):
+        cache_name(variant)
+        return None
+    raise SystemExit(
+        f"unknown variant {variant!r}: raw-eager, raw-compiled, raw-eager+<cache>, t2i-<preset> or t2i:<name>+<name>"
+    )
+
+
+#: t2i's step caches, each as a diffusers user writes it: (spec value or None, raw pipeline, steps) -> config
+def _cache_configs() -> dict[str, Callable[[str | None, Any, int], Any]]:
+    import diffusers
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return {
+        "first-block-cache": lambda value, pipeline, steps: diffusers.FirstBlockCacheConfig(
+            threshold=float(value or 0.2)
+        ),
+        "taylorseer": lambda value, pipeline, steps: diffusers.TaylorSeerCacheConfig(cache_interval=int(value or 5)),
+        "magcache": lambda value, pipeline, steps: diffusers.MagCacheConfig(
+            threshold=float(value or 0.06), mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps
+        ),
+        "faster-cache": lambda value, pipeline, steps: diffusers.FasterCacheConfig(
+            spatial_attention_block_skip_range=int(value or 2),
+            attention_weight_callback=lambda _: 0.5,
+            is_guidance_distilled=True,
+            current_timestep_callback=lambda: pipeline.current_timestep,
+        ),
+    }
+
+
+CACHES = ("first-block-cache", "taylorseer", "magcache", "faster-cache")
+
+
+def cache_name(variant: str) -> str:
+    """The step cache of a ``raw-eager+<cache>`` variant (``magcache`` of ``raw-eager+magcache@0.1``)."""
+    name = variant.removeprefix(RAW_CACHE).partition("@")[0]
+    if name not in CACHES:
+        raise SystemExit(f"unknown step cache in variant {variant!r}: one of {', '.join(CACHES)}")
+    return name
+
+
+def cache_spec(stack: list[str]) -> str | None:
+    """The step cache spec (``first-block-cache@0.2``) among the accelerators a t2i variant resolved to."""
+    return next((name for name in stack if name.partition("@")[0] in CACHES), None)
 
 
 def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple[Runner, list[str], Any]:
@@ -337,13 +412,20 @@ def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple
         return run, list(engine.accelerators), engine.pipeline
 
     dtype = getattr(torch, settings["dtype"])
-    pipeline = source.raw_pipeline(dtype)
-    applied = [settings["dtype"]]
+    pipeline = source.raw_pipeline(dtype, int8=variant == "raw-int8")
+    applied = [settings["dtype"], *(["quantization_config=int8"] if variant == "raw-int8" else [])]
     if settings.get("scheduler"):
         from t2i_core import schedulers
 
         owner = source.provider.scheduler_owner(pipeline)
         owner.scheduler = schedulers.build(settings["scheduler"], owner.scheduler.config)
+    if variant.startswith(RAW_CACHE):
+        spec = variant.removeprefix(RAW_CACHE)
+        name, _, value = spec.partition("@")
+        denoiser = pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
+        config = _cache_configs()[name](value or None, pipeline, settings["steps"])
+        denoiser.enable_cache(config)
+        applied.append(f"enable_cache({type(config).__name__})")
     if variant in ("raw-compiled", "raw-fast"):
         owner = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky's combined pipeline
         mode = "reduce-overhead" if source.device.startswith("cuda") else None
@@ -651,7 +733,11 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def summarise(records: list[dict[str, Any]]) -> None:
-    """Speed-ups against both raw baselines, and each image's distance from raw eager's."""
+    """Speed-ups against both raw baselines, and each image's distance from raw eager's.
+
+    A t2i variant with a step cache is compared with ``raw-eager+<the same cache>`` too: its
+    speed-up (``speedup_vs_raw_same_cache``) and its distance from that image (``same_cache_diff``).
+    """
     by_name = {r["variant"]: r for r in records if "error" not in r}
     reference = by_name.get("raw-eager") or next(iter(by_name.values()), None)
     for record in records:
@@ -660,8 +746,16 @@ def summarise(records: list[dict[str, Any]]) -> None:
         if reference is not None:
             record["image_vs"] = reference["variant"]
             record.update(image_difference(record["_first_image"], reference["_first_image"]))
+        raw_int8 = by_name.get("raw-int8")
+        if raw_int8 is not None and record is not raw_int8 and "int8" in record.get("accelerators", []):
+            record["same_quantization_diff"] = image_difference(record["_first_image"], raw_int8["_first_image"])
         # On CPU, this process's CPU seconds: other load on a shared machine inflates wall time.
         basis = "cpu_s_per_image" if "cpu_s_per_image" in record else "s_per_image"
+        spec = cache_spec(record.get("accelerators", [])) if not record["variant"].startswith("raw") else None
+        same = by_name.get(f"{RAW_CACHE}{spec}") if spec is not None else None
+        if same is not None and basis in record and basis in same:
+            record["speedup_vs_raw_same_cache"] = round(same[basis] / record[basis], 3)
+            record["same_cache_diff"] = image_difference(record["_first_image"], same["_first_image"])
         for base in RAW_VARIANTS:
             key = f"speedup_vs_{base}"
             if base in by_name and record is not by_name[base] and key not in record and basis in record:

@@ -70,6 +70,24 @@ def test_unknown_variant_is_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPat
         bench().main(["--device", "cpu", "--tiny", "--variants", "turbo", "--no-warm", "--cache-dir", str(tmp_path)])
 
 
+def test_a_step_cache_is_compared_with_raw_diffusers_with_the_same_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("t2i_flux")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    argv = ["--device", "cpu", "--tiny", "--family", "flux", "--steps", "8", "--runs", "1", "--warmup", "0"]
+    argv += ["--no-warm", "--cache-dir", str(tmp_path), "--variants"]
+    argv += ["raw-eager,raw-eager+first-block-cache@0.5,t2i:fp32+first-block-cache@0.5"]
+    records = {r["variant"]: r for r in bench().main(argv)["results"]["flux"]["variants"]}
+    raw, ours = records["raw-eager+first-block-cache@0.5"], records["t2i:fp32+first-block-cache@0.5"]
+    assert raw["accelerators"] == ["float32", "enable_cache(FirstBlockCacheConfig)"]
+    assert ours["accelerators"] == ["fp32", "first-block-cache@0.5"]
+    assert ours["same_cache_diff"] == {"max_abs_diff": 0, "mean_abs_diff": 0.0}
+    assert ours["speedup_vs_raw_same_cache"] > 0 and raw["max_abs_diff"] > 0  # the cache skipped steps
+    with pytest.raises(SystemExit, match="unknown step cache in variant 'raw-eager\\+turbo'"):
+        bench().main(["--device", "cpu", "--tiny", "--variants", "raw-eager+turbo", "--no-warm"])
+
+
 def test_configs_build_the_real_architectures() -> None:
     """Parameter counts of the full-size models built from each plugin's architecture/ configs (on the meta device)."""
     import torch
@@ -154,3 +172,18 @@ def test_architecture_folders_are_in_diffusers_layout(family: str) -> None:
             assert (
                 transformers.AutoConfig.from_pretrained(str(folder / name)) if "Processor" not in class_name else True
             )
+
+
+def test_raw_int8_is_what_t2i_int8_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``raw-int8`` loads the tiny checkpoint with t2i-quantize's int8 config: ``t2i:fp32+int8`` draws the same image."""
+    pytest.importorskip("t2i_quantize")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    argv = ["--device", "cpu", "--tiny", "--family", "flux", "--steps", "2", "--runs", "1", "--warmup", "0"]
+    argv += ["--no-warm", "--variants", "raw-eager,raw-int8,t2i:fp32+int8", "--cache-dir", str(tmp_path / "inductor")]
+    report = bench().main([*argv, "-o", str(tmp_path / "bench.json")])
+
+    records = {r["variant"]: r for r in report["results"]["flux"]["variants"]}
+    assert records["raw-int8"]["accelerators"] == ["float32", "quantization_config=int8"]
+    assert records["t2i:fp32+int8"]["accelerators"] == ["fp32", "int8"]
+    assert records["t2i:fp32+int8"]["same_quantization_diff"] == {"max_abs_diff": 0, "mean_abs_diff": 0.0}
+    assert "speedup_vs_raw-int8" in records["t2i:fp32+int8"]

@@ -161,7 +161,7 @@ def test_first_block_cache_is_diffusers_threshold_0_2_by_default(raw: Any) -> No
 
 
 def test_magcache_fits_its_ratios_to_each_requests_steps(raw: Any) -> None:
-    """Loaded for the family's 28 steps, a run of 12 uses ratios interpolated to 12, as raw does with num_inference_steps=12."""
+    """Loaded for the family's 28 steps, a run of 12 uses ratios interpolated to 12 (raw: num_inference_steps=12)."""
     cached = engine("magcache")
     ours = cached.generate(request(5, 12)).images
     assert_images_equal(ours, [raw_image(raw, "magcache", 5, 12)])

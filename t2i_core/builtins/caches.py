@@ -194,7 +194,7 @@ class FirstBlockCache(_StepCache):
         default=0.2,
         minimum=0.0,
         maximum=1.0,
-        description="skip the other blocks while the first block's output changes by less than this (relative)",
+        description="how little the first block's output must change, relative to the last full step, to skip the rest",
     )
     description = (
         "First Block Cache (diffusers FirstBlockCacheConfig): runs only the first transformer block while its "
@@ -216,7 +216,7 @@ class TaylorSeer(_StepCache):
         kind=int,
         default=5,
         minimum=1,
-        description="compute the attention layers every this many steps, predict them in between",
+        description="the steps between full computations of the attention layers",
     )
     description = (
         "TaylorSeer (diffusers TaylorSeerCacheConfig): computes attention every few steps and predicts it in "
@@ -239,7 +239,7 @@ class MagCache(_StepCache):
         default=0.06,
         minimum=0.0,
         maximum=1.0,
-        description="the error MagCache may accumulate over skipped steps before it computes again",
+        description="the error it may accumulate over skipped steps before it computes again",
     )
     description = (
         "MagCache (diffusers MagCacheConfig with its published magnitude ratios, FLUX.1 only): skips steps "
@@ -287,11 +287,11 @@ class FasterCache(_StepCache):
         kind=int,
         default=2,
         minimum=1,
-        description="compute each attention layer every this many steps, approximate it in between",
+        description="the steps between full computations of each attention layer",
     )
     description = (
-        "FasterCache (diffusers FasterCacheConfig, guidance-distilled FLUX.1): computes attention every other "
-        "step late in denoising and extrapolates it in between; lossy; no negative prompt"
+        "FasterCache (diffusers FasterCacheConfig, guidance-distilled FLUX.1): late in denoising, computes "
+        "attention every few steps and extrapolates it in between; lossy; no negative prompt"
     )
 
     def problem(self, class_name: str, model_class: type | None) -> str | None:
