@@ -24,11 +24,11 @@ from t2i_core import (
 )
 from t2i_core.kit import SharedState, is_offloaded
 
-from ._images import ImageReader, parse_preprocess, sized
-from ._sources import IncompatibleControlNetError, Source, check_fits, describe, resolve, tiny_controlnet_folder
-
 if TYPE_CHECKING:
     from t2i_core import Control, Engine, GenerationRequest
+
+    from ._images import ImageReader
+    from ._sources import IncompatibleControlNetError, Source, tiny_controlnet_folder
 
 __all__ = ["ControlNet", "IncompatibleControlNetError", "register_conditioners", "tiny_controlnet_folder"]
 
@@ -40,7 +40,7 @@ PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusi
 class _EngineState:
     """What one engine keeps between requests: ControlNets and their pipelines are made once."""
 
-    reader: ImageReader = attrs.Factory(ImageReader)
+    reader: ImageReader
     #: ``Control.model`` → where it is and its config
     sources: dict[str, Source] = attrs.Factory(dict)
     #: `Source.location` → the loaded ``ControlNetModel``
@@ -61,6 +61,8 @@ class ControlNet(Conditioner):
         return bool(request.controls)
 
     def describe_request(self, request: GenerationRequest) -> str:
+        from ._sources import describe
+
         described = []
         for index, control in enumerate(request.controls):
             kind = describe(control.model)
@@ -68,6 +70,10 @@ class ControlNet(Conditioner):
         return ", ".join(described)
 
     def prepare(self, engine: Engine, request: GenerationRequest) -> None:
+        # The image reader and the ControlNet sources load with the first control, not at registration.
+        from ._images import parse_preprocess
+        from ._sources import check_fits
+
         _check_placement(engine)
         state = _state(engine)
         controls = request.controls
@@ -87,6 +93,8 @@ class ControlNet(Conditioner):
 
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
         assert request.width is not None and request.height is not None  # resolved by the engine
+        from ._images import parse_preprocess, sized
+
         state = _state(engine)
         controls = request.controls
         sources = [_source(state, c.model, f"controls[{i}].model") for i, c in enumerate(controls)]
@@ -143,13 +151,17 @@ def _control_kwargs(controls: Sequence[Control], images: list[Any]) -> dict[str,
 def _state(engine: Engine) -> _EngineState:
     state = engine.state.get(ControlNet.name)
     if state is None:
-        state = engine.state[ControlNet.name] = _EngineState()
+        from ._images import ImageReader
+
+        state = engine.state[ControlNet.name] = _EngineState(reader=ImageReader())
     return state
 
 
 def _source(state: _EngineState, model: str, field: str) -> Source:
     source = state.sources.get(model)
     if source is None:
+        from ._sources import resolve
+
         source = state.sources[model] = resolve(model, field)
     return source
 
@@ -206,6 +218,14 @@ def _load_model(source: Source, unet: Any) -> Any:
             reason = "it has no safetensors weights (t2i loads ControlNets from safetensors only)"
         raise ModelNotFoundError(source.model, f"diffusers could not load it as a ControlNet ({reason})") from exc
     return model.to(unet.device)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("IncompatibleControlNetError", "tiny_controlnet_folder"):  # public, loaded on first use
+        from . import _sources
+
+        return getattr(_sources, name)
+    raise AttributeError(f"module 't2i_controlnet' has no attribute {name!r}")
 
 
 @hookimpl
