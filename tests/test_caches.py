@@ -26,6 +26,7 @@ from t2i_core import (
     load,
 )
 from t2i_core.testing import (
+    AcceleratorConformance,
     assert_images_differ,
     assert_images_equal,
     cpu_generators,
@@ -121,6 +122,39 @@ def request(seed: int, steps: int = STEPS, **fields: Any) -> GenerationRequest:
 def engine(spec: str, **load_kwargs: Any) -> Engine:
     load_kwargs.setdefault("cache", False)
     return load("tiny:flux", device="cpu", accelerators=("fp32", spec), **load_kwargs)
+
+
+# -- the plugin author's conformance kit --------------------------------------------------------
+
+
+class _CacheConformance(AcceleratorConformance):
+    model = "tiny:flux"
+    steps = STEPS
+    tolerance = 2
+    why = "a step cache reuses or extrapolates earlier steps' work instead of computing it"
+
+    def effect(self, engine: Engine) -> Any:
+        return (
+            type(engine.pipeline.transformer._cache_config).__name__
+            if engine.pipeline.transformer.is_cache_enabled
+            else None
+        )
+
+
+class TestFirstBlockCacheConformance(_CacheConformance):
+    accelerator = "first-block-cache"
+
+
+class TestTaylorSeerConformance(_CacheConformance):
+    accelerator = "taylorseer"
+
+
+class TestMagCacheConformance(_CacheConformance):
+    accelerator = "magcache"
+
+
+class TestFasterCacheConformance(_CacheConformance):
+    accelerator = "faster-cache"
 
 
 # -- parity with raw diffusers ------------------------------------------------------------------
