@@ -162,6 +162,14 @@ class Fp8Storage(Accelerator):
         import torch
 
         model = denoiser(pipeline)
+        # Layerwise casting leaves inputs alone, so a layer that casts its input to its own weights'
+        # dtype gets float8 inputs, which nothing computes (diffusers documents the limitation).
+        if getattr(model.config, "encoder_hid_dim_type", None) == "image_proj":
+            raise IncompatibleAcceleratorsError(
+                [self.name],
+                f"{type(model).__name__} of family {context.family!r} casts its image embedding to its weights' "
+                "dtype, which layerwise casting makes float8, and float8 inputs cannot compute",
+            )
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
 
 

@@ -171,6 +171,16 @@ def test_fp8_storage_matches_raw_layerwise_casting(family: str) -> None:
     assert torch.float8_e4m3fn in stored, stored
 
 
+def test_fp8_storage_is_refused_on_kandinsky_whose_unet_casts_inputs_to_its_weights_dtype(
+    t2i_tiny_cache: Path,
+) -> None:
+    """Kandinsky 2.2's UNet projects the image embedding after casting it to its weights' dtype: under
+    layerwise casting a float8 input, which raw diffusers fails on mid-image (float8 ``mat1``)."""
+    require_family("kandinsky22")
+    with pytest.raises(IncompatibleAcceleratorsError, match=r"fp8-storage .*casts its image embedding .*float8"):
+        load("tiny:kandinsky22", device="cpu", accelerators=("fp32", "fp8-storage"), cache=False)
+
+
 # -- nf4 and fp8: their configs, their refusals ---------------------------------------------------
 
 
