@@ -231,17 +231,26 @@ class Accelerator:
 
 @attrs.frozen(kw_only=True)
 class Preset:
-    """A named stack of accelerators, chosen per device type."""
+    """A named stack of accelerators, chosen per device type (and, optionally, per kind of denoiser)."""
 
     name: str
     description: str
     #: device type → accelerator names; "*" is the fallback for any other device
     stacks: dict[str, tuple[str, ...]]
+    #: the kind of denoiser a checkpoint has (``"transformer"``, ``"unet"``, ``"prior"``: its
+    #: component in ``model_index.json``) → device stacks that replace `stacks` for it; a
+    #: transformer family wants bfloat16 where a UNet wants float16, a step cache where a UNet has none
+    denoisers: dict[str, dict[str, tuple[str, ...]]] = attrs.field(factory=dict)
+    #: names in the stacks that a plugin provides (``nf4`` from t2i-quantize): left out, not
+    #: refused, when nothing registers them, so the preset still loads without that plugin
+    optional: tuple[str, ...] = ()
 
-    def resolve(self, device: str) -> tuple[str, ...]:
-        """The accelerator names for `device` (``"cuda:1"`` counts as ``"cuda"``; else the ``"*"`` stack)."""
+    def resolve(self, device: str, denoiser: str | None = None) -> tuple[str, ...]:
+        """The accelerator names for `device` (``"cuda:1"`` counts as ``"cuda"``; else the ``"*"`` stack)
+        and a checkpoint whose denoiser is of kind `denoiser` (None: not known, the plain `stacks`)."""
         kind = device.split(":", 1)[0]
-        return self.stacks.get(kind, self.stacks.get("*", ()))
+        stacks = self.denoisers.get(denoiser, self.stacks) if denoiser is not None else self.stacks
+        return stacks.get(kind, stacks.get("*", ()))
 
 
 def __getattr__(name: str) -> Any:

@@ -429,9 +429,9 @@ def test_compile_is_refused_without_its_toolchain(monkeypatch: pytest.MonkeyPatc
 
 def test_unknown_accelerator_names_the_known_ones() -> None:
     with pytest.raises(UnknownAcceleratorError) as caught:
-        tiny("fp32", "turbo")
+        tiny("fp32", "warp-speed")
     message = str(caught.value)
-    assert "accelerator='turbo'" in message
+    assert "accelerator='warp-speed'" in message
     for name in ("compile-regional", "fast", "low-memory", "vae_tiling"):
         assert name in message
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from t2i_core import Accelerator, get_registry
+from t2i_core import Accelerator, Preset, get_registry
 from t2i_core.registry import Registry
 
 
@@ -249,13 +249,26 @@ def render_accelerators(registry: Registry | None = None) -> str:
         "## Presets",
         "",
         "A preset names a stack of accelerators per device type; names listed next to it add to it.",
+        "Some presets stack differently for a checkpoint whose denoiser is a transformer (FLUX.1, SD3,",
+        "Z-Image: bfloat16, step caches, quantization) than for a UNet: that row follows the preset's own.",
+        "Names in *italics* apply where they can: a plugin registers them (t2i-quantize) and the checkpoint",
+        "takes them (step caches need diffusers' cache hooks: FLUX.1); elsewhere the preset leaves them out.",
         "",
         "| preset | CUDA | MPS | CPU (and any other device) | what it is for |",
         "|---|---|---|---|---|",
     ]
+
+    def cells(preset: Preset, denoiser: str | None) -> list[str]:
+        rendered = []
+        for device in ("cuda", "mps", "cpu"):
+            names = [f"*{n}*" if n in preset.optional else n for n in preset.resolve(device, denoiser)]
+            rendered.append(", ".join(names) or "(none)")
+        return rendered
+
     for name, preset in registry.first_party("preset").items():
-        cells = [", ".join(preset.resolve(device)) or "(none)" for device in ("cuda", "mps", "cpu")]
-        lines.append(f"| `{name}` | {' | '.join(cells)} | {_cell(preset.description)} |")
+        lines.append(f"| `{name}` | {' | '.join(cells(preset, None))} | {_cell(preset.description)} |")
+        for kind in preset.denoisers:
+            lines.append(f"| `{name}`, {kind} denoisers | {' | '.join(cells(preset, kind))} | |")
     lines.append("")
     return "\n".join(lines)
 

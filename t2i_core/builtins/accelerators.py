@@ -153,10 +153,14 @@ def attention_modules(pipeline: Any) -> list[Any]:
 # -- presets ---------------------------------------------------------------------------------
 # What each resolves to per device type; docs/optimize.md explains the choices and the figures.
 
+# Transformer families (FLUX.1, SD3, Z-Image, PixArt) are trained and published in bfloat16:
+# in float16 their activations overflow (T5 too), so on GPUs their stacks use bf16 where a UNet's use fp16.
+
 AUTO = Preset(
     name="auto",
-    description="fp16 + sdpa on CUDA and MPS, fp32 on CPU (the default)",
+    description="fp16 + sdpa on CUDA and MPS (bf16 for transformer denoisers), fp32 on CPU (the default)",
     stacks={"cuda": ("fp16", "sdpa"), "mps": ("fp16", "sdpa"), "*": ("fp32",)},
+    denoisers={"transformer": {"cuda": ("bf16", "sdpa"), "mps": ("bf16", "sdpa"), "*": ("fp32",)}},
 )
 
 FAST = Preset(
@@ -169,6 +173,13 @@ FAST = Preset(
         # after a minute of compiling (docs/optimize.md): plain fp32 is the fast stack there.
         "*": ("fp32", "sdpa"),
     },
+    denoisers={
+        "transformer": {
+            "cuda": ("bf16", "sdpa", "fuse_qkv", "compile", "compile-vae"),
+            "mps": ("bf16", "sdpa", "fuse_qkv"),
+            "*": ("fp32", "sdpa"),
+        }
+    },
 )
 
 QUICK = Preset(
@@ -179,11 +190,21 @@ QUICK = Preset(
         "mps": ("fp16", "sdpa"),
         "*": ("fp32", "sdpa"),
     },
+    denoisers={
+        "transformer": {
+            "cuda": ("bf16", "sdpa", "fuse_qkv", "compile-regional"),
+            "mps": ("bf16", "sdpa"),
+            "*": ("fp32", "sdpa"),
+        }
+    },
 )
 
 LOW_MEMORY = Preset(
     name="low-memory",
-    description="the least memory: leaf-level group offload with prefetch, and tiled, sliced VAE decoding",
+    description=(
+        "the least memory: leaf-level group offload with prefetch, tiled and sliced VAE decoding; "
+        "transformer denoisers also quantized (nf4 on CUDA, int8 on CPU) when t2i-quantize is installed"
+    ),
     stacks={
         # Model offload (cpu_offload) keeps a whole UNet on the GPU: 4.8 GiB for SDXL in fp16 before
         # any activation. Group offload keeps about one layer, prefetched on a side stream.
@@ -191,6 +212,39 @@ LOW_MEMORY = Preset(
         "mps": ("fp16", "sdpa", "vae_tiling", "vae_slicing"),
         "*": ("fp32", "sdpa", "vae_tiling", "vae_slicing"),
     },
+    denoisers={
+        # FLUX.1-dev at 1024² (benchmarks/estimate_memory.py, fake tensors): bf16 32.9 GiB, nf4 12.1,
+        # nf4 + group offload 1.5 (bf16 + group offload 1.5 too, but it streams 22 GiB of transformer
+        # weights from CPU memory each step where nf4 streams 6.2, and holds a 31 GiB model in CPU
+        # memory). On a CPU, int8 holds the transformer in a quarter of fp32's memory.
+        "transformer": {
+            "cuda": ("bf16", "sdpa", "nf4", "group_offload", "vae_tiling", "vae_slicing"),
+            "mps": ("bf16", "sdpa", "vae_tiling", "vae_slicing"),
+            "*": ("fp32", "sdpa", "int8", "vae_tiling", "vae_slicing"),
+        }
+    },
+    optional=("nf4", "int8"),
+)
+
+TURBO = Preset(
+    name="turbo",
+    description=(
+        "fewer denoiser calls: a first-block step cache (lossy) with the compiled VAE on transformer "
+        "denoisers that have diffusers' cache hooks (FLUX.1); UNets, which have none, get the fast stack"
+    ),
+    stacks=FAST.stacks,
+    denoisers={
+        # The step caches refuse whole-model CUDA-graph compile and regional compile (docs/optimize.md),
+        # so on CUDA the VAE is what compiles beside the cache.
+        "transformer": {
+            "cuda": ("bf16", "sdpa", "first-block-cache", "compile-vae"),
+            "mps": ("bf16", "sdpa", "first-block-cache"),
+            "*": ("fp32", "sdpa", "first-block-cache"),
+        }
+    },
+    # diffusers 0.42 has cache hooks on FLUX.1's transformer, not on SD3's or Z-Image's: there the
+    # cache is left out and turbo is bf16 + the compiled VAE
+    optional=("first-block-cache",),
 )
 
 ACCELERATORS: tuple[Accelerator, ...] = (
@@ -203,7 +257,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     *caches.ACCELERATORS,
     *COMPILE_ACCELERATORS,
 )
-PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY)
+PRESETS: tuple[Preset, ...] = (AUTO, FAST, QUICK, LOW_MEMORY, TURBO)
 
 
 @hookimpl

@@ -73,7 +73,7 @@ def _set(stack: contextlib.ExitStack, get: Callable[[], Any], set_: Callable[[An
 #: Loggers that speak when a library is imported, not about the user's image: torchao's missing
 #: optional kernels, and torch's notice about torchao's pytree registrations. transformers and
 #: diffusers import torchao whenever it is installed (t2i-quantize), so every command would print them.
-IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 
 def _raise_level(stack: contextlib.ExitStack, logger: logging.Logger, level: int) -> None:

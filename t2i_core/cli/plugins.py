@@ -68,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
         for name, a in sorted(registry.accelerators.items())
     }
     presets = {name: {k: list(v) for k, v in p.stacks.items()} for name, p in sorted(registry.presets.items())}
+    # what a preset becomes for a kind of denoiser (transformer families), and what it uses only when installed
+    preset_denoisers = {
+        name: {kind: {k: list(v) for k, v in stacks.items()} for kind, stacks in p.denoisers.items()}
+        for name, p in sorted(registry.presets.items())
+        if p.denoisers
+    }
+    preset_optional = {name: list(p.optional) for name, p in sorted(registry.presets.items()) if p.optional}
     executors = {name: {"description": e.description} for name, e in sorted(registry.executors.items())}
     commands = {name: {"help": c.help} for name, c in sorted(registry.commands.items())}
     if args.json:
@@ -77,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             "conditioners": conditioners,
             "accelerators": accelerators,
             "presets": presets,
+            "preset_denoisers": preset_denoisers,
+            "preset_optional": preset_optional,
             "executors": executors,
             "commands": commands,
         }
@@ -124,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
     for name, stacks in presets.items():
         rendered = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in stacks.items())
         print(f"  preset {name}: {rendered}")
+        for kind, kind_stacks in preset_denoisers.get(name, {}).items():
+            rendered = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in kind_stacks.items())
+            print(f"    {kind} denoisers: {rendered}")
+        if name in preset_optional:
+            print(f"    {', '.join(preset_optional[name])} only where a plugin registers them")
     print("batch executors:")
     for name, executor in executors.items():
         print(f"  {name}: {executor['description']}")

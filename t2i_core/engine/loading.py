@@ -8,6 +8,7 @@ accelerators, however many threads ask) and applies the accelerators in phase or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import warnings
@@ -15,15 +16,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from .._hub import hub_failure, read_model_index
 from .._locks import loading_lock
 from .._single_file_components import DENOISERS, is_gguf, quantizes
 from ..accelerator import PHASES, Accelerator, LoadContext
-from ..errors import IncompatibleAcceleratorsError, InvalidRequestError, ModelNotFoundError, T2IError
+from ..errors import (
+    IncompatibleAcceleratorsError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    T2IError,
+    UnsupportedFeatureError,
+)
 from ..provider import load_pipeline_of
 from ..registry import Registry, get_registry
+from ..registry.registry import split_spec
 from .run import Engine
 from .sources import Resolved, check_components, resolve_device, resolve_model
+
+logger = logging.getLogger("t2i.accelerators")
 
 _cache: dict[tuple[Any, ...], Any] = {}
 _cache_lock = threading.Lock()
@@ -99,7 +111,7 @@ def load(
     resolved = resolve_model(registry, model, family, config=config, allow_pickle=allow_pickle)
     device = resolve_device(device)
     names = _accelerator_names(accelerators, registry)
-    chosen = registry.resolve_accelerators(names, device)
+    chosen = registry.resolve_accelerators(names, device, _denoiser_kind(model, names, resolved, registry))
     context = LoadContext(
         model=model,
         source=resolved.source,
@@ -109,6 +121,11 @@ def load(
         accelerators=tuple(a.name for a in chosen),
         config=resolved.config,
     )
+    optional = {n for name in names if name in registry.presets for n in registry.presets[name].optional}
+    optional -= {split_spec(name)[0] for name in names}  # asked for by name: refused, not left out
+    if optional:
+        chosen = _without_unfit(chosen, context, optional)
+        context = attrs.evolve(context, accelerators=tuple(a.name for a in chosen))
     _check_accelerators(chosen, context)
     specs = tuple(a.spec for a in chosen)
     key = (resolved.family, resolved.source, device, specs, allow_pickle, resolved.config)
@@ -142,6 +159,47 @@ def _accelerator_names(accelerators: Iterable[str] | None, registry: Registry) -
         if not isinstance(name, str):
             raise InvalidRequestError("accelerators", name, "accelerator names (str), NAME or NAME@VALUE")
     return names
+
+
+def _denoiser_kind(model: str, names: list[str], resolved: Resolved, registry: Registry) -> str | None:
+    """The kind of denoiser the checkpoint has (``"transformer"``, ``"unet"``, ``"prior"``), for presets
+    whose stacks depend on it; None when no such preset is asked for or ``model_index.json`` says nothing."""
+    if not any(registry.presets[name].denoisers for name in names if name in registry.presets):
+        return None
+    model_index = resolved.model_index
+    if model_index is None or resolved.config is not None:
+        folder = resolved.config if resolved.config is not None else resolved.source
+        local = resolved.config is not None or resolved.is_local
+        try:
+            model_index = read_model_index(model, folder, local)
+        except T2IError:  # out of reach: the preset's plain stacks
+            return None
+    return next((kind for kind in DENOISERS if kind in model_index), None)
+
+
+def _without_unfit(
+    chosen: tuple[Accelerator, ...], context: LoadContext, optional: set[str]
+) -> tuple[Accelerator, ...]:
+    """A preset's optional accelerators that this device, checkpoint or stack cannot take, left out
+    (a step cache on a denoiser without cache hooks), each said on the ``t2i.accelerators`` logger."""
+    kept = list(chosen)
+    for accelerator in chosen:
+        if accelerator.name not in optional:
+            continue
+        others = {a.name for a in kept if a is not accelerator}
+        try:
+            if context.device.split(":", 1)[0] not in accelerator.devices:
+                raise IncompatibleAcceleratorsError([accelerator.name], f"it runs on {', '.join(accelerator.devices)}")
+            clash = others.intersection(accelerator.conflicts) or {
+                a.name for a in kept if accelerator.name in a.conflicts
+            }
+            if clash:
+                raise IncompatibleAcceleratorsError([accelerator.name, *sorted(clash)], "they exclude each other")
+            accelerator.check(context)
+        except (IncompatibleAcceleratorsError, UnsupportedFeatureError) as exc:
+            kept.remove(accelerator)
+            logger.info("the preset's %s is left out: %s", accelerator.name, exc)
+    return tuple(kept)
 
 
 def _check_accelerators(chosen: tuple[Accelerator, ...], context: LoadContext) -> None:

@@ -361,13 +361,21 @@ class Registry:
                 return f" (plugin {key!r} of {found.distribution} is installed but not loaded: add it to $T2I_LOAD_PLUGINS)"
         return ""
 
-    def resolve_accelerators(self, specs: Iterable[str], device: str) -> tuple[Accelerator, ...]:
-        """Expand presets, configure ``NAME@VALUE`` specs and order accelerators by phase (stable within a
-        phase, duplicates dropped); the same accelerator twice with different values is refused."""
+    def resolve_accelerators(
+        self, specs: Iterable[str], device: str, denoiser: str | None = None
+    ) -> tuple[Accelerator, ...]:
+        """Expand presets (for `device` and a denoiser of kind `denoiser`, see `Preset.resolve`), configure
+        ``NAME@VALUE`` specs and order accelerators by phase (stable within a phase, duplicates dropped);
+        the same accelerator twice with different values is refused."""
         expanded: list[str] = []
         for spec in specs:
             if spec in self.presets:
-                expanded.extend(self.presets[spec].resolve(device))
+                preset = self.presets[spec]
+                expanded.extend(
+                    name
+                    for name in preset.resolve(device, denoiser)
+                    if name not in preset.optional or split_spec(name)[0] in self.accelerators
+                )
             else:
                 expanded.append(spec)
         chosen: dict[str, Accelerator] = {}
