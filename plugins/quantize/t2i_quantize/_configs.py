@@ -57,7 +57,9 @@ def components(accelerator: str, context: LoadContext) -> Components:
 
 
 def _model_index(context: LoadContext) -> Mapping[str, Any]:
-    return read_model_index(context.model, context.source, Path(context.source).is_dir())
+    # a single file's components are those of its config folder (LoadContext.config)
+    folder = context.config if context.config is not None else context.source
+    return read_model_index(context.model, folder, Path(folder).is_dir())
 
 
 def _library(entry: Any) -> str | None:

@@ -324,3 +324,25 @@ class TestFp8Storage(AcceleratorConformance):
 
     def effect(self, engine: Engine) -> Any:
         return {str(w.dtype) for w in linear_weights(denoiser(engine.pipeline)).values()}
+
+
+def test_int8_on_a_single_file_quantizes_its_transformer_as_on_the_folder(t2i_tiny_cache: Path, tmp_path: Path) -> None:
+    """A single file's components are read from its config folder: int8 quantizes the file's transformer,
+    and the image is that of raw diffusers quantizing the folder's (the file holds the same weights)."""
+    import torch
+    from diffusers import FluxPipeline, PipelineQuantizationConfig, TorchAoConfig
+    from safetensors.torch import save_file
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from t2i_core.testing import tiny_folder
+
+    folder = tiny_folder("flux")
+    plain = load("tiny:flux", device="cpu", accelerators=("fp32",), cache=False)
+    file = tmp_path / "flux-transformer.safetensors"
+    save_file({key: value.contiguous() for key, value in plain.pipeline.transformer.state_dict().items()}, str(file))
+    engine = load(str(file), config="tiny:flux", device="cpu", accelerators=("fp32", "int8"), cache=False)
+    assert type(denoiser(engine.pipeline).transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    raw = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32, quantization_config=config)
+    raw.set_progress_bar_config(disable=True)
+    assert_images_equal(engine.generate(request("flux")).images, raw_images(raw, "flux"))
