@@ -48,6 +48,7 @@ def test_the_example_is_installed_and_its_tests_are_in_the_suite() -> None:
     assert metadata.distribution("t2i-pixart-sigma").version == "0.1.0"
     assert "-e docs/examples/t2i-pixart-sigma" in (ROOT / "requirements-dev.txt").read_text().splitlines()
     import fnmatch
+
     import tomllib
 
     testpaths = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"]
