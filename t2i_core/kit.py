@@ -8,6 +8,7 @@ import (no torch, diffusers or transformers until a function that needs them run
 - **Weights files** (LoRAs, embeddings): `resolve_file`, `WeightsFile`, `file_digest`.
 - **Single files**: `load_single_file_component` (a denoiser from one file: dtype, GGUF,
   quantization), `is_gguf`.
+- **Text encoders**: `clip_hidden_states` (CLIP skip, as diffusers' ``clip_skip``), `clip_layers`.
 - **Running**: `report_progress`, `ProgressCallback`, `takes_latents`, `private_components`,
   `is_offloaded`, `loading_lock`.
 - **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them.
@@ -31,6 +32,8 @@ from .errors import InvalidRequestError
 #: (PEP 562), so that a plugin importing one helper does not pay for the others
 _EXPORTS: dict[str, tuple[str, str]] = {
     "write_atomically": ("_files", "write_atomically"),
+    "clip_hidden_states": ("_clip", "clip_hidden_states"),
+    "clip_layers": ("_clip", "clip_layers"),
     "has_variant": ("_hub", "has_variant"),
     "hub_offline": ("_hub", "hub_offline"),
     "is_hub_id": ("_hub", "is_hub_id"),
@@ -57,6 +60,8 @@ __all__ = [
     "SharedState",
     "WeightsFile",
     "build_scheduler",
+    "clip_hidden_states",
+    "clip_layers",
     "denoiser",
     "env_int",
     "file_digest",
@@ -180,6 +185,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from ._clip import clip_hidden_states, clip_layers
     from ._files import write_atomically
     from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
     from ._locks import loading_lock

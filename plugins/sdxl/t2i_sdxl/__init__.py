@@ -20,6 +20,8 @@ from t2i_core import (
     hookimpl,
 )
 
+from ._clip_skip import CLIP_SKIP, check_clip_skip, skipped_prompt_embeds
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -56,6 +58,8 @@ PIPELINE_OPTIONS = (
     ),
     _pair("negative_target_size", 1, "a target_size to steer away from, with negative_original_size; None = none"),
 )
+#: prompt weightings that encode the prompt themselves, without skipping CLIP layers
+WEIGHTINGS_WITHOUT_CLIP_SKIP = ("compel", "compel-long")
 #: options that only mean something with a refiner
 REFINER_OPTIONS = (
     Option(
@@ -97,7 +101,7 @@ class StableDiffusionXL(ModelProvider):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     # 1024x1024 is the checkpoint's native size, read from its UNet config (so tiny:sdxl stays tiny).
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0)
-    options = (*PIPELINE_OPTIONS, REFINER_OPTION, *REFINER_OPTIONS)
+    options = (*PIPELINE_OPTIONS, CLIP_SKIP, REFINER_OPTION, *REFINER_OPTIONS)
     description = "Stable Diffusion XL (1024x1024, 50 steps, guidance 5.0), with the optional refiner"
     # 2: the second text encoder is wider than the first, as in the real checkpoint (single files)
     tiny_version = 2
@@ -134,6 +138,12 @@ class StableDiffusionXL(ModelProvider):
     def check(self, request: GenerationRequest) -> dict[str, Any]:
         options = super().check(request)
         _check_negative_micro_conditioning(options)
+        if options["clip_skip"] and request.prompt_weighting in WEIGHTINGS_WITHOUT_CLIP_SKIP:
+            raise UnsupportedFeatureError(
+                self.name,
+                f"options['clip_skip'] together with prompt_weighting={request.prompt_weighting!r}",
+                requested=f"clip_skip={options['clip_skip']}",
+            )
         if options["refiner"] is None:
             for option in REFINER_OPTIONS:
                 if option.name in request.options:
@@ -146,14 +156,21 @@ class StableDiffusionXL(ModelProvider):
             raise UnsupportedFeatureError(self.name, "the refiner together with prompt weighting")
         if request.controls:
             raise UnsupportedFeatureError(self.name, "the refiner together with ControlNet controls")
+        if options["clip_skip"]:
+            raise UnsupportedFeatureError(self.name, "the refiner together with options['clip_skip']")
         self._refiners.resolve(options["refiner"])
         return options
+
+    def check_request(self, pipeline: Any, request: GenerationRequest) -> None:
+        check_clip_skip(pipeline, request.options)
 
     def call_kwargs(self, request: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = super().call_kwargs(request, options)
         for option in PIPELINE_OPTIONS:
             if options[option.name] is not None:
                 kwargs[option.name] = options[option.name]
+        if options["clip_skip"]:
+            kwargs["clip_skip"] = options["clip_skip"]
         if options["refiner"] is not None:
             from t2i_core.kit import DEFAULT_SCHEDULER
 
@@ -171,6 +188,8 @@ class StableDiffusionXL(ModelProvider):
     def run(self, pipeline: Any, kwargs: dict[str, Any], progress: ProgressCallback | None = None) -> list[Image]:
         plan = kwargs.get(REFINER)
         if plan is None:
+            if kwargs.get("clip_skip"):
+                kwargs = skipped_prompt_embeds(self.name, pipeline, kwargs)
             return super().run(pipeline, kwargs, progress)
         rest = {name: value for name, value in kwargs.items() if name != REFINER}
         return self._refiners.run(pipeline, rest, plan, progress)
