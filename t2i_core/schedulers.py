@@ -1,4 +1,10 @@
-"""Sampler choice by name: each name maps to a diffusers scheduler configured from the checkpoint's own."""
+"""Sampler choice by name: each name maps to a diffusers scheduler configured from the checkpoint's own.
+
+A name may end with one schedule modifier, ``NAME:MODIFIER`` (``euler:karras``, ``ddim:trailing``): the
+same scheduler with the diffusers setting that gives that noise schedule (`MODIFIERS`). A modifier is
+allowed where the scheduler class takes that setting (diffusers' ``EulerAncestralDiscreteScheduler``
+has no ``use_karras_sigmas``, so ``euler-ancestral:karras`` is refused, naming the pair).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,22 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     # PLMS (skip_prk_steps) as Stable Diffusion uses it: the Runge-Kutta warm-up needs >= 4 steps.
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm++-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
+    # Needs torchsde. Its Brownian-tree noise is seeded from the config, not the request's generator:
+    # a fixed seed keeps the image a function of the request (the request's seed sets the start noise).
+    "dpm++-sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
 }
+
+#: the sigma schedules a scheduler class may take: modifier → its diffusers flag (one at most is on)
+SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+#: the timestep spacings (diffusers' ``timestep_spacing``)
+SPACINGS = ("linspace", "leading", "trailing")
+#: every schedule modifier a name may end with (``:karras``)
+MODIFIERS = (*SIGMAS, *SPACINGS)
+SEPARATOR = ":"
 
 
 #: a family's own named schedulers (`ModelProvider.named_schedulers`): name → (class name, overrides)
@@ -40,35 +61,104 @@ def family_names(supported: tuple[str, ...] | None, own: OwnSchedulers | None = 
     return tuple(dict.fromkeys((DEFAULT, *shared, *(own or {}))))
 
 
+def split(name: str) -> tuple[str, str | None]:
+    """`name`'s scheduler and its schedule modifier: ``euler:karras`` → (``euler``, ``karras``)."""
+    base, separator, modifier = name.partition(SEPARATOR)
+    return (base, modifier) if separator else (name, None)
+
+
+def modifier_overrides(class_name: str, modifier: str) -> dict[str, Any]:
+    """The config overrides that give diffusers scheduler `class_name` the schedule `modifier`;
+    {} when the class does not take that setting."""
+    import inspect
+
+    with loading_lock:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, class_name)
+    takes = inspect.signature(scheduler_class.__init__).parameters
+    if modifier in SPACINGS:
+        return {"timestep_spacing": modifier} if "timestep_spacing" in takes else {}
+    if SIGMAS.get(modifier) not in takes:
+        return {}
+    return {flag: each == modifier for each, flag in SIGMAS.items() if flag in takes}
+
+
+def modifiers_of(class_name: str) -> tuple[str, ...]:
+    """The schedule modifiers diffusers scheduler `class_name` takes."""
+    return tuple(modifier for modifier in MODIFIERS if modifier_overrides(class_name, modifier))
+
+
 def check(
     name: str | None, supported: tuple[str, ...] | None = None, family: str = "", own: OwnSchedulers | None = None
 ) -> None:
     """Refuse an unknown name, or one the family's pipeline cannot run.
 
     `supported` lists the shared names the family runs (None = all); its `own` named
-    schedulers are always allowed.
+    schedulers are always allowed. A ``:MODIFIER`` must be one the scheduler class takes.
     """
-    if name is None or name == DEFAULT or name in (own or {}):
+    if name is None or name == DEFAULT:
+        return
+    base, modifier = split(name)
+    if modifier is None:
+        _check_name(name, supported, family, own)
+        _check_installed(name, own)
+        return
+    if base == DEFAULT:
+        raise InvalidRequestError("scheduler", name, f"a scheduler name before {SEPARATOR}{modifier} (not default)")
+    _check_name(base, supported, family, own, value=name)
+    class_name = ((own or {}).get(base) or SCHEDULERS[base])[0]
+    if modifier not in MODIFIERS or not modifier_overrides(class_name, modifier):
+        takes = modifiers_of(class_name)
+        allowed = ", ".join(f"{base}{SEPARATOR}{each}" for each in takes) or f"{base} without a modifier"
+        raise InvalidRequestError(
+            "scheduler", name, f"one of {allowed} (diffusers' {class_name} has no {modifier!r} schedule)"
+        )
+    _check_installed(base, own)
+
+
+#: scheduler classes that need a package diffusers does not depend on: class name → (module, pip name)
+NEEDS = {"DPMSolverSDEScheduler": ("torchsde", "torchsde")}
+
+
+def _check_installed(name: str, own: OwnSchedulers | None) -> None:
+    import importlib.util
+
+    class_name = ((own or {}).get(name) or SCHEDULERS[name])[0]
+    module, package = NEEDS.get(class_name, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise InvalidRequestError(
+            "scheduler", name, f"another scheduler ({name} needs {package}: pip install {package})"
+        )
+
+
+def _check_name(
+    name: str, supported: tuple[str, ...] | None, family: str, own: OwnSchedulers | None, value: str = ""
+) -> None:
+    """Refuse scheduler `name` (the part of `value` before its modifier) where unknown or not the family's."""
+    if name in (own or {}):
         return
     if name not in SCHEDULERS:
         allowed = family_names(supported, own) if own else names()
-        raise InvalidRequestError("scheduler", name, "one of " + ", ".join(allowed))
+        raise InvalidRequestError("scheduler", value or name, "one of " + ", ".join(allowed))
     if supported is not None and name not in supported:
         allowed_names = ", ".join(family_names(supported, own))
         raise InvalidRequestError(
-            "scheduler", name, f"one of the schedulers family {family!r} can run: {allowed_names}"
+            "scheduler", value or name, f"one of the schedulers family {family!r} can run: {allowed_names}"
         )
 
 
 def build(name: str, base_config: Any, own: OwnSchedulers | None = None) -> Any:
     """A new scheduler `name` (a shared one, or one of a family's `own`), configured from
     `base_config` (the checkpoint's scheduler config)."""
-    class_name, overrides = (own or {}).get(name) or SCHEDULERS[name]
+    base, modifier = split(name)
+    class_name, overrides = (own or {}).get(base) or SCHEDULERS[base]
+    settings = {**overrides, **(modifier_overrides(class_name, modifier) if modifier else {})}
     with loading_lock:  # diffusers' lazy attribute lookup is not thread-safe
         import diffusers
 
         scheduler_class = getattr(diffusers, class_name)
-    return scheduler_class.from_config(base_config, **overrides)
+    return scheduler_class.from_config(base_config, **settings)
 
 
 _limits: dict[str, int] = {}

@@ -98,3 +98,59 @@ def test_kandinsky_scheduler_matches_diffusers_decoder_scheduler() -> None:
         )
     )
     assert_images_equal(result.images, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [
+        ("euler:karras", {"use_karras_sigmas": True}),
+        ("lms:exponential", {"use_exponential_sigmas": True}),
+        ("heun:beta", {"use_beta_sigmas": True}),
+        ("ddim:trailing", {"timestep_spacing": "trailing"}),
+        ("euler-ancestral:linspace", {"timestep_spacing": "linspace"}),
+    ],
+)
+def test_schedule_modifier_is_the_diffusers_setting(
+    name: str, setting: dict[str, Any], sd15_engine: Any, raw_sd15: Any
+) -> None:
+    import diffusers
+
+    class_name, overrides = named.SCHEDULERS[name.split(":")[0]]
+    original = raw_sd15.scheduler
+    raw_sd15.scheduler = getattr(diffusers, class_name).from_config(original.config, **overrides, **setting)
+    try:
+        expected = raw_sd15(PROMPT, num_inference_steps=3, generator=cpu_generators(4, 1)).images
+    finally:
+        raw_sd15.scheduler = original
+    result = sd15_engine.generate(GenerationRequest(prompt=PROMPT, seed=4, num_inference_steps=3, scheduler=name))
+    used = sd15_engine.pipeline.scheduler
+    assert type(used).__name__ == class_name and result.request.scheduler == name
+    assert all(used.config[key] == value for key, value in setting.items())
+    assert_images_equal(result.images, expected)
+
+
+def test_a_modifier_replaces_the_sigma_schedule_it_conflicts_with() -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    base = DPMSolverMultistepScheduler().config
+    built = named.build("dpm++-2m-karras:exponential", base)
+    assert built.config.use_exponential_sigmas and not built.config.use_karras_sigmas
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("euler-ancestral:karras", "EulerAncestralDiscreteScheduler has no 'karras'"),
+        ("ddim:beta", "ddim:trailing"),
+        ("euler:kl_optimal", "euler:karras, euler:exponential, euler:beta"),
+        ("default:karras", "a scheduler name before :karras"),
+        ("turbo:karras", "dpm++-2m-karras"),
+    ],
+)
+def test_a_modifier_the_scheduler_class_lacks_is_refused_naming_the_pair(
+    name: str, allowed: str, sd15_engine: Any
+) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        sd15_engine.generate(GenerationRequest(prompt=PROMPT, scheduler=name))
+    assert caught.value.field == "scheduler" and f"scheduler={name!r}" in str(caught.value)
+    assert allowed in str(caught.value)
