@@ -18,17 +18,25 @@ Variants, on identical weights:
   and a compiled VAE decoder), so that what ``fast`` adds beyond them is visible.
 - ``t2i-<preset>``: ``t2i_core.load(..., accelerators=[preset])`` (auto, quick, fast, low-memory),
   or ``t2i:<name>+<name>`` for any stack of accelerators.
-- ``raw-int8`` (``--tiny`` only: full-size weights are built, not loaded): raw eager loaded with
-  what t2i-quantize's ``int8`` hands diffusers, ``quantization_config=PipelineQuantizationConfig(
-  quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})``; a ``t2i:`` variant with
-  ``int8`` is compared with it (``same_quantization_diff``: the image must be the same). On CPU::
+- ``raw-int8``, ``raw-nf4``, ``raw-fp8``: raw eager loaded with what t2i-quantize's accelerator
+  of the same name hands diffusers, written as a diffusers user writes it: ``quantization_config=
+  PipelineQuantizationConfig(quant_mapping=...)`` with torchao's ``Int8WeightOnlyConfig()`` or
+  ``Float8DynamicActivationFloat8WeightConfig()`` on the denoiser, or bitsandbytes NF4 on the
+  denoiser (diffusers' ``BitsAndBytesConfig``) and on the T5 / LLM text encoders (transformers').
+  A ``t2i:`` variant with the same quantizer is compared with it (``same_quantization_diff``:
+  the image must be the same; ``speedup_vs_raw_same_quantization``). nf4 and fp8 need CUDA (fp8
+  compute capability 8.9): elsewhere they are reported as ``skipped``, with the reason. They
+  quantize as weights load, so they need a checkpoint on disk: ``--tiny``, or ``--checkpoint DIR``,
+  which saves the full-size random weights once in ``DIR/<family>-<dtype>`` and has every variant
+  load them from there like a real checkpoint (FLUX.1 in bf16: about 34 GB). On CPU::
 
       python benchmarks/bench_accelerators.py --device cpu --tiny --family flux --steps 8 --no-warm \
           --phase steady --variants raw-eager,raw-int8,t2i:fp32,t2i:fp32+int8
 - ``raw-eager+<cache>``: raw eager with one of t2i's step caches written as a diffusers user
   writes it (``raw-eager+first-block-cache@0.2`` is ``transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))``);
   a ``t2i:`` variant with the same cache spec is compared with it (speed and image: they must
-  be the same). For example, on CPU::
+  be the same). Each variant with a step cache reports how many full denoiser calls its first
+  image took (``full_denoiser_calls``, out of ``--steps``). For example, on CPU::
 
       python benchmarks/bench_accelerators.py --device cpu --tiny --family flux --steps 28 --no-warm \
           --variants raw-eager,raw-eager+first-block-cache@0.2,t2i:fp32+first-block-cache@0.2
@@ -49,7 +57,9 @@ a run cut off by a time limit still reports what it measured:
   CUDA-graph skips, and for t2i variants `compile_stats`.
 
 Everything is written as JSON with the GPU and library versions; each image's distance from
-raw eager's is in levels of 255.
+raw eager's is in levels of 255. The default phase, ``sequential``, loads one variant at a time
+(freed before the next loads, so two full-size FLUX.1 variants can be compared on one GPU); on
+CUDA it reports each variant's peak allocated memory while loading and while making images.
 """
 
 from __future__ import annotations
@@ -57,9 +67,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,13 +142,19 @@ def architecture_size(folder: Path) -> int:
 
 FAMILIES = ("sd15", "sdxl", "kandinsky22", "flux", "sd3", "z-image")
 DEFAULT_VARIANTS = ("raw-eager", "t2i-auto", "t2i-low-memory", "raw-compiled", "raw-fast", "t2i-quick", "t2i-fast")
-RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast", "raw-int8")
+RAW_VARIANTS = ("raw-eager", "raw-compiled", "raw-fast", "raw-int8", "raw-nf4", "raw-fp8")
+#: raw eager loaded with a quantization config: variant -> the t2i-quantize accelerator it mirrors
+RAW_QUANTIZED = {"raw-int8": "int8", "raw-nf4": "nf4", "raw-fp8": "fp8"}
 #: a raw eager variant with a step cache: ``raw-eager+first-block-cache@0.2``
 RAW_CACHE = "raw-eager+"
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 SEED = 31
 
 Runner = Callable[[int], list[Any]]
+
+
+class Skipped(Exception):
+    """A variant that cannot run on this device (nf4 off CUDA): reported with the reason, not as an error."""
 
 
 # -- building full-size pipelines from config files --------------------------------------------
@@ -180,7 +198,7 @@ def _default_dtype(dtype: Any) -> Iterator[None]:
 def _build_component(library: str, class_name: str, config: dict[str, Any], scratch: Path, device: str) -> Any:
     import torch
 
-    if class_name == "T5TokenizerFast":
+    if class_name in ("T5TokenizerFast", "T5Tokenizer"):  # transformers 5 names the fast one T5Tokenizer
         from t2i_core.tiny import t5_tokenizer
 
         # A Unigram vocabulary built offline (FLUX.1's T5): ids differ from T5's, the sequence length does not.
@@ -213,44 +231,64 @@ def _build_component(library: str, class_name: str, config: dict[str, Any], scra
 
 
 class Source:
-    """One family's checkpoint for every variant: full-size from configs, or the tiny one."""
+    """One family's checkpoint for every variant: full-size from configs (or saved from them), or the tiny one."""
 
-    def __init__(self, family: str, tiny: bool, device: str) -> None:
+    def __init__(
+        self, family: str, tiny: bool, device: str, *, checkpoint: Path | None = None, dtype: str = "float32"
+    ) -> None:
         from t2i_core import get_registry
 
         self.family = family
         self.tiny = tiny
         self.device = device
+        #: how the full-size weights came to be on disk (``--checkpoint``), for the report
+        self.saved: dict[str, Any] | None = None
         registry = get_registry()
-        self.base = registry.providers.get(family)
+        self.base = base = registry.providers.get(family)
+        #: the provider that loads `folder` (the family's own, or one that builds from configs)
+        self.provider: Any = base
+        if (tiny or checkpoint is not None) and base is None:
+            raise SystemExit(
+                f"--tiny and --checkpoint need the t2i-{family} plugin (family {family!r} is not registered)"
+            )
         if tiny:
-            if self.base is None:
-                raise SystemExit(
-                    f"--tiny needs the t2i-{family} plugin installed (family {family!r} is not registered)"
-                )
             from t2i_core.tiny import ensure_built
 
-            self.folder = ensure_built(self.base.name, self.base.tiny_version, self.base.build_tiny)
+            assert base is not None
+            self.folder = ensure_built(base.name, base.tiny_version, base.build_tiny)
             self.model, self.load_family = f"tiny:{family}", None
-            self.provider = self.base
             self.source = f"tiny:{family}"
+            return
+        self.architecture = architecture(family)
+        index = json.loads((self.architecture / "model_index.json").read_text())
+        self.source = index.get("_name_or_path", self.architecture.name)
+        if checkpoint is not None:
+            self.folder, self.saved = saved_checkpoint(
+                self.architecture, checkpoint / f"{family}-{dtype}", dtype, device
+            )
+            self.model, self.load_family = str(self.folder), family
+            self.source += f" (random weights saved in {self.folder})"
         else:
-            self.folder = architecture(family)
+            self.folder = self.architecture
             self.model, self.load_family = str(self.folder), f"bench-{family}"
             self.provider = _register_config_provider(registry, family, self.folder, self.base, device)
-            self.source = json.loads((self.folder / "model_index.json").read_text())["_name_or_path"]
 
-    def raw_pipeline(self, dtype: Any, *, int8: bool = False) -> Any:
-        """A fresh pipeline on the benchmark device, loaded the way a diffusers user does (with `int8`:
-        torchao's int8 weights in the denoiser, quantized as they load)."""
-        if self.tiny:
+    @property
+    def from_disk(self) -> bool:
+        """Whether variants load weights from a folder (and so can quantize them as they load)."""
+        return self.tiny or self.saved is not None
+
+    def raw_pipeline(self, dtype: Any, *, quantization: str | None = None) -> Any:
+        """A fresh pipeline on the benchmark device, loaded the way a diffusers user does (with
+        `quantization`: ``int8``, ``nf4`` or ``fp8`` weights, quantized as they load)."""
+        if self.from_disk:
             kwargs = {"torch_dtype": dtype, "use_safetensors": True}
-            if int8:
-                kwargs["quantization_config"] = int8_config(self.folder)
+            if quantization is not None:
+                kwargs["quantization_config"] = quantization_config(quantization, self.folder, dtype)
             pipeline = self.provider.load(str(self.folder), kwargs)
             pipeline.to(self.device)
-        elif int8:
-            raise SystemExit("raw-int8 needs --tiny: full-size pipelines are built from configs, not loaded")
+        elif quantization is not None:
+            raise ValueError(f"raw-{quantization} quantizes as weights load: use --tiny or --checkpoint DIR")
         else:
             pipeline = build_pipeline(self.folder, dtype, self.device)
         pipeline.set_progress_bar_config(disable=True)
@@ -262,17 +300,105 @@ class Source:
 
             height, _ = self.provider.native_size(self.provider.load(str(self.folder), {"torch_dtype": torch.float32}))
             return height
-        return architecture_size(self.folder)
+        return architecture_size(self.architecture)
 
 
-def int8_config(folder: Path) -> Any:
-    """``PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})``."""
-    from diffusers import PipelineQuantizationConfig, TorchAoConfig
-    from torchao.quantization import Int8WeightOnlyConfig
+#: the file that marks a folder of full-size random weights as this benchmark's, and how it was made
+CHECKPOINT_MARKER = "t2i-bench-checkpoint.json"
 
-    index = json.loads((folder / "model_index.json").read_text())
-    denoiser = "unet" if "unet" in index else "transformer"
-    return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})
+
+def saved_checkpoint(architecture: Path, folder: Path, dtype: str, device: str) -> tuple[Path, dict[str, Any]]:
+    """`architecture` with random weights (seed 0, `dtype`), saved once in `folder` in diffusers' layout.
+
+    Quantizing accelerators quantize as weights load, so full-size variants with them load a
+    checkpoint from disk, as a user's would. A folder saved earlier with the same settings is
+    reused; one cut off while saving (``<folder>.partial``) is made again. A folder that this
+    benchmark did not save is never written over.
+    """
+    import torch
+
+    configs = sorted(architecture.rglob("*.json"))
+    digest = hashlib.sha256(b"".join(file.read_bytes() for file in configs)).hexdigest()[:16]
+    made = {"architecture": architecture.name, "configs_sha256": digest, "dtype": dtype, "seed": 0}
+    partial = folder.with_name(f"{folder.name}.partial")
+    for existing in (folder, partial):
+        if existing.exists() and not (existing / CHECKPOINT_MARKER).is_file():
+            raise SystemExit(
+                f"--checkpoint: {existing} exists and was not saved by this benchmark; name another folder"
+            )
+    if folder.exists() and json.loads((folder / CHECKPOINT_MARKER).read_text()) == made:
+        return folder, {"path": str(folder), "reused": True}
+    for existing in (folder, partial):
+        shutil.rmtree(existing, ignore_errors=True)
+    start = time.perf_counter()
+    partial.mkdir(parents=True)
+    (partial / CHECKPOINT_MARKER).write_text(json.dumps({**made, "complete": False}))
+    pipeline = build_pipeline(architecture, getattr(torch, dtype), device)
+    built = time.perf_counter()
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    del pipeline
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    (partial / CHECKPOINT_MARKER).write_text(json.dumps(made))
+    partial.rename(folder)
+    size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+    saved = time.perf_counter()
+    return folder, {"path": str(folder), "build_s": built - start, "save_s": saved - built, "gib": size / 2**30}
+
+
+def quantization_config(name: str, folder: Path, dtype: Any) -> Any:
+    """What a diffusers user passes as ``from_pretrained(quantization_config=...)`` for t2i-quantize's `name`.
+
+    ``int8`` and ``fp8``: torchao's ``Int8WeightOnlyConfig()`` or ``Float8DynamicActivationFloat8WeightConfig()``
+    on the denoiser; ``nf4``: bitsandbytes 4-bit NF4 computing in `dtype` on the denoiser (diffusers'
+    ``BitsAndBytesConfig``) and on each text encoder that is not CLIP (T5, an LLM; transformers').
+    """
+    from diffusers import PipelineQuantizationConfig
+
+    parts = components(json.loads((folder / "model_index.json").read_text()))
+    denoiser = next(part for part in ("unet", "transformer", "prior") if part in parts)
+    if name == "int8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(Int8WeightOnlyConfig())})
+    if name == "fp8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+        return PipelineQuantizationConfig(
+            quant_mapping={denoiser: TorchAoConfig(Float8DynamicActivationFloat8WeightConfig())}
+        )
+    import diffusers
+    import transformers
+
+    nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    mapping: dict[str, Any] = {denoiser: diffusers.BitsAndBytesConfig(**nf4)}
+    for part, (library, class_name) in parts.items():
+        if part.startswith("text_encoder") and library == "transformers" and not class_name.startswith("CLIP"):
+            mapping[part] = transformers.BitsAndBytesConfig(**nf4)
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def quantization_problem(name: str, device: str) -> str | None:
+    """Why `name` cannot quantize on `device` (the devices t2i-quantize allows it), or None when it can."""
+    if name == "int8":
+        return None
+    if not device.startswith("cuda"):
+        what = "bitsandbytes' 4-bit NF4" if name == "nf4" else "float8 matrix multiplication"
+        return f"{name}: {what} needs a CUDA GPU, not {device}"
+    if name == "fp8":
+        import torch
+
+        index = torch.device(device).index or 0
+        capability = torch.cuda.get_device_capability(index)
+        if capability < (8, 9):
+            return (
+                f"fp8: float8 matrix multiplication needs compute capability 8.9 or newer; "
+                f"{torch.cuda.get_device_name(index)} has {capability[0]}.{capability[1]}"
+            )
+    return None
 
 
 def _register_config_provider(registry: Any, family: str, folder: Path, base: Any, device: str) -> Any:
@@ -292,6 +418,8 @@ def _register_config_provider(registry: Any, family: str, folder: Path, base: An
         def load(self, source: str, load_kwargs: Any) -> Any:
             import torch
 
+            if "quantization_config" in load_kwargs:  # built weights would leave it out unsaid
+                raise ValueError("a quantizing accelerator quantizes as weights load: run with --checkpoint DIR")
             return build_pipeline(folder, load_kwargs.get("torch_dtype", torch.float32), device)
 
         def share(self, pipeline: Any) -> Any:
@@ -347,8 +475,12 @@ def accelerators_of(variant: str) -> list[str] | None:
         cache_name(variant)
         return None
     raise SystemExit(
-        f"unknown variant {variant!r}: raw-eager, raw-compiled, raw-eager+<cache>, t2i-<preset> or t2i:<name>+<name>"
+        f"unknown variant {variant!r}: {', '.join(RAW_VARIANTS)}, raw-eager+<cache>, t2i-<preset> or t2i:<name>+<name>"
     )
+
+
+#: each step cache's value when a spec names none (t2i's defaults): ``first-block-cache`` is ``first-block-cache@0.2``
+CACHE_DEFAULTS = {"first-block-cache": 0.2, "taylorseer": 5, "magcache": 0.06, "faster-cache": 2}
 
 
 #: t2i's step caches, each as a diffusers user writes it: (spec value or None, raw pipeline, steps) -> config
@@ -356,16 +488,21 @@ def _cache_configs() -> dict[str, Callable[[str | None, Any, int], Any]]:
     import diffusers
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
+    def value_of(name: str, value: str | None) -> float:
+        return float(value) if value else CACHE_DEFAULTS[name]
+
     return {
         "first-block-cache": lambda value, pipeline, steps: diffusers.FirstBlockCacheConfig(
-            threshold=float(value or 0.2)
+            threshold=value_of("first-block-cache", value)
         ),
-        "taylorseer": lambda value, pipeline, steps: diffusers.TaylorSeerCacheConfig(cache_interval=int(value or 5)),
+        "taylorseer": lambda value, pipeline, steps: diffusers.TaylorSeerCacheConfig(
+            cache_interval=int(value_of("taylorseer", value))
+        ),
         "magcache": lambda value, pipeline, steps: diffusers.MagCacheConfig(
-            threshold=float(value or 0.06), mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps
+            threshold=value_of("magcache", value), mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps
         ),
         "faster-cache": lambda value, pipeline, steps: diffusers.FasterCacheConfig(
-            spatial_attention_block_skip_range=int(value or 2),
+            spatial_attention_block_skip_range=int(value_of("faster-cache", value)),
             attention_weight_callback=lambda _: 0.5,
             is_guidance_distilled=True,
             current_timestep_callback=lambda: pipeline.current_timestep,
@@ -389,6 +526,16 @@ def cache_spec(stack: list[str]) -> str | None:
     return next((name for name in stack if name.partition("@")[0] in CACHES), None)
 
 
+def same_cache(spec: str, other: str) -> bool:
+    """Whether two step cache specs are one cache with one value (``first-block-cache`` is ``first-block-cache@0.2``)."""
+
+    def settings(text: str) -> tuple[str, float]:
+        name, _, value = text.partition("@")
+        return name, float(value) if value else CACHE_DEFAULTS.get(name, 0.0)
+
+    return settings(spec) == settings(other)
+
+
 def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple[Runner, list[str], Any]:
     """Load `variant` and return (a function seed → images, the accelerators it resolved to, its pipeline)."""
     import torch
@@ -407,13 +554,24 @@ def make_runner(variant: str, source: Source, settings: dict[str, Any]) -> tuple
     )
     names = accelerators_of(variant)
     if names is not None:
-        engine = load(source.model, family=source.load_family, device=source.device, accelerators=names, cache=False)
+        from t2i_core import IncompatibleAcceleratorsError
+
+        try:
+            engine = load(
+                source.model, family=source.load_family, device=source.device, accelerators=names, cache=False
+            )
+        except IncompatibleAcceleratorsError as exc:  # a stack this device cannot take (nf4 on a CPU)
+            raise Skipped(str(exc)) from exc
         run = lambda seed: engine.generate(request.evolve(seed=seed)).images  # noqa: E731
         return run, list(engine.accelerators), engine.pipeline
 
     dtype = getattr(torch, settings["dtype"])
-    pipeline = source.raw_pipeline(dtype, int8=variant == "raw-int8")
-    applied = [settings["dtype"], *(["quantization_config=int8"] if variant == "raw-int8" else [])]
+    quantization = RAW_QUANTIZED.get(variant)
+    problem = quantization_problem(quantization, source.device) if quantization is not None else None
+    if problem is not None:
+        raise Skipped(problem)
+    pipeline = source.raw_pipeline(dtype, quantization=quantization)
+    applied = [settings["dtype"], *([f"quantization_config={quantization}"] if quantization else [])]
     if settings.get("scheduler"):
         from t2i_core import schedulers
 
@@ -460,16 +618,23 @@ def measure(variant: str, source: Source, settings: dict[str, Any], *, first_onl
     cuda = source.device.startswith("cuda")
     record: dict[str, Any] = {"variant": variant}
     with _fresh_memory(cuda):
+        if cuda:  # what an earlier variant left allocated (nothing, unless something holds on to it)
+            record["gpu_memory_before_load_gib"] = torch.cuda.memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         run, applied, pipeline = make_runner(variant, source, settings)
         record["accelerators"] = applied
         _sync(cuda)
         loaded = time.perf_counter()
         if cuda:
-            # Peak memory of making images: the random weights are built on the GPU before an
-            # offloading stack moves them out, which a real checkpoint load does not do.
+            # Built random weights are made on the GPU, before an offloading stack moves them out,
+            # which a real checkpoint load does not do: making images is measured on its own.
+            record["load_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
-        first = run(SEED)
+        with full_denoiser_calls(pipeline, applied) as calls:
+            first = run(SEED)
+        if calls:
+            record["full_denoiser_calls"] = calls[0]
         _sync(cuda)
         done = time.perf_counter()
         record.update(load_s=loaded - start, first_image_s=done - loaded, ttfi_s=done - start)
@@ -505,6 +670,33 @@ def measure(variant: str, source: Source, settings: dict[str, Any], *, first_onl
     return record
 
 
+@contextlib.contextmanager
+def full_denoiser_calls(pipeline: Any, applied: list[str]) -> Iterator[list[int]]:
+    """With a step cache among `applied`: the calls of the denoiser's last block (those a cache did not
+    skip), counted into the yielded list on exit; otherwise an empty list."""
+    from t2i_core.kit import denoiser
+
+    model = denoiser(pipeline) if any("cache" in name for name in applied) else None
+    blocks = [getattr(model, name, None) for name in ("single_transformer_blocks", "transformer_blocks")]
+    last = next((block[-1] for block in blocks if block), None)
+    counted: list[int] = []
+    if last is None:
+        yield counted
+        return
+    calls = 0
+
+    def count(*_: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = last.register_forward_pre_hook(count)
+    try:
+        yield counted
+    finally:
+        handle.remove()
+        counted.append(calls)
+
+
 def compile_counters(pipeline: Any) -> dict[str, Any]:
     """What compiling did in this process: graphs, recompiles, cache hits, CUDA-graph skips, t2i's own counts."""
     from torch._dynamo.utils import counters
@@ -538,21 +730,23 @@ def measure_interleaved(
             record["accelerators"] = applied
             _sync(cuda)
             loaded = time.perf_counter()
-            first = run(SEED)
+            with full_denoiser_calls(pipeline, applied) as calls:
+                first = run(SEED)
             _sync(cuda)
             record.update(load_s=loaded - start, in_process_first_image_s=time.perf_counter() - loaded)
+            if calls:
+                record["full_denoiser_calls"] = calls[0]
             for _ in range(settings["warmup"]):
                 run(SEED)
             record["_first_image"] = first[0]
             record["counters_after_warmup"] = compile_counters(pipeline)
             runners[variant] = run
+        except Skipped as exc:
+            record["skipped"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
             record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         records.append(record)
-        print(
-            f"  {variant}: loaded and warm" if "error" not in record else f"  {variant}: {record['error']}",
-            file=sys.stderr,
-        )
+        print(f"  {variant}: {_brief(record) if not measured(record) else 'loaded and warm'}", file=sys.stderr)
         report(records)
     times: dict[str, list[float]] = {name: [] for name in runners}
     ratios: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
@@ -642,7 +836,7 @@ def first_image_in_new_processes(
     ]
     for record in records:
         compiled = any("compile" in name for name in record.get("accelerators", []))
-        if "error" in record:
+        if not measured(record):
             continue
         scratch = Path(tempfile.mkdtemp(prefix="t2i-bench-first-"))
         if not compiled:
@@ -736,23 +930,36 @@ def summarise(records: list[dict[str, Any]]) -> None:
     """Speed-ups against both raw baselines, and each image's distance from raw eager's.
 
     A t2i variant with a step cache is compared with ``raw-eager+<the same cache>`` too: its
-    speed-up (``speedup_vs_raw_same_cache``) and its distance from that image (``same_cache_diff``).
+    speed-up (``speedup_vs_raw_same_cache``) and its distance from that image (``same_cache_diff``);
+    one with ``int8``, ``nf4`` or ``fp8`` with ``raw-<the same>`` (``speedup_vs_raw_same_quantization``,
+    ``same_quantization_diff``).
     """
-    by_name = {r["variant"]: r for r in records if "error" not in r}
+    by_name = {r["variant"]: r for r in records if measured(r)}
     reference = by_name.get("raw-eager") or next(iter(by_name.values()), None)
     for record in records:
-        if "error" in record:
+        if not measured(record):
             continue
         if reference is not None:
             record["image_vs"] = reference["variant"]
             record.update(image_difference(record["_first_image"], reference["_first_image"]))
-        raw_int8 = by_name.get("raw-int8")
-        if raw_int8 is not None and record is not raw_int8 and "int8" in record.get("accelerators", []):
-            record["same_quantization_diff"] = image_difference(record["_first_image"], raw_int8["_first_image"])
         # On CPU, this process's CPU seconds: other load on a shared machine inflates wall time.
         basis = "cpu_s_per_image" if "cpu_s_per_image" in record else "s_per_image"
+        for raw, quantization in RAW_QUANTIZED.items():
+            twin = by_name.get(raw)
+            if twin is None or record is twin or quantization not in record.get("accelerators", []):
+                continue
+            record["same_quantization_diff"] = image_difference(record["_first_image"], twin["_first_image"])
+            if basis in record and basis in twin:
+                record["speedup_vs_raw_same_quantization"] = round(twin[basis] / record[basis], 3)
         spec = cache_spec(record.get("accelerators", [])) if not record["variant"].startswith("raw") else None
-        same = by_name.get(f"{RAW_CACHE}{spec}") if spec is not None else None
+        same = next(
+            (
+                raw
+                for name, raw in by_name.items()
+                if spec is not None and name.startswith(RAW_CACHE) and same_cache(name.removeprefix(RAW_CACHE), spec)
+            ),
+            None,
+        )
         if same is not None and basis in record and basis in same:
             record["speedup_vs_raw_same_cache"] = round(same[basis] / record[basis], 3)
             record["same_cache_diff"] = image_difference(record["_first_image"], same["_first_image"])
@@ -768,6 +975,11 @@ def summarise(records: list[dict[str, Any]]) -> None:
                 record[key] = round(value, 4)
 
 
+def measured(record: dict[str, Any]) -> bool:
+    """Whether `record` holds measurements (it neither failed nor was skipped)."""
+    return "error" not in record and "skipped" not in record
+
+
 def _public(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`records` as JSON can hold them (without the kept first images)."""
     return [{key: value for key, value in record.items() if not key.startswith("_")} for record in records]
@@ -780,6 +992,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default sd15")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny:<family> checkpoints instead of full-size ones")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="full-size weights: save them once in DIR/<family>-<dtype> and load every variant from there "
+        "(needed to quantize as they load: raw-int8, int8, nf4, ...)",
+    )
     parser.add_argument("--size", type=int, default=None, help="height = width (default: the family's native size)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=1)
@@ -829,7 +1047,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     families = args.family or ["sd15"]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:
-        accelerators_of(variant)
+        names = accelerators_of(variant)
+        quantizes = variant in RAW_QUANTIZED or bool(set(names or ()) & set(RAW_QUANTIZED.values()))
+        if quantizes and not args.tiny and args.checkpoint is None:
+            raise SystemExit(
+                f"variant {variant!r} quantizes as weights load, and full-size weights are built in memory: "
+                "add --checkpoint DIR (saves them there once) or --tiny"
+            )
+    if args.tiny and args.checkpoint is not None:
+        raise SystemExit("--checkpoint saves full-size weights: leave it out with --tiny")
     report: dict[str, Any] = {
         "benchmark": "t2i accelerators vs raw diffusers",
         "mode": "tiny checkpoints" if args.tiny else "full-size architectures, random weights",
@@ -838,14 +1064,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": {},
     }
     for family in families:
-        source = Source(family, args.tiny, device)
+        dtype = args.dtype or _raw_dtype(family, device)
+        checkpoint = Path(args.checkpoint) if args.checkpoint is not None else None
+        if checkpoint is not None:  # saving full-size weights takes minutes: say so, in case it is cut off
+            report["results"][family] = {"saving_weights_in": str(checkpoint)}
+            _write(report, args.output)
+        source = Source(family, args.tiny, device, checkpoint=checkpoint, dtype=dtype)
         guidance = args.guidance_scale if args.guidance_scale is not None else source.provider.defaults.guidance_scale
         settings = {
             "size": args.size or source.native_size(),
             "steps": args.steps,
             "batch": args.batch,
             "guidance_scale": guidance,
-            "dtype": args.dtype or _raw_dtype(family, device),
+            "dtype": dtype,
             "scheduler": args.scheduler,
             "runs": args.runs,
             "warmup": args.warmup,
@@ -853,11 +1084,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.child:
             return _child(variants[0], source, settings, args)
         entry: dict[str, Any] = {"checkpoint": source.source, "settings": settings, "variants": []}
+        if source.saved is not None:
+            entry["saved_weights"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in source.saved.items()}
         report["results"][family] = entry
 
         def save(records: list[dict[str, Any]], entry: dict[str, Any] = entry) -> None:
             entry["variants"] = _public(records)
             _write(report, args.output)
+
+        save([])
 
         if args.phase in ("steady", "all"):
             records = measure_interleaved(variants, source, settings, save)
@@ -869,6 +1104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for variant in variants:
                 try:
                     record = measure(variant, source, settings)
+                except Skipped as exc:
+                    record = {"variant": variant, "skipped": str(exc)}
                 except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
                     record = {
                         "variant": variant,
@@ -917,7 +1154,7 @@ def _stack_of(variant: str, device: str) -> list[str]:
     """The accelerators a variant would load with on `device`, without loading it."""
     names = accelerators_of(variant)
     if names is None:
-        return ["torch.compile"] if variant != "raw-eager" else []
+        return ["torch.compile"] if variant in ("raw-compiled", "raw-fast") else []
     from t2i_core import get_registry
 
     return [a.name for a in get_registry().resolve_accelerators(names, device)]
@@ -951,8 +1188,8 @@ def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
 
 
 def _brief(record: dict[str, Any]) -> str:
-    if "error" in record:
-        return str(record["error"])
+    if not measured(record):
+        return str(record.get("error") or f"skipped: {record['skipped']}")
     return f"first image {record['ttfi_s']:.2f}s, {record['s_per_image']:.3f} s/image, {record['it_per_s']:.2f} it/s"
 
 

@@ -174,16 +174,78 @@ def test_architecture_folders_are_in_diffusers_layout(family: str) -> None:
             )
 
 
-def test_raw_int8_is_what_t2i_int8_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``raw-int8`` loads the tiny checkpoint with t2i-quantize's int8 config: ``t2i:fp32+int8`` draws the same image."""
+def test_quantizers_caches_and_turbo_are_compared_with_their_raw_twins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The variants of ``gpu.sh``'s flux-quant and flux-cache pieces, on tiny FLUX.1 and a CPU: each t2i
+    stack draws its raw diffusers twin's image; nf4 and fp8 are skipped with the reason."""
     pytest.importorskip("t2i_quantize")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    output = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--tiny", "--family", "flux", "--steps", "2", "--runs", "1", "--warmup", "0"]
-    argv += ["--no-warm", "--variants", "raw-eager,raw-int8,t2i:fp32+int8", "--cache-dir", str(tmp_path / "inductor")]
-    report = bench().main([*argv, "-o", str(tmp_path / "bench.json")])
+    argv += ["--no-warm", "--cache-dir", str(tmp_path / "inductor"), "--variants"]
+    argv += [
+        "raw-eager,raw-int8,t2i:fp32+int8,raw-nf4,t2i:fp32+nf4,raw-fp8,t2i:fp32+fp8,"
+        "raw-eager+first-block-cache@0.2,t2i:fp32+first-block-cache,t2i-turbo"
+    ]
+    report = bench().main([*argv, "-o", str(output)])
 
+    assert json.loads(output.read_text()) == report
     records = {r["variant"]: r for r in report["results"]["flux"]["variants"]}
+    assert not [r for r in records.values() if "error" in r]
+    same = {"max_abs_diff": 0, "mean_abs_diff": 0.0}
     assert records["raw-int8"]["accelerators"] == ["float32", "quantization_config=int8"]
     assert records["t2i:fp32+int8"]["accelerators"] == ["fp32", "int8"]
+    assert records["t2i:fp32+int8"]["same_quantization_diff"] == same
+    assert records["t2i:fp32+int8"]["speedup_vs_raw_same_quantization"] > 0
+    assert records["raw-int8"]["max_abs_diff"] > 0  # the weights were quantized: not raw eager's image
+    for quantizer in ("nf4", "fp8"):
+        assert records[f"raw-{quantizer}"] == {
+            "variant": f"raw-{quantizer}",
+            "skipped": bench().quantization_problem(quantizer, "cpu"),
+        }
+        assert "needs a CUDA GPU, not cpu" in records[f"raw-{quantizer}"]["skipped"]
+        assert "runs on cuda, not on cpu" in records[f"t2i:fp32+{quantizer}"]["skipped"]
+    raw_cache = records["raw-eager+first-block-cache@0.2"]
+    assert records["t2i-turbo"]["accelerators"] == ["fp32", "sdpa", "first-block-cache@0.2"]
+    for name in ("t2i:fp32+first-block-cache", "t2i-turbo"):
+        assert records[name]["same_cache_diff"] == same, name  # the default threshold is raw's 0.2
+        assert records[name]["speedup_vs_raw_same_cache"] > 0
+        assert records[name]["full_denoiser_calls"] == raw_cache["full_denoiser_calls"]
+    assert 1 <= raw_cache["full_denoiser_calls"] <= 2
+    assert "full_denoiser_calls" not in records["raw-eager"]
+
+
+def test_a_saved_checkpoint_lets_full_size_variants_quantize_as_they_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--checkpoint``: random weights built from configs are saved once and every variant loads them
+    (tiny FLUX.1's configs stand in for the full-size ones here)."""
+    pytest.importorskip("t2i_quantize")
+    from t2i_core.testing import tiny_folder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    module = bench()
+    monkeypatch.setattr(module, "architecture", lambda family: Path(tiny_folder(family)))
+    checkpoints = tmp_path / "checkpoints"
+    argv = ["--device", "cpu", "--family", "flux", "--steps", "2", "--runs", "1", "--warmup", "0", "--no-warm"]
+    argv += ["--cache-dir", str(tmp_path / "inductor"), "--variants", "raw-int8,t2i:fp32+int8"]
+    with pytest.raises(SystemExit, match="variant 'raw-int8' quantizes as weights load.*--checkpoint DIR"):
+        module.main(argv)
+
+    first = module.main([*argv, "--checkpoint", str(checkpoints)])["results"]["flux"]
+    folder = checkpoints / "flux-float32"
+    assert first["saved_weights"]["path"] == str(folder) and first["saved_weights"]["build_s"] > 0
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not folder.with_name("flux-float32.partial").exists()
+    records = {r["variant"]: r for r in first["variants"]}
     assert records["t2i:fp32+int8"]["same_quantization_diff"] == {"max_abs_diff": 0, "mean_abs_diff": 0.0}
-    assert "speedup_vs_raw-int8" in records["t2i:fp32+int8"]
+
+    saved = (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    again = module.main([*argv, "--checkpoint", str(checkpoints), "--variants", "raw-int8"])["results"]["flux"]
+    assert again["saved_weights"] == {"path": str(folder), "reused": True}
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == saved
+    assert "error" not in again["variants"][0]
+    (tmp_path / "theirs" / "flux-float32").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="exists and was not saved by this benchmark"):
+        module.main([*argv, "--checkpoint", str(tmp_path / "theirs")])
