@@ -44,7 +44,13 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         metavar="N",
         help="saved as OUT-0.png, OUT-1.png...",
     )
-    gen.add_argument("--weighting", metavar="SYNTAX", help='prompt weighting syntax, e.g. "compel"')
+    gen.add_argument(
+        "--weighting",
+        "--prompt-weighting",
+        dest="weighting",
+        metavar="SYNTAX",
+        help='prompt weighting syntax: "compel", "compel-long", "a1111" (A1111 emphasis)',
+    )
     gen.add_argument("--scheduler", metavar="NAME", help="sampler: default, ddim, euler, dpm++-2m, ... (see docs)")
     gen.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a family option (repeatable)")
     gen.add_argument(

@@ -1,8 +1,9 @@
-"""t2i conditioner: Compel prompt weighting (``prompt_weighting="compel"``) for SD1.5 and SDXL.
+"""t2i conditioners: prompt weighting for SD1.5 and SDXL, in Compel's syntax and in AUTOMATIC1111's.
 
-Two weighting names share one implementation: ``"compel"`` cuts a prompt at the text
-encoder's 77-token window as diffusers does (with a `PromptTruncatedWarning`), and
-``"compel-long"`` keeps a longer prompt whole, encoded in 77-token chunks.
+Two weighting names share Compel: ``"compel"`` cuts a prompt at the text encoder's 77-token
+window as diffusers does (with a `PromptTruncatedWarning`), and ``"compel-long"`` keeps a longer
+prompt whole, encoded in 77-token chunks. ``"a1111"`` is A1111's "Original" emphasis, which
+needs no Compel (`t2i_compel._emphasis`, `t2i_compel._a1111`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from t2i_core import Call, Conditioner, hookimpl
 if TYPE_CHECKING:
     from t2i_core import Engine, GenerationRequest
 
+    from ._a1111 import EmphasisEncoder
     from ._embeddings import PromptEncoder
 
 #: the families whose pipelines take ``prompt_embeds``, and whether they have two text encoders
@@ -84,7 +86,55 @@ class CompelLongWeighting(CompelWeighting):
     keep_long_prompts = True
 
 
+class A1111Weighting(Conditioner):
+    name = "a1111"
+    weighting = "a1111"
+    families = tuple(_DUAL_ENCODER)
+    feature = "A1111 prompt emphasis"
+    order = 20
+    description = "AUTOMATIC1111 emphasis: (word), [word], (word:1.3), BREAK; long prompts in 75-token chunks"
+
+    def wants(self, request: GenerationRequest) -> bool:
+        return request.prompt_weighting == self.weighting
+
+    def prepare(self, engine: Engine, request: GenerationRequest) -> None:
+        from ._emphasis import check_syntax
+
+        check_syntax("prompt", request.prompt)
+        if request.negative_prompt is not None:
+            check_syntax("negative_prompt", request.negative_prompt)
+        for option in _SECOND_ENCODER_OPTIONS:
+            value = request.options.get(option)
+            if isinstance(value, str):
+                check_syntax(f"options[{option!r}]", value)
+
+    def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
+        texts = {key: call.kwargs.pop(key, None) for key in _TEXT_ARGUMENTS}
+        call.kwargs.pop("clip_skip", None)  # the embeddings below apply it; diffusers refuses both
+        clip_skip = request.options.get("clip_skip")
+        embeds = self.encoder(engine).call_kwargs(
+            request.prompt,
+            request.negative_prompt,
+            prompt_2=texts["prompt_2"],
+            negative_prompt_2=texts["negative_prompt_2"],
+            guided=request.guidance_scale is None or request.guidance_scale > 1,
+            clip_skip=clip_skip if isinstance(clip_skip, int) else None,
+        )
+        call.kwargs.update(embeds)
+
+    def encoder(self, engine: Engine) -> EmphasisEncoder:
+        """The engine's text encoder(s) read the A1111 way, set up on first use."""
+        encoder: EmphasisEncoder | None = engine.state.get(self.name)
+        if encoder is None:
+            from ._a1111 import EmphasisEncoder
+
+            encoder = EmphasisEncoder(engine.pipeline, dual=_DUAL_ENCODER[engine.family])
+            engine.state[self.name] = encoder
+        return encoder
+
+
 @hookimpl
 def register_conditioners(register: Callable[[Conditioner], None]) -> None:
     register(CompelWeighting())
     register(CompelLongWeighting())
+    register(A1111Weighting())
