@@ -89,7 +89,13 @@ def add_arguments(batch: argparse.ArgumentParser) -> None:
     batch.add_argument("--guidance-scale", dest="guidance_scale", type=number, metavar="G", help="every job's guidance")
     batch.add_argument("--seed", type=integer, metavar="S", help="every job's seed (default: derived from its id)")
     batch.add_argument("--num-images", dest="num_images", type=integer, metavar="N", help="images per job")
-    batch.add_argument("--weighting", metavar="SYNTAX", help='every job\'s prompt weighting syntax, e.g. "compel"')
+    batch.add_argument(
+        "--weighting",
+        "--prompt-weighting",
+        dest="weighting",
+        metavar="SYNTAX",
+        help='every job\'s prompt weighting syntax: "compel", "compel-long", "a1111"',
+    )
     batch.add_argument("--scheduler", metavar="NAME", help="every job's sampler: default, ddim, euler, ...")
     batch.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="a family option of every job (repeatable)"
