@@ -17,7 +17,13 @@ from PIL import Image
 
 from t2i_core import GenerationRequest, InvalidRequestError, UnsupportedFeatureError, load
 from t2i_core.cli import main
-from t2i_core.testing import as_array, assert_images_equal, cpu_generators, refuse_to_run
+from t2i_core.testing import (
+    ConditionerConformance,
+    as_array,
+    assert_images_equal,
+    cpu_generators,
+    refuse_to_run,
+)
 
 STEPS = 2
 # The tiny tokenizers make one token per character, so these run past 75 tokens; the commas
@@ -377,3 +383,18 @@ def test_cli_prompt_weighting_a1111(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert text["prompt_weighting"] == "a1111" and text["prompt"] == prompt
     expected = sd15_engine.generate(request(prompt, negative_prompt="(ugly:1.2)", seed=17))
     assert_images_equal([saved], expected.images)
+
+
+class TestA1111Conformance(ConditionerConformance):
+    conditioner = "a1111"
+    wanted = {"prompt": "Astronaut in a (jungle:1.5), [cold] color palette", "prompt_weighting": "a1111"}
+    refused_requests = {
+        "prompt": {"prompt": "a [cat:dog:0.5]", "prompt_weighting": "a1111"},
+        "negative_prompt": {"prompt": "a cat", "negative_prompt": "ugly AND blurry", "prompt_weighting": "a1111"},
+    }
+
+    def reference(self, folder: str, **call_kwargs: Any) -> list[Any]:
+        """diffusers called with the reference's embeddings of the prompt and negative prompt."""
+        pipeline = self.raw_pipeline(folder)
+        embeds = reference_kwargs(pipeline, call_kwargs.pop("prompt"), call_kwargs.pop("negative_prompt", None))
+        return list(pipeline(**embeds, **call_kwargs).images)
