@@ -124,7 +124,7 @@ def reference_windows(fragments: list[tuple[str, float]], tokenizer: Any) -> lis
     return windows
 
 
-def reference_encode(pipeline: Any, text: str, *, clip_skip: int = 0) -> tuple[Any, Any]:
+def reference_encode(pipeline: Any, text: str, *, clip_skip: int = 0, text_2: str | None = None) -> tuple[Any, Any]:
     """Per window and encoder: start + tokens + end, padded (SD 1.x CLIP with its end token, SDXL's OpenCLIP
     with id 0), encoded, weighted per token, scaled back to its mean; windows and encoders concatenated."""
     import torch
@@ -138,7 +138,8 @@ def reference_encode(pipeline: Any, text: str, *, clip_skip: int = 0) -> tuple[A
         pad = 0 if index == 1 else tokenizer.eos_token_id
         assert tokenizer.pad_token_id == pad  # what diffusers pads with too
         states = []
-        for window in reference_windows(reference_parse(text), tokenizer):
+        source = text_2 if index == 1 and text_2 else text  # SDXL's prompt_2 feeds the second encoder
+        for window in reference_windows(reference_parse(source), tokenizer):
             ids = [tokenizer.bos_token_id] + [t for t, _ in window] + [tokenizer.eos_token_id]
             weights = [1.0] + [w for _, w in window] + [1.0]
             ids += [pad] * (77 - len(ids))
@@ -277,6 +278,17 @@ def test_sdxl_equals_the_reference(sdxl_engine: Any, raw_sdxl: Any, name: str) -
     prompt, negative = PROMPTS[name]
     result = sdxl_engine.generate(request(prompt, negative_prompt=negative, seed=3))
     assert_images_equal(result.images, raw(raw_sdxl, 3, **reference_kwargs(raw_sdxl, prompt, negative)))
+
+
+def test_sdxl_second_encoder_prompt(sdxl_engine: Any, raw_sdxl: Any) -> None:
+    prompt, style = "a (red:1.3) lighthouse", "an [oil] (painting:1.2)"
+    result = sdxl_engine.generate(request(prompt, options={"prompt_2": style}, seed=8))
+    embeds, pooled = reference_encode(raw_sdxl, prompt, text_2=style)
+    expected = raw(raw_sdxl, 8, prompt_embeds=embeds, pooled_prompt_embeds=pooled)  # the negative: zeros
+    assert_images_equal(result.images, expected)
+    with pytest.raises(InvalidRequestError) as caught:
+        sdxl_engine.generate(request("a cat", options={"prompt_2": "a [cat|dog]"}))
+    assert caught.value.field == "options['prompt_2']"
 
 
 def test_long_prompts_span_chunks_and_the_negative_is_padded(sd15_engine: Any) -> None:
