@@ -160,17 +160,17 @@ def reference_encode(pipeline: Any, text: str, *, clip_skip: int = 0, text_2: st
     return torch.cat(outputs, dim=-1), pooled
 
 
-def reference_kwargs(pipeline: Any, prompt: str, negative: str | None) -> dict[str, Any]:
+def reference_kwargs(pipeline: Any, prompt: str, negative: str | None, *, clip_skip: int = 0) -> dict[str, Any]:
     """The call arguments: the shorter of prompt and negative gets the empty prompt's chunks appended
     (A1111's "pad prompt/negative prompt to be same length"); SDXL zeroes a missing negative."""
     import torch
 
-    embeds, pooled = reference_encode(pipeline, prompt)
+    embeds, pooled = reference_encode(pipeline, prompt, clip_skip=clip_skip)
     if negative is None and hasattr(pipeline, "text_encoder_2"):
         negative_embeds, negative_pooled = torch.zeros_like(embeds[:, :77]), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = reference_encode(pipeline, negative or "")
-    empty, _ = reference_encode(pipeline, "")
+        negative_embeds, negative_pooled = reference_encode(pipeline, negative or "", clip_skip=clip_skip)
+    empty, _ = reference_encode(pipeline, "", clip_skip=clip_skip)
     while embeds.shape[1] < negative_embeds.shape[1]:
         embeds = torch.cat([embeds, empty], dim=1)
     while negative_embeds.shape[1] < embeds.shape[1]:
@@ -345,6 +345,17 @@ def test_the_layer_choice_follows_diffusers_clip_skip(raw_sd15: Any, raw_sdxl: A
         )
         expected, _ = reference_encode(pipeline, "a (red:1.3) cat", clip_skip=clip_skip)
         assert torch.equal(made["prompt_embeds"], expected)
+
+
+def test_the_clip_skip_option_reads_both_prompts_earlier(sd15_engine: Any, raw_sd15: Any) -> None:
+    # A1111's "Clip skip 2" = clip_skip 1; unlike diffusers' own clip_skip, A1111 reads the negative there too.
+    # (Text whose chunk mean is not ~0: the tiny encoder's final layer norm has no bias, so most means nearly vanish.)
+    prompt, negative = "an (old:1.2) lighthouse at dusk", "[blurry], lowres"
+    result = sd15_engine.generate(request(prompt, negative_prompt=negative, options={"clip_skip": 1}, seed=6))
+    expected = raw(raw_sd15, 6, **reference_kwargs(raw_sd15, prompt, negative, clip_skip=1))
+    assert_images_equal(result.images, expected)
+    unskipped = sd15_engine.generate(request(prompt, negative_prompt=negative, seed=6))
+    assert not np.array_equal(as_array(unskipped.images[0]), as_array(result.images[0]))
 
 
 # -- refusals and the CLI ---------------------------------------------------------------------
