@@ -12,11 +12,11 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from t2i_core import GenerationRequest, InvalidRequestError
 
+from . import _samplers
 from ._errors import from_t2i, invalid
+from ._samplers import scheduler_for
 
 if TYPE_CHECKING:
     from ._jobs import Job, ServedModel, Service
@@ -33,107 +33,61 @@ FIELDS = {
 }
 
 
-@attrs.frozen
-class Sampler:
-    """An AUTOMATIC1111 sampler and the t2i scheduler that runs the same algorithm."""
-
-    name: str
-    aliases: tuple[str, ...]
-    scheduler: str
-    #: the t2i scheduler for AUTOMATIC1111's ``scheduler: "karras"`` (None: no Karras variant)
-    karras: str | None = None
+#: override_settings (and /sdapi/v1/options) keys t2i honours; every other key is accepted and ignored,
+#: named in the answer (``info["t2i"]["ignored_settings"]``)
+HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+#: the families whose prompts A1111 encodes with its emphasis, and where its clip skip applies
+EMPHASIS_FAMILIES = ("sd15", "sdxl")
+CLIP_SKIP_FAMILIES = ("sd15",)  # A1111 reads SDXL's penultimate layer whatever CLIP_stop_at_last_layers says
 
 
-SAMPLERS = (
-    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler-ancestral"),
-    Sampler("Euler", ("k_euler",), "euler"),
-    Sampler("LMS", ("k_lms",), "lms"),
-    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpm++-2m", karras="dpm++-2m-karras"),
-    Sampler("DPM++ 2M Karras", ("k_dpmpp_2m_ka",), "dpm++-2m-karras", karras="dpm++-2m-karras"),
-    Sampler("DDIM", ("ddim",), "ddim"),
-    Sampler("DDPM", ("ddpm",), "ddpm"),
-    Sampler("PLMS", ("plms",), "pndm"),
-    Sampler("UniPC", ("unipc",), "unipc"),
-)
-#: AUTOMATIC1111's ``scheduler`` values t2i honours ("automatic" = the sampler's own schedule)
-SCHEDULES = ("automatic", "karras")
+def settings(service: Service, body: Txt2ImgBody) -> dict[str, Any]:
+    """The A1111 settings for `body`: the server's (POST /sdapi/v1/options), then its ``override_settings``."""
+    return {**service_settings(service), **(body.override_settings or {})}
 
 
-def sampler(name: str | None) -> Sampler | None:
-    """The sampler AUTOMATIC1111 would pick for `name` (case-insensitive, aliases too); None = the model's own."""
-    if name is None or not name.strip():
-        return None
-    wanted = name.strip().lower()
-    for each in SAMPLERS:
-        if wanted == each.name.lower() or wanted in each.aliases:
-            return each
-    allowed = ", ".join(repr(s.name) for s in SAMPLERS)
-    raise invalid("sampler_name", f"sampler_name={name!r} is not a sampler t2i runs", f"one of {allowed}")
+def service_settings(service: Service) -> dict[str, Any]:
+    """The settings POST /sdapi/v1/options stored (the ones t2i honours)."""
+    return service.a1111_settings
 
 
-#: t2i's schedulers of a flow-matching family stand for AUTOMATIC1111's by this prefix: "Euler" is
-#: ``flow-euler`` there (Flux, SD3, Z-Image), "Euler" with the Karras schedule ``flow-euler-karras``
-FLOW_PREFIX = "flow-"
+def ignored_settings(body: Txt2ImgBody) -> list[str]:
+    return sorted(key for key in (body.override_settings or {}) if key not in HONOURED)
 
 
-def family_scheduler(provider: Any, scheduler: str) -> str | None:
-    """The scheduler of `provider`'s family that runs t2i scheduler `scheduler` (``euler``): itself when the
-    family runs it, else its flow-matching counterpart (``flow-euler``); None when the family has neither."""
-    own = provider.named_schedulers or {}
-    if scheduler in own or provider.schedulers is None or scheduler in provider.schedulers:
-        return scheduler
-    flow = f"{FLOW_PREFIX}{scheduler}"
-    return flow if flow in own else None
-
-
-def runs(provider: Any, each: Sampler) -> bool:
-    """Whether `provider`'s family runs AUTOMATIC1111 sampler `each` (as itself or its flow-matching form)."""
-    return family_scheduler(provider, each.scheduler) is not None
-
-
-def scheduler_for(body: Txt2ImgBody, provider: Any = None) -> tuple[Sampler | None, str | None]:
-    """The sampler and t2i scheduler for `body`'s ``sampler_name`` (or ``sampler_index``) and ``scheduler``,
-    for the family of `provider` (None: as named, unchecked): a flow-matching family (Flux, SD3, Z-Image)
-    runs "Euler" as its flow-matching Euler and refuses the samplers it has no form of, naming the pair."""
-    chosen, scheduler = _scheduler_for(body)
-    if provider is None or chosen is None or scheduler is None:
-        return chosen, scheduler
-    mapped = family_scheduler(provider, scheduler)
-    if mapped is None:
-        served = [each.name for each in SAMPLERS if runs(provider, each)]
-        schedule = " with scheduler='karras'" if scheduler != chosen.scheduler else ""
+def clip_stop(service: Service, body: Txt2ImgBody) -> int:
+    """``CLIP_stop_at_last_layers`` (1 = the last layer, 2 = the penultimate: "Clip skip 2")."""
+    value = settings(service, body).get("CLIP_stop_at_last_layers", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(
-            "sampler_name",
-            f"sampler_name={chosen.name!r}{schedule} is not available for family {provider.name!r}",
-            "one of " + (", ".join(repr(name) for name in served) or "none (leave sampler_name empty)"),
+            "override_settings.CLIP_stop_at_last_layers",
+            f"CLIP_stop_at_last_layers={value!r} is not a layer count",
+            "an integer >= 1 (1 = the last layer, 2 = the penultimate)",
         )
-    return chosen, mapped
+    return value
 
 
-def _scheduler_for(body: Txt2ImgBody) -> tuple[Sampler | None, str | None]:
-    chosen = sampler(body.sampler_name or body.sampler_index)
-    schedule = (body.scheduler or "automatic").strip().lower()
-    if schedule not in SCHEDULES:
-        raise invalid("scheduler", f"scheduler={body.scheduler!r} is not a schedule t2i runs", "automatic or karras")
-    if chosen is None:
-        if schedule == "karras":
-            raise invalid("scheduler", "scheduler='karras' needs a sampler_name", "automatic without sampler_name")
-        return None, None
-    if schedule == "karras":
-        if chosen.karras is None:
-            raise invalid(
-                "scheduler",
-                f"scheduler='karras' is not available with sampler_name={chosen.name!r}",
-                "automatic, or karras with DPM++ 2M",
-            )
-        return chosen, chosen.karras
-    return chosen, chosen.scheduler
+def family_options(service: Service, body: Txt2ImgBody, family: str) -> dict[str, Any]:
+    """The t2i family options A1111's settings stand for: ``Clip skip N`` is ``clip_skip=N-1`` on SD 1.x."""
+    stop = clip_stop(service, body)
+    return {"clip_skip": stop - 1} if stop > 1 and family in CLIP_SKIP_FAMILIES else {}
+
+
+def prompt_weighting(family: str) -> str | None:
+    """A1111's emphasis (``"a1111"``) for SD 1.x and SDXL where an installed plugin offers it."""
+    from t2i_core import get_registry
+
+    if family not in EMPHASIS_FAMILIES:
+        return None
+    conditioners = get_registry().ordered_conditioners()
+    offered = any(c.weighting == "a1111" and (c.families is None or family in c.families) for c in conditioners)
+    return "a1111" if offered else None
 
 
 def model_of(service: Service, body: Txt2ImgBody) -> ServedModel:
     """The served model: ``override_settings.sd_model_checkpoint`` (a title or name), else the default."""
-    settings = body.override_settings or {}
-    checkpoint = settings.get("sd_model_checkpoint")
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint")
     if checkpoint is None:
         return service.model(None)
     name = str(checkpoint).rsplit(" [", 1)[0] if str(checkpoint) not in service.models else str(checkpoint)
@@ -161,7 +115,11 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
             f"batch_size x n_iter at most {service.limits.max_images}",
         )
     served = model_of(service, body)
-    _sampler, scheduler = scheduler_for(body, served.engine.provider)
+    _sampler, scheduler = scheduler_for(body, served.checker)
+    family = served.engine.family
+    options = family_options(service, body, family)
+    # Clip skip is computed on t2i's plain encoding; the emphasis encoder does not take it yet.
+    weighting = None if options.get("clip_skip") else prompt_weighting(family)
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
     requests = []
     try:
@@ -176,6 +134,8 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
                 seed=seed + index * body.batch_size,
                 num_images=body.batch_size,
                 scheduler=scheduler,
+                prompt_weighting=weighting,
+                options=options,
             )
             requests.append(service.check(served, request, FIELDS))
     except InvalidRequestError as exc:
@@ -183,23 +143,28 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
     return served, requests
 
 
-def _sampler_label(body: Txt2ImgBody) -> str:
-    chosen, scheduler = _scheduler_for(body)
-    if chosen is None:
-        return "Default"
-    karras = scheduler == chosen.karras and scheduler != chosen.scheduler
-    return f"{chosen.name} Karras" if karras and "Karras" not in chosen.name else chosen.name
+def model_hash(served: ServedModel) -> str:
+    """A stable 10-hex-digit id for a served model, where A1111 sends its file's short SHA-256: here the
+    SHA-256 of the model's name and source (a diffusers folder or hub id has no single file to hash)."""
+    import hashlib
+
+    return hashlib.sha256(f"{served.name}\n{served.engine.source}".encode()).hexdigest()[:10]
 
 
-def infotext(body: Txt2ImgBody, job: Job, seed: int) -> str:
-    """The text AUTOMATIC1111 writes under an image (and into its PNG as ``parameters``)."""
+def infotext(body: Txt2ImgBody, job: Job, seed: int, clip: int = 1) -> str:
+    """The text AUTOMATIC1111 writes under an image (and into its PNG as ``parameters``); `clip` is
+    ``CLIP_stop_at_last_layers`` (`clip_stop`)."""
     first = job.requests[0]
     lines = [body.prompt]
     if body.negative_prompt:
         lines.append(f"Negative prompt: {body.negative_prompt}")
+    sampler, schedule_type = _samplers.label(body)
+    schedule = "" if schedule_type == _samplers.AUTOMATIC.label else f"Schedule type: {schedule_type}, "
+    clip_text = f"Clip skip: {clip}, " if clip > 1 else ""
     lines.append(
-        f"Steps: {first.num_inference_steps}, Sampler: {_sampler_label(body)}, CFG scale: {first.guidance_scale:g}, "
-        f"Seed: {seed}, Size: {first.width}x{first.height}, Model: {job.model.name}, Version: {VERSION}"
+        f"Steps: {first.num_inference_steps}, Sampler: {sampler}, {schedule}CFG scale: {first.guidance_scale:g}, "
+        f"Seed: {seed}, Size: {first.width}x{first.height}, Model hash: {model_hash(job.model)}, "
+        f"Model: {job.model.name}, {clip_text}Version: {VERSION}"
     )
     return "\n".join(lines)
 
@@ -208,11 +173,24 @@ def all_seeds(job: Job) -> list[int]:
     return [request.seed + k for request in job.requests if request.seed is not None for k in range(request.num_images)]
 
 
-def info(body: Txt2ImgBody, job: Job) -> dict[str, Any]:
-    """The ``info`` AUTOMATIC1111 returns (as a JSON string) with a txt2img call's images."""
+def info(body: Txt2ImgBody, job: Job, clip: int = 1) -> dict[str, Any]:
+    """The ``info`` AUTOMATIC1111 returns (as a JSON string) with a txt2img call's images, with its types
+    (A1111's ``Processed.js()``); t2i's own notes under ``"t2i"``."""
     first = job.requests[0]
     seeds = all_seeds(job)
     count = len(seeds)
+    sampler, schedule_type = _samplers.label(body)
+    extra: dict[str, Any] = {}
+    if schedule_type != _samplers.AUTOMATIC.label:
+        extra["Schedule type"] = schedule_type
+    if clip > 1:
+        extra["Clip skip"] = clip
+    notes: dict[str, Any] = {"job": job.id, "status": job.status, "model": job.model.name}
+    notes["family"] = job.model.engine.family
+    notes.update(scheduler=first.scheduler, prompt_weighting=first.prompt_weighting, options=dict(first.options))
+    ignored = ignored_settings(body)
+    if ignored:
+        notes["ignored_settings"] = ignored
     return {
         "prompt": body.prompt,
         "all_prompts": [body.prompt] * count,
@@ -225,36 +203,36 @@ def info(body: Txt2ImgBody, job: Job) -> dict[str, Any]:
         "subseed_strength": 0,
         "width": first.width,
         "height": first.height,
-        "sampler_name": _sampler_label(body),
+        "sampler_name": sampler,
         "cfg_scale": first.guidance_scale,
         "steps": first.num_inference_steps,
         "batch_size": body.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
         "sd_model_name": job.model.name,
-        "sd_model_hash": None,
+        "sd_model_hash": model_hash(job.model),
         "sd_vae_name": None,
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": None,
-        "extra_generation_params": {"t2i scheduler": first.scheduler},
+        "extra_generation_params": extra,
         "index_of_first_image": 0,
-        "infotexts": [infotext(body, job, seed) for seed in seeds[: len(job.images)]],
+        "infotexts": [infotext(body, job, seed, clip) for seed in seeds[: len(job.images)]],
         "styles": body.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-        "clip_skip": 1,
+        "clip_skip": clip,
         "is_using_inpainting_conditioning": False,
         "version": VERSION,
-        "t2i": {"job": job.id, "status": job.status, "model": job.model.name, "family": job.model.engine.family},
+        "t2i": notes,
     }
 
 
-def response(body: Txt2ImgBody, job: Job, images: list[str]) -> dict[str, Any]:
+def response(body: Txt2ImgBody, job: Job, images: list[str], clip: int = 1) -> dict[str, Any]:
     return {
         "images": images if body.send_images else [],
         "parameters": body.model_dump(),
-        "info": json.dumps(info(body, job)),
+        "info": json.dumps(info(body, job, clip)),
     }
 
 
@@ -274,30 +252,52 @@ def sd_models(service: Service) -> list[dict[str, Any]]:
 
 def samplers(service: Service) -> list[dict[str, Any]]:
     """The samplers the default model's family runs."""
-    provider = service.models[service.default_model].engine.provider
-    return [
-        {
-            "name": s.name,
-            "aliases": list(s.aliases),
-            "options": {"t2i_scheduler": family_scheduler(provider, s.scheduler)},
-        }
-        for s in SAMPLERS
-        if runs(provider, s)
-    ]
+    return _samplers.samplers(service.models[service.default_model].checker)
+
+
+def schedulers(service: Service) -> list[dict[str, Any]]:
+    """The schedule types the default model runs with at least one sampler."""
+    return _samplers.schedulers(service.models[service.default_model].checker)
 
 
 def options(service: Service) -> dict[str, Any]:
+    stored = service_settings(service)
     return {
         "sd_model_checkpoint": service.default_model,
-        "sd_checkpoint_hash": None,
+        "sd_checkpoint_hash": model_hash(service.models[service.default_model]),
         "sd_vae": "Automatic",
         "samples_format": "png",
-        "CLIP_stop_at_last_layers": 1,
+        "CLIP_stop_at_last_layers": stored.get("CLIP_stop_at_last_layers", 1),
         "eta_noise_seed_delta": 0,
         "enable_pnginfo": True,
         "live_previews_enable": False,
         "return_grid": False,
     }
+
+
+def set_options(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /sdapi/v1/options: ``sd_model_checkpoint`` switches the default model among the served ones,
+    ``CLIP_stop_at_last_layers`` applies to later calls; every other key is accepted, ignored and named."""
+    updates: dict[str, Any] = {}
+    checkpoint = body.get("sd_model_checkpoint")
+    if checkpoint is not None:
+        name = str(checkpoint) if str(checkpoint) in service.models else str(checkpoint).rsplit(" [", 1)[0]
+        updates["default_model"] = service.model(name, field="sd_model_checkpoint").name
+    if "CLIP_stop_at_last_layers" in body:
+        stop = body["CLIP_stop_at_last_layers"]
+        if isinstance(stop, bool) or not isinstance(stop, int) or stop < 1:
+            raise invalid(
+                "CLIP_stop_at_last_layers",
+                f"CLIP_stop_at_last_layers={stop!r} is not a layer count",
+                "an integer >= 1 (1 = the last layer, 2 = the penultimate)",
+            )
+        updates["CLIP_stop_at_last_layers"] = stop
+    if "default_model" in updates:
+        service.default_model = updates["default_model"]
+    if "CLIP_stop_at_last_layers" in updates:
+        service.a1111_settings["CLIP_stop_at_last_layers"] = updates["CLIP_stop_at_last_layers"]
+    ignored = sorted(key for key in body if key not in HONOURED)
+    return {"t2i": {"applied": sorted(key for key in body if key in HONOURED), "ignored_settings": ignored}}
 
 
 def progress(service: Service) -> dict[str, Any]:
@@ -330,7 +330,7 @@ def progress(service: Service) -> dict[str, Any]:
 
 
 def _state(fields: dict[str, Any], *, interrupted: bool = False, timestamp: float | None = None) -> dict[str, Any]:
-    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(timestamp)) if timestamp else 0
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(timestamp)) if timestamp else "0"
     return {
         "skipped": False,
         "interrupted": interrupted,

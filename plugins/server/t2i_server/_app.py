@@ -432,6 +432,7 @@ def _automatic1111(app: FastAPI, service: Service) -> None:
         """AUTOMATIC1111's txt2img: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``.
         An interrupted call answers with the images of the batches that finished, as AUTOMATIC1111 does."""
         served, requests = await run_in_threadpool(_a1111.requests_for, service, body)
+        clip = _a1111.clip_stop(service, body)
         job = _submit(service, served, requests, "a1111")
         await _wait(service, job, request)
         if job.status == FAILED or (job.status == CANCELLED and job.reason == SHUTTING_DOWN):
@@ -439,8 +440,8 @@ def _automatic1111(app: FastAPI, service: Service) -> None:
 
         def encode() -> dict[str, Any]:
             seeds = _a1111.all_seeds(job)
-            images = _pngs_base64(job, lambda i: {"parameters": _a1111.infotext(body, job, seeds[i])})
-            return _a1111.response(body, job, images)
+            images = _pngs_base64(job, lambda i: {"parameters": _a1111.infotext(body, job, seeds[i], clip)})
+            return _a1111.response(body, job, images, clip)
 
         return _json(await run_in_threadpool(encode), headers={"X-T2I-Job": job.id})
 
@@ -456,8 +457,8 @@ def _automatic1111(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/schedulers", tags=["automatic1111"])
     async def schedules() -> Response:
-        """The ``scheduler`` values t2i honours."""
-        return _json([{"name": name, "label": name.title(), "aliases": None} for name in _a1111.SCHEDULES])
+        """AUTOMATIC1111's schedule types the default model runs (with at least one of its samplers)."""
+        return _json(await run_in_threadpool(_a1111.schedulers, service))
 
     @app.get("/sdapi/v1/progress", tags=["automatic1111"])
     async def progress() -> Response:
@@ -466,8 +467,14 @@ def _automatic1111(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/options", tags=["automatic1111"])
     async def options() -> Response:
-        """Read-only settings; pick a model per request with ``override_settings.sd_model_checkpoint``."""
+        """The settings t2i honours; POST changes them (and names the keys it ignores)."""
         return _json(_a1111.options(service))
+
+    @app.post("/sdapi/v1/options", tags=["automatic1111"])
+    async def set_options(body: dict[str, Any]) -> Response:
+        """``sd_model_checkpoint`` switches the default model among the served ones; ``CLIP_stop_at_last_layers``
+        applies to later calls; other keys are accepted and ignored, named in the answer."""
+        return _json(_a1111.set_options(service, body))
 
     @app.get("/sdapi/v1/scripts", tags=["automatic1111"])
     async def scripts() -> Response:

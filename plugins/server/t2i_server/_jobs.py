@@ -339,6 +339,8 @@ class Service:
         #: the ControlNets requests may name; no other is ever resolved
         self.controlnets = tuple(controlnets)
         self.allowed_options = frozenset(allowed_options)
+        #: the AUTOMATIC1111 settings POST /sdapi/v1/options stored (``CLIP_stop_at_last_layers``)
+        self.a1111_settings: dict[str, Any] = {}
         self.metrics = Metrics()
         self.started = time.time()
         self.closing = False

@@ -92,7 +92,7 @@ def test_unknown_fields_are_ignored_and_unsupported_ones_named(base: str) -> Non
         assert ok.status_code == 200 and len(ok.json()["images"]) == 1
         for extra, field in [
             ({"sampler_name": "Heun++ 9000"}, "sampler_name"),
-            ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler"),
+            ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
             ({"enable_hr": True}, "enable_hr"),
             ({"batch_size": 3, "n_iter": 3}, "batch_size"),
             ({"steps": 10_000}, "steps"),
