@@ -121,12 +121,19 @@ def check(
 NEEDS = {"DPMSolverSDEScheduler": ("torchsde", "torchsde")}
 
 
-def _check_installed(name: str, own: OwnSchedulers | None) -> None:
+def installed(name: str, own: OwnSchedulers | None = None) -> bool:
+    """Whether what scheduler `name` (without a modifier) needs beyond diffusers is installed."""
     import importlib.util
 
     class_name = ((own or {}).get(name) or SCHEDULERS[name])[0]
-    module, package = NEEDS.get(class_name, (None, None))
-    if module is not None and importlib.util.find_spec(module) is None:
+    module, _package = NEEDS.get(class_name, (None, None))
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def _check_installed(name: str, own: OwnSchedulers | None) -> None:
+    class_name = ((own or {}).get(name) or SCHEDULERS[name])[0]
+    _module, package = NEEDS.get(class_name, (None, None))
+    if not installed(name, own):
         raise InvalidRequestError(
             "scheduler", name, f"another scheduler ({name} needs {package}: pip install {package})"
         )

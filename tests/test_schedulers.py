@@ -154,3 +154,15 @@ def test_a_modifier_the_scheduler_class_lacks_is_refused_naming_the_pair(
         sd15_engine.generate(GenerationRequest(prompt=PROMPT, scheduler=name))
     assert caught.value.field == "scheduler" and f"scheduler={name!r}" in str(caught.value)
     assert allowed in str(caught.value)
+
+
+def test_a_scheduler_whose_package_is_missing_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchsde" else find_spec(name))
+    assert not named.installed("dpm++-sde") and named.installed("euler")
+    for name in ("dpm++-sde", "dpm++-sde:karras"):
+        with pytest.raises(InvalidRequestError) as caught:
+            named.check(name)
+        assert caught.value.field == "scheduler" and "pip install torchsde" in str(caught.value)

@@ -318,6 +318,8 @@ class ProviderConformance:
         provider = self._provider()
         own = dict(provider.named_schedulers)
         for name in schedulers.family_names(provider.schedulers, own):
+            if name != schedulers.DEFAULT and not schedulers.installed(name, own):
+                continue  # needs a package this environment lacks (dpm++-sde: torchsde)
             result = engine.generate(self.make_request(scheduler=name, num_inference_steps=1))
             assert result.request.scheduler == name and len(result.images) == 1
             if name != schedulers.DEFAULT:
