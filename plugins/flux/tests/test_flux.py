@@ -264,7 +264,7 @@ def test_single_file_transformer_with_configs_from_a_folder(flux: Engine, tmp_pa
     from safetensors.torch import save_file
 
     file = tmp_path / "flux-transformer.safetensors"
-    save_file({key: value.contiguous() for key, value in flux.pipeline.transformer.state_dict().items()}, str(file))
+    save_file({key: value.contiguous() for key, value in transformer_weights(flux.source).items()}, str(file))
     engine = load(str(file), config="tiny:flux", device="cpu", accelerators=("fp32",), cache=False)
     assert engine.family == "flux"
     request = GenerationRequest(prompt=PROMPT, seed=12, num_inference_steps=STEPS)
@@ -418,11 +418,19 @@ TINY_SIZE = {"height": 64, "width": 64}
 def gguf_files(flux: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """tiny:flux's transformer as GGUF files (diffusers' layout), linear weights in Q8_0 and Q4_K."""
     root = tmp_path_factory.mktemp("gguf")
-    state = flux.pipeline.transformer.state_dict()
+    state = transformer_weights(flux.source)
     return {
         qtype: write_gguf(state, root / f"flux-tiny-{qtype}.gguf", qtype, architecture="flux")
         for qtype in ("Q8_0", "Q4_K")
     }
+
+
+def transformer_weights(folder: str) -> dict[str, Any]:
+    """The checkpoint's transformer weights from its files, not from the shared engine, whose layers a
+    LoRA test may have wrapped (peft's ``base_layer``)."""
+    from diffusers import FluxTransformer2DModel
+
+    return dict(FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict())
 
 
 def raw_gguf_flux(file: Path, folder: str, dtype: Any = None) -> Any:
@@ -542,7 +550,7 @@ def test_a_quantizing_accelerator_quantizes_a_single_file_transformer_as_from_pr
     from safetensors.torch import save_file
 
     file = tmp_path / "flux-transformer.safetensors"
-    save_file({key: value.contiguous() for key, value in flux.pipeline.transformer.state_dict().items()}, str(file))
+    save_file({key: value.contiguous() for key, value in transformer_weights(flux.source).items()}, str(file))
     accelerators = ("fp32", quantizing["at_load"])
     engine = load(str(file), config="tiny:flux", device="cpu", accelerators=accelerators, cache=False)
     assert type(engine.pipeline.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"

@@ -54,7 +54,7 @@ class StableDiffusion15(ModelProvider):
 
     def check(self, request: GenerationRequest) -> dict[str, Any]:
         options = super().check(request)
-        if options["clip_skip"] and request.prompt_weighting in WEIGHTINGS_WITHOUT_CLIP_SKIP:
+        if options.get("clip_skip") and request.prompt_weighting in WEIGHTINGS_WITHOUT_CLIP_SKIP:
             raise UnsupportedFeatureError(
                 self.name,
                 f"options['clip_skip'] together with prompt_weighting={request.prompt_weighting!r}",
@@ -73,7 +73,7 @@ class StableDiffusion15(ModelProvider):
 
     def call_kwargs(self, request: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = super().call_kwargs(request, options)
-        if options["clip_skip"]:
+        if options.get("clip_skip"):
             kwargs["clip_skip"] = options["clip_skip"]
         return kwargs
 

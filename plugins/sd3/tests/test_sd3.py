@@ -246,7 +246,7 @@ def test_a_single_file_transformer_loads_with_the_configs_of_tiny_sd3(sd3: Engin
     from diffusers import SD3Transformer2DModel
     from safetensors.torch import save_file
 
-    weights = {name: tensor.clone() for name, tensor in sd3.pipeline.transformer.state_dict().items()}
+    weights = {name: tensor.clone() for name, tensor in transformer_weights(sd3.source).items()}
     with torch.no_grad():
         weights["proj_out.weight"] += 0.05  # not tiny:sd3's own transformer, so the file must be read
     file = tmp_path / "sd3-transformer.safetensors"
@@ -320,7 +320,7 @@ def test_a_gguf_transformer_matches_diffusers_gguf_loading(sd3: Engine, tmp_path
     from diffusers import GGUFQuantizationConfig, SD3Transformer2DModel
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    file = write_gguf(sd3.pipeline.transformer.state_dict(), tmp_path / f"sd3-{qtype}.gguf", qtype, architecture="sd3")
+    file = write_gguf(transformer_weights(sd3.source), tmp_path / f"sd3-{qtype}.gguf", qtype, architecture="sd3")
     engine = load(str(file), config="tiny:sd3", device="cpu", accelerators=("fp32",), cache=False)
     assert engine.family == "sd3"
     quantized = [p for p in engine.pipeline.transformer.parameters() if isinstance(p, GGUFParameter)]
@@ -339,3 +339,11 @@ def test_a_gguf_transformer_matches_diffusers_gguf_loading(sd3: Engine, tmp_path
     assert_images_differ(
         result.images, sd3.generate(request(6, negative_prompt=NEGATIVE)).images, "the quantized weights"
     )
+
+
+def transformer_weights(folder: str) -> dict[str, Any]:
+    """The checkpoint's transformer weights from its files, not from the shared engine, whose layers a
+    LoRA test may have wrapped (peft's ``base_layer``)."""
+    from diffusers import SD3Transformer2DModel
+
+    return dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict())

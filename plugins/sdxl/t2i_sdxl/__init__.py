@@ -138,7 +138,7 @@ class StableDiffusionXL(ModelProvider):
     def check(self, request: GenerationRequest) -> dict[str, Any]:
         options = super().check(request)
         _check_negative_micro_conditioning(options)
-        if options["clip_skip"] and request.prompt_weighting in WEIGHTINGS_WITHOUT_CLIP_SKIP:
+        if options.get("clip_skip") and request.prompt_weighting in WEIGHTINGS_WITHOUT_CLIP_SKIP:
             raise UnsupportedFeatureError(
                 self.name,
                 f"options['clip_skip'] together with prompt_weighting={request.prompt_weighting!r}",
@@ -156,7 +156,7 @@ class StableDiffusionXL(ModelProvider):
             raise UnsupportedFeatureError(self.name, "the refiner together with prompt weighting")
         if request.controls:
             raise UnsupportedFeatureError(self.name, "the refiner together with ControlNet controls")
-        if options["clip_skip"]:
+        if options.get("clip_skip"):
             raise UnsupportedFeatureError(self.name, "the refiner together with options['clip_skip']")
         self._refiners.resolve(options["refiner"])
         return options
@@ -169,7 +169,7 @@ class StableDiffusionXL(ModelProvider):
         for option in PIPELINE_OPTIONS:
             if options[option.name] is not None:
                 kwargs[option.name] = options[option.name]
-        if options["clip_skip"]:
+        if options.get("clip_skip"):
             kwargs["clip_skip"] = options["clip_skip"]
         if options["refiner"] is not None:
             from t2i_core.kit import DEFAULT_SCHEDULER
