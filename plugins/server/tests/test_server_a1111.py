@@ -26,6 +26,13 @@ def served() -> ServedModel:
 
 
 @pytest.fixture(scope="module")
+def sd15_engine(served: ServedModel) -> Any:
+    """The SDK side of each comparison is the engine the server serves: the same weights and base scheduler
+    (the session's tiny:sd15 engine may share a pipeline that earlier tests switched schedulers on)."""
+    return served.engine
+
+
+@pytest.fixture(scope="module")
 def base(served: ServedModel) -> Iterator[str]:
     with running_server(Service([served], Limits())) as url:
         yield url

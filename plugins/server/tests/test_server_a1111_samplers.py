@@ -107,6 +107,13 @@ def served() -> ServedModel:
 
 
 @pytest.fixture(scope="module")
+def sd15_engine(served: ServedModel) -> Any:
+    """The SDK side of each comparison is the engine the server serves: the same weights and base scheduler
+    (the session's tiny:sd15 engine may share a pipeline that earlier tests switched schedulers on)."""
+    return served.engine
+
+
+@pytest.fixture(scope="module")
 def service(served: ServedModel) -> Service:
     return Service([served, load_model(OTHER, MODEL, device="cpu")], Limits())
 
