@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from t2i_core.kit import clip_hidden_states
+
 from ._emphasis import Chunk, Vocabulary, chunks, parse
 
 
@@ -117,15 +119,13 @@ class EmphasisEncoder:
     def _chunk(self, encoder: Any, chunk: Chunk, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's weighted hidden states, its mean restored, and the encoder's pooled output."""
         ids = torch.tensor([chunk.ids], device=encoder.device)
-        output = encoder(ids, output_hidden_states=True)
         skip = clip_skip or 0
+        # SDXL reads both encoders' penultimate layer already (skip + 1, no final norm), SD 1.x the last
+        # (skip 0: the final norm of the last layer, the encoder's last_hidden_state), as diffusers does
         if self.dual:
-            z = output.hidden_states[-(skip + 2)]
-        elif skip:
-            # transformers >= 5.6 keeps the final layer norm on CLIPTextModel itself, not in .text_model
-            z = getattr(encoder, "text_model", encoder).final_layer_norm(output.hidden_states[-(skip + 1)])
+            z, output = clip_hidden_states(encoder, ids, skip + 1, final_layer_norm=False)
         else:
-            z = output[0]
+            z, output = clip_hidden_states(encoder, ids, skip, final_layer_norm=True)
         dtype = z.dtype
         weights = torch.tensor(chunk.weights, device=z.device)  # float32, as A1111's multipliers
         original_mean = z.mean()
