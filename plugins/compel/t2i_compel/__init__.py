@@ -47,13 +47,7 @@ class CompelWeighting(Conditioner):
     def prepare(self, engine: Engine, request: GenerationRequest) -> None:
         from ._embeddings import check_syntax
 
-        check_syntax("prompt", request.prompt)
-        if request.negative_prompt is not None:
-            check_syntax("negative_prompt", request.negative_prompt)
-        for option in _SECOND_ENCODER_OPTIONS:
-            value = request.options.get(option)
-            if isinstance(value, str):
-                check_syntax(f"options[{option!r}]", value)
+        _check_texts(request, check_syntax)
 
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
         texts = {key: call.kwargs.pop(key, None) for key in _TEXT_ARGUMENTS}
@@ -100,13 +94,7 @@ class A1111Weighting(Conditioner):
     def prepare(self, engine: Engine, request: GenerationRequest) -> None:
         from ._emphasis import check_syntax
 
-        check_syntax("prompt", request.prompt)
-        if request.negative_prompt is not None:
-            check_syntax("negative_prompt", request.negative_prompt)
-        for option in _SECOND_ENCODER_OPTIONS:
-            value = request.options.get(option)
-            if isinstance(value, str):
-                check_syntax(f"options[{option!r}]", value)
+        _check_texts(request, check_syntax)
 
     def condition(self, engine: Engine, request: GenerationRequest, call: Call) -> None:
         texts = {key: call.kwargs.pop(key, None) for key in _TEXT_ARGUMENTS}
@@ -131,6 +119,17 @@ class A1111Weighting(Conditioner):
             encoder = EmphasisEncoder(engine.pipeline, dual=_DUAL_ENCODER[engine.family])
             engine.state[self.name] = encoder
         return encoder
+
+
+def _check_texts(request: GenerationRequest, check_syntax: Callable[[str, str], None]) -> None:
+    """Every text of `request` a weighting reads (prompt, negative prompt, SDXL's second-encoder options), checked."""
+    check_syntax("prompt", request.prompt)
+    if request.negative_prompt is not None:
+        check_syntax("negative_prompt", request.negative_prompt)
+    for option in _SECOND_ENCODER_OPTIONS:
+        value = request.options.get(option)
+        if isinstance(value, str):
+            check_syntax(f"options[{option!r}]", value)
 
 
 @hookimpl
