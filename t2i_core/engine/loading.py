@@ -188,14 +188,13 @@ def _without_unfit(
             continue
         others = {a.name for a in kept if a is not accelerator}
         try:
-            if context.device.split(":", 1)[0] not in accelerator.devices:
-                raise IncompatibleAcceleratorsError([accelerator.name], f"it runs on {', '.join(accelerator.devices)}")
-            clash = others.intersection(accelerator.conflicts) or {
-                a.name for a in kept if accelerator.name in a.conflicts
-            }
-            if clash:
-                raise IncompatibleAcceleratorsError([accelerator.name, *sorted(clash)], "they exclude each other")
-            accelerator.check(context)
+            # a clash either side declares: the other one is no optional to leave out instead
+            declared_by_others = sorted(a.name for a in kept if accelerator.name in a.conflicts)
+            if declared_by_others:
+                raise IncompatibleAcceleratorsError(
+                    [accelerator.name, *declared_by_others], f"{', '.join(declared_by_others)} exclude it"
+                )
+            _check_accelerator(accelerator, others, context)
         except (IncompatibleAcceleratorsError, UnsupportedFeatureError) as exc:
             kept.remove(accelerator)
             logger.info("the preset's %s is left out: %s", accelerator.name, exc)
@@ -204,18 +203,22 @@ def _without_unfit(
 
 def _check_accelerators(chosen: tuple[Accelerator, ...], context: LoadContext) -> None:
     names = {a.name for a in chosen}
-    kind = context.device.split(":", 1)[0]
     for accelerator in chosen:
-        if kind not in accelerator.devices:
-            raise IncompatibleAcceleratorsError(
-                [accelerator.name], f"it runs on {', '.join(accelerator.devices)}, not on {context.device}"
-            )
-        clash = sorted(names.intersection(accelerator.conflicts))
-        if clash:
-            raise IncompatibleAcceleratorsError(
-                [accelerator.name, *clash], f"{accelerator.name} excludes {', '.join(clash)}"
-            )
-        accelerator.check(context)
+        _check_accelerator(accelerator, names, context)
+
+
+def _check_accelerator(accelerator: Accelerator, names: set[str], context: LoadContext) -> None:
+    """Refuse `accelerator` on this device, beside the accelerators `names`, or by its own `check`."""
+    if context.device.split(":", 1)[0] not in accelerator.devices:
+        raise IncompatibleAcceleratorsError(
+            [accelerator.name], f"it runs on {', '.join(accelerator.devices)}, not on {context.device}"
+        )
+    clash = sorted(names.intersection(accelerator.conflicts))
+    if clash:
+        raise IncompatibleAcceleratorsError(
+            [accelerator.name, *clash], f"{accelerator.name} excludes {', '.join(clash)}"
+        )
+    accelerator.check(context)
 
 
 def _load_pipeline(
