@@ -56,11 +56,13 @@ _EXPORTS: dict[str, str] = {
     "PluginWarning": "registry",
     "get_registry": "registry",
     "reset_registry": "registry",
-    "Control": "request",
-    "Embedding": "request",
+    "Control": "request_values",
+    "Embedding": "request_values",
     "GenerationRequest": "request",
     "GenerationResult": "request",
-    "Lora": "request",
+    "HiresFix": "request_values",
+    "ImagePrompt": "request_values",
+    "Lora": "request_values",
 }
 
 __all__ = [
@@ -81,6 +83,8 @@ __all__ = [
     "GenerationError",
     "GenerationRequest",
     "GenerationResult",
+    "HiresFix",
+    "ImagePrompt",
     "IncompatibleAcceleratorsError",
     "InvalidRequestError",
     "LoadContext",
@@ -153,4 +157,5 @@ if TYPE_CHECKING:
     from .hookspecs import hookimpl, hookspec
     from .provider import FamilyDefaults, ModelProvider, Option
     from .registry import PluginWarning, get_registry, reset_registry
-    from .request import Control, Embedding, GenerationRequest, GenerationResult, Lora
+    from .request import GenerationRequest, GenerationResult
+    from .request_values import Control, Embedding, HiresFix, ImagePrompt, Lora

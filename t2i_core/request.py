@@ -1,4 +1,4 @@
-"""The values that cross the public API: `GenerationRequest`, `Control` and `GenerationResult`."""
+"""The values that cross the public API: `GenerationRequest` and `GenerationResult` (the values a request holds are in `request_values`)."""
 
 from __future__ import annotations
 
@@ -12,127 +12,18 @@ import attrs
 
 from ._validators import chain, encodable, in_range, multiple_of, non_blank, of_type, optional, to_int
 from .errors import InvalidRequestError
+from .request_values import Control as Control
+from .request_values import Embedding as Embedding
+from .request_values import HiresFix as HiresFix
+from .request_values import ImagePrompt as ImagePrompt
+from .request_values import Lora as Lora
+from .request_values import _number
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 #: Largest seed accepted: torch generators take 64-bit seeds, and image i uses seed + i.
 MAX_SEED = 2**63 - 1
-
-
-def _number(v: Any) -> Any:
-    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-
-def _control_image(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, (str, os.PathLike)):
-        if not str(value):
-            raise InvalidRequestError(attribute.name, value, "a PIL image or the path of an image file")
-        return
-    from PIL.Image import Image
-
-    if not isinstance(value, Image):
-        raise InvalidRequestError(attribute.name, value, "a PIL image or the path of an image file")
-
-
-def _below_one(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value >= 1.0:
-        raise InvalidRequestError(attribute.name, value, "a number in [0, 1)")
-
-
-def _control_window(inst: Control, _attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= inst.start:
-        raise InvalidRequestError("end", value, f"a fraction of the schedule greater than start={inst.start}")
-
-
-@attrs.frozen(kw_only=True)
-class Control:
-    """One ControlNet conditioning: an image, the ControlNet that reads it, and its weight.
-
-    `start` and `end` bound the fraction of the schedule during which the control applies;
-    `preprocess` names a weight-free preprocessing of the image (``"canny"``) or None.
-    `guess_mode` lets the ControlNet recognise the image's content without relying on the
-    prompt (diffusers' ``guess_mode``); it applies to the whole call, so every control of one
-    request must agree on it.
-    """
-
-    image: str | os.PathLike[str] | Image = attrs.field(validator=_control_image)
-    model: str = attrs.field(validator=chain(of_type(str, what="a hub id, local folder or tiny: name"), non_blank))
-    scale: float = attrs.field(
-        default=1.0,
-        converter=_number,
-        validator=chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0")),
-    )
-    start: float = attrs.field(
-        default=0.0,
-        converter=_number,
-        validator=chain(
-            of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)"), _below_one
-        ),
-    )
-    end: float = attrs.field(
-        default=1.0,
-        converter=_number,
-        validator=chain(
-            of_type(float, what="a number in (0, 1]"), in_range(0.0, 1.0, what="a number in (0, 1]"), _control_window
-        ),
-    )
-    preprocess: str | None = attrs.field(default=None, validator=optional(of_type(str)))
-    guess_mode: bool = attrs.field(default=False, validator=of_type(bool, what="True or False"))
-
-
-def _weights_source(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRequestError(attribute.name, value, "a local .safetensors file, a local folder or a hub id")
-
-
-def _source_text(value: Any) -> Any:
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-def _token(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or not value.strip() or value != value.strip() or "\0" in value:
-        raise InvalidRequestError(
-            attribute.name, value, "None or the token to use in prompts: text without surrounding spaces"
-        )
-
-
-@attrs.frozen
-class Lora:
-    """One LoRA adapter to apply to the denoiser (and text encoders, if the file has theirs).
-
-    `source` is a local ``.safetensors`` file, a local folder or a hub id; `weight_name` picks
-    the file in a folder or repository that holds several. `scale` multiplies the adapter's
-    effect (diffusers' ``adapter_weights``): 0 turns it off, 1 is as trained, negative values
-    push away from it. See ``docs/lora.md``. Positional as ``Lora("style.safetensors", 0.8)``.
-    """
-
-    source: str = attrs.field(converter=_source_text, validator=_weights_source)
-    scale: float = attrs.field(
-        default=1.0,
-        converter=_number,
-        validator=chain(
-            of_type(float, what="a number in [-10, 10]"), in_range(-10.0, 10.0, what="a number in [-10, 10]")
-        ),
-    )
-    weight_name: str | None = attrs.field(
-        default=None, validator=optional(chain(of_type(str, what="None or a file name"), non_blank))
-    )
-
-
-@attrs.frozen
-class Embedding:
-    """One textual-inversion embedding: new token(s) for the text encoder(s).
-
-    `source` is a local ``.safetensors`` file, a local folder or a hub id; `token` is the word
-    that stands for it in prompts (None = the token the file names, or for files that name none,
-    such as SDXL embeddings, the file's stem). See ``docs/embeddings.md``.
-    """
-
-    source: str = attrs.field(converter=_source_text, validator=_weights_source)
-    token: str | None = attrs.field(default=None, validator=optional(_token))
 
 
 def _as_tuple(value: Any, kind: type) -> Any:
@@ -149,6 +40,10 @@ def _to_loras(value: Any) -> Any:
 
 def _to_embeddings(value: Any) -> Any:
     return _as_tuple(value, Embedding)
+
+
+def _to_image_prompts(value: Any) -> Any:
+    return _as_tuple(value, ImagePrompt)
 
 
 def _tuple_of(kind: type) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -239,6 +134,12 @@ class GenerationRequest:
     )
     scheduler: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_options, validator=_options)
+    image_prompts: tuple[ImagePrompt, ...] = attrs.field(
+        default=(), converter=_to_image_prompts, validator=_tuple_of(ImagePrompt)
+    )
+    hires: HiresFix | None = attrs.field(
+        default=None, validator=optional(of_type(HiresFix, what="None or a t2i_core.HiresFix"))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
@@ -249,10 +150,13 @@ class GenerationRequest:
         return attrs.evolve(self, **changes)
 
 
+def _image_text(image: Any) -> str:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<in-memory image>"
+
+
 def _describe_control(control: Control) -> dict[str, Any]:
-    image = control.image if isinstance(control.image, (str, os.PathLike)) else "<in-memory image>"
     return {
-        "image": os.fspath(image),
+        "image": _image_text(control.image),
         "model": control.model,
         "scale": control.scale,
         "start": control.start,
@@ -299,6 +203,12 @@ class GenerationResult:
             data["prompt_weighting"] = request.prompt_weighting
         if request.controls:
             data["controls"] = json.dumps([_describe_control(control) for control in request.controls])
+        if request.image_prompts:
+            data["image_prompts"] = json.dumps(
+                [{**attrs.asdict(each), "image": _image_text(each.image)} for each in request.image_prompts]
+            )
+        if request.hires is not None:
+            data["hires"] = json.dumps(attrs.asdict(request.hires))
         if request.loras or request.embeddings:
             from ._weight_files import describe
 
