@@ -148,3 +148,24 @@ def test_cli_single_file_with_config(
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "hf download stabilityai/stable-diffusion-xl-base-1.0" in err
+
+
+def test_a_single_file_replaced_on_disk_is_loaded_again(tmp_path: Path, single_files: dict[str, Path]) -> None:
+    """Red team: the weights cache was keyed by path, so a checkpoint overwritten on disk gave stale images."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "model.safetensors"
+    shutil.copyfile(single_files["sd15"], file)
+    request = GenerationRequest(prompt="a red fox", num_inference_steps=STEPS, seed=5)
+    before = load(file, config="tiny:sd15", device="cpu")
+    assert load(file, config="tiny:sd15", device="cpu").pipeline.unet is before.pipeline.unet  # unchanged: cached
+    weights = load_file(str(file))
+    name = "model.diffusion_model.out.2.weight"  # the UNet's last convolution, in the LDM layout
+    weights[name] = weights[name] + torch.full_like(weights[name], 0.05)
+    save_file(weights, str(file))  # a new version of the checkpoint, at the same path
+    after = load(file, config="tiny:sd15", device="cpu")
+    assert after.pipeline.unet is not before.pipeline.unet
+    assert_images_equal(after.generate(request).images, raw_single_file("sd15", file, tiny_folder("sd15")))
+    with pytest.raises(AssertionError):
+        assert_images_equal(after.generate(request).images, before.generate(request).images)

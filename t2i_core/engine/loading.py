@@ -65,8 +65,27 @@ def _cached_pipeline(
         with loading_lock:
             pipeline = _load_pipeline(model, resolved, chosen, context, allow_pickle)
         with _cache_lock:
+            # A file replaced on disk is a new version: drop the weights of the old one.
+            for stale in [k for k in _cache if k[:-1] == key[:-1] and k[-1] != key[-1]]:
+                del _cache[stale]
             _cache[key] = pipeline
         return pipeline
+
+
+def _file_version(source: str) -> tuple[int, int, int] | None:
+    """What tells a single file's versions apart (size, modification time, inode); None for the rest.
+
+    Part of the cache key, so that a checkpoint overwritten on disk is loaded again, not served stale.
+    """
+    try:
+        stat = os.stat(source)
+    except OSError:
+        return None
+    import stat as stat_module
+
+    if not stat_module.S_ISREG(stat.st_mode):
+        return None
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 def clear_cache() -> None:
@@ -128,7 +147,15 @@ def load(
         context = attrs.evolve(context, accelerators=tuple(a.name for a in chosen))
     _check_accelerators(chosen, context)
     specs = tuple(a.spec for a in chosen)
-    key = (resolved.family, resolved.source, device, specs, allow_pickle, resolved.config)
+    key = (
+        resolved.family,
+        resolved.source,
+        device,
+        specs,
+        allow_pickle,
+        resolved.config,
+        _file_version(resolved.source),
+    )
     if cache:
         pipeline = resolved.provider.share(_cached_pipeline(key, model, resolved, chosen, context, allow_pickle))
     else:
