@@ -31,17 +31,21 @@ _REASONS = {
 }
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool) -> None:
+def write_atomically(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool, through_links: bool = True
+) -> None:
     """Call `write(handle)` on a hidden temporary file beside `path`, sync it, and move it into place.
 
     Without `overwrite` an existing `path` (even a dangling symbolic link) is never replaced:
     raises `FileExistsError`, also when the file appears while `write` runs. With `overwrite`
     the old file is swapped for the new one in one step, keeping its permission bits; a
-    symbolic link is written through, as ``open(path, "wb")`` would. Any failure, including
+    symbolic link is written through, as ``open(path, "wb")`` would — or, with `through_links`
+    false, replaced itself (its target untouched: for files a program owns, such as a batch's
+    images, where a link put in their place must not redirect the write). Any failure, including
     ``KeyboardInterrupt``, removes the temporary file; an `OSError` becomes `OutputError`.
     """
     shown = os.fspath(path)
-    target = os.path.realpath(shown) if overwrite and os.path.islink(shown) else shown
+    target = os.path.realpath(shown) if overwrite and through_links and os.path.islink(shown) else shown
     folder, name = os.path.split(target)
     folder = folder or os.curdir
     temp = None

@@ -289,3 +289,32 @@ def test_sigkill_mid_batch_loses_no_finished_image_and_a_rerun_finishes(tmp_path
     summary = run_batch(jobs, out=out, model="tiny:sd15", defaults={"num_inference_steps": STEPS}, device="cpu")
     assert summary.skipped >= len(recorded) and summary.done + summary.skipped == 12 and summary.ok
     assert len(pngs(out)) == 12 and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["jobs.csv", "jobs.jsonl"])
+def test_a_utf8_bom_is_not_part_of_the_first_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Red team: Excel's "CSV UTF-8" starts with a BOM, which broke the CSV header and JSONL line 1."""
+    jobs = tmp_path / name
+    body = "id,prompt\nc1,a cat\n" if name.endswith(".csv") else '{"id": "c1", "prompt": "a cat"}\n'
+    jobs.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--model", "tiny:sd15", "--out", str(out), "--dry-run"]) == 0
+    assert "every job is valid" in capsys.readouterr().out
+
+
+def test_a_link_in_an_images_place_is_replaced_not_written_through(tmp_path: Path) -> None:
+    """Red team: a finished PNG replaced by a symbolic link made the rerun overwrite the link's target."""
+    jobs = write_lines(tmp_path / "jobs.jsonl", [{"id": "j0", "prompt": "a lighthouse"}])
+    out = tmp_path / "out"
+    kwargs: dict[str, Any] = {"out": out, "model": "tiny:sd15", "defaults": {"num_inference_steps": 1}}
+    assert run_batch(jobs, device="cpu", **kwargs).done == 1
+    made = (out / "j0.png").read_bytes()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's own file")
+    (out / "j0.png").unlink()
+    (out / "j0.png").symlink_to(precious)
+    assert run_batch(jobs, device="cpu", **kwargs).done == 1
+    assert precious.read_text() == "the user's own file"
+    assert not (out / "j0.png").is_symlink() and (out / "j0.png").read_bytes() == made

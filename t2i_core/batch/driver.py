@@ -231,8 +231,9 @@ def _finish(folder: Path, job: Job, outcome: Outcome, executor: str) -> dict[str
     started = time.perf_counter()
     files = []
     for name, data in zip(names, outcome.images, strict=True):
-        # Replaces only what no complete record vouches for: a leftover of a run cut short.
-        write_atomically(folder / name, _writer(data), overwrite=True)
+        # Replaces only what no complete record vouches for: a leftover of a run cut short. A symbolic
+        # link in an image's place is replaced, never written through (its target is not the batch's).
+        write_atomically(folder / name, _writer(data), overwrite=True, through_links=False)
         files.append({"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     timings = {**outcome.timings, "write_s": round(time.perf_counter() - started, 4)}
     return {

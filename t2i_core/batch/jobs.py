@@ -107,7 +107,7 @@ def read_jobs(
 def _read_file(path: Path, has_model: bool) -> Iterator[tuple[int, Any]]:
     """(line, entry) for each job of the file: a dict, an exception for a line that cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Excel's "CSV UTF-8") is not text
     except FileNotFoundError:
         raise InvalidRequestError("jobs", str(path), "an existing JSONL, CSV or text file") from None
     except IsADirectoryError:
