@@ -28,11 +28,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 class WeightsFile:
     """A source resolved to one local file."""
 
-    #: how the user named it (a path, or a hub id)
     source: str
+    """How the user named it (a path, or a hub id)."""
     path: Path
-    #: what metadata calls it: the file name, or ``owner/repo/file`` for a hub file
+    """The local file: the file named, the one picked in a folder, or the hub file's copy in the cache."""
     name: str
+    """What metadata calls it: the file name, or ``owner/repo/file`` for a hub file."""
 
 
 def resolve_file(source: str, weight_name: str | None, *, field: str) -> WeightsFile:
@@ -50,10 +51,26 @@ def resolve_file(source: str, weight_name: str | None, *, field: str) -> Weights
     if exists:
         chosen = _pick(sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, source, field, str(path))
         return WeightsFile(source, _checked(path / chosen, source, field), chosen)
+    if path.is_symlink():  # exists() is False for a dangling link and a link loop alike
+        raise InvalidRequestError(field, source, f"an existing file, folder or hub id ({_broken_link(path)})")
     names_a_file = path.suffix.lower() in (SAFE_SUFFIX, *PICKLE_SUFFIXES)
     if names_a_file or not is_hub_id(source, namespaced=True):
         raise InvalidRequestError(field, source, f"an existing file, folder or hub id ({path} does not exist)")
     return _hub_file(source, weight_name, field)
+
+
+def _broken_link(path: Path) -> str:
+    """Why the symbolic link `path` leads nowhere: a loop, or the missing file it points to."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return f"{path} is a symbolic link loop"
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+    return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 def _weight_field(field: str) -> str:

@@ -1,4 +1,5 @@
-"""What a LoRA or embedding file holds, read from its safetensors header (names and shapes, no weights).
+"""What a LoRA or embedding file holds, read from its safetensors header (names and shapes), and whether
+its weights are finite numbers (read once per file content).
 
 Everything a request can be refused for is found here, before any weights load: a file for
 another family, a format diffusers cannot convert, a rank beyond the hot-swap slots.
@@ -7,6 +8,7 @@ another family, a format diffusers cannot convert, a rank beyond the hot-swap sl
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,9 +99,11 @@ def lora_file(
             field, source, f"a LoRA for {family} ({found.name} adapts a second text encoder: an SDXL LoRA)"
         )
     ranks = [shape[0] for key, shape in shapes.items() if _is_down(key) and shape]
+    digest = file_digest(found.path)
+    check_finite(found, digest, field, "a LoRA")
     return LoraFile(
         file=found,
-        digest=file_digest(found.path),
+        digest=digest,
         rank=max(ranks, default=0),
         text_encoder=any(key.startswith(_TEXT_ENCODER) for key in shapes),
         text_encoder_2=text_encoder_2,
@@ -280,4 +284,39 @@ def embedding_file(
                 f"an embedding for this {family} model (vectors of width {widths[attribute]} for its {attribute}); "
                 f"{found.name}'s {key} has shape {list(shape)}{hint}",
             )
-    return EmbeddingFile(file=found, digest=file_digest(found.path), token=token or default_token, keys=keys)
+    digest = file_digest(found.path)
+    check_finite(found, digest, field, "an embedding")
+    return EmbeddingFile(file=found, digest=digest, token=token or default_token, keys=keys)
+
+
+#: content hashes of the files whose tensors were found finite: each file is read once a process
+_finite: set[str] = set()
+_finite_lock = threading.Lock()
+
+
+def check_finite(found: WeightsFile, digest: str, field: str, kind: str) -> None:
+    """Refuse a file holding NaN or infinite weights: they would make every image black (or noise).
+
+    Reads the tensors once per content (one file at a time); `kind` names what the file should be.
+    """
+    with _finite_lock:
+        if digest in _finite:
+            return
+        import torch
+        from safetensors import safe_open
+
+        bad = []
+        with safe_open(str(found.path), framework="pt") as handle:
+            keys = list(handle.keys())
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(key)
+        if bad:
+            raise InvalidRequestError(
+                field,
+                found.source,
+                f"{kind} with finite weights ({found.name}: {len(bad)} of {len(keys)} tensors hold NaN or "
+                f"infinity, first {bad[0]})",
+            )
+        _finite.add(digest)
