@@ -55,7 +55,8 @@ class Control:
     scale: float = attrs.field(
         default=1.0,
         converter=_number,
-        validator=chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0")),
+        # Bounded like a LoRA's scale: far beyond what a ControlNet was trained for, the output overflows.
+        validator=chain(of_type(float, what="a number in [0, 10]"), in_range(0.0, 10.0, what="a number in [0, 10]")),
     )
     start: float = attrs.field(
         default=0.0,

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from t2i_core import (
+    Control,
     DegenerateImageWarning,
     GenerationRequest,
     InvalidRequestError,
+    Lora,
     ModelNotFoundError,
     PromptTruncatedWarning,
     load,
@@ -78,6 +80,15 @@ def test_a_flat_image_is_reported() -> None:
     with pytest.warns(DegenerateImageWarning) as caught:
         _warn_degenerate([noisy, Image.new("RGB", (8, 8))], request)
     assert len(caught) == 1 and str(caught[0].message).startswith("image 1 is a single flat colour (0, 0, 0)")
+    assert "(guidance_scale=50; half precision" in str(caught[0].message)
+    # Every value that scales the model's output is named, not only guidance (red team).
+    scaled = request.evolve(
+        controls=(Control(image="edges.png", model="m", scale=9.5),), loras=(Lora("s.safetensors", -3),)
+    )
+    with pytest.warns(
+        DegenerateImageWarning, match=r"guidance_scale=50, controls\[0\].scale=9.5, loras\[0\].scale=-3;"
+    ):
+        _warn_degenerate([Image.new("RGB", (8, 8))], scaled)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_degenerate([noisy], request)

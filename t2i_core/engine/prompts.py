@@ -103,6 +103,15 @@ def quiet_truncation(pipeline: Any) -> Iterator[None]:
             logger.removeFilter(_DROP_TRUNCATION)
 
 
+def _suspects(request: GenerationRequest) -> str:
+    """The request's values that scale the model's output, for a flat image's warning."""
+    scales = [f"guidance_scale={request.guidance_scale:g}"]
+    scales += [f"controls[{i}].scale={control.scale:g}" for i, control in enumerate(request.controls)]
+    scales += [f"loras[{i}].scale={lora.scale:g}" for i, lora in enumerate(request.loras)]
+    scales += [f"image_prompts[{i}].scale={prompt.scale:g}" for i, prompt in enumerate(request.image_prompts)]
+    return ", ".join(scales)
+
+
 def warn_degenerate(images: list[Any], request: GenerationRequest) -> None:
     for index, image in enumerate(images):
         extrema = image.getextrema()
@@ -111,7 +120,7 @@ def warn_degenerate(images: list[Any], request: GenerationRequest) -> None:
             warnings.warn(
                 DegenerateImageWarning(
                     f"image {index} is a single flat colour {tuple(low for low, _ in bands)}: the model's output "
-                    f"overflowed (guidance_scale={request.guidance_scale:g}; half precision can also overflow)"
+                    f"overflowed ({_suspects(request)}; half precision can also overflow)"
                 ),
                 stacklevel=4,
             )
