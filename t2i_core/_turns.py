@@ -1,8 +1,9 @@
 """Turns on shared weights: runs that need the weights in one state share them; another state waits.
 
-Engines from one cached `load()` share their UNet and text encoders. LoRA adapters and
-embeddings live inside those modules, so a request that needs other adapters active must wait
-until no run uses the weights, change them, and only then run. Runs that need the same state
+Engines from one cached `load()` share their UNet and text encoders. What plugins put inside
+those modules (t2i-lora's adapters and embeddings, t2i-ipadapter's attention processors) is
+shared too, so a request that needs them in another state must wait until no run uses the
+weights, change them, and only then run. Runs that need the same state
 (the same adapters and scales, or none) run side by side, as plain engines always have.
 Requests take turns in arrival order, so a waiting state change is never starved by a stream
 of runs in the current state.

@@ -11,7 +11,9 @@ import (no torch, diffusers or transformers until a function that needs them run
 - **Text encoders**: `clip_hidden_states` (CLIP skip, as diffusers' ``clip_skip``), `clip_layers`.
 - **Running**: `report_progress`, `ProgressCallback`, `takes_latents`, `private_components`,
   `is_offloaded`, `loading_lock`.
-- **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them.
+- **State**: `SharedState`, one value per set of loaded weights, shared by the engines over them;
+  `Turns`, a gate that lets runs needing those weights in one state run together while a run
+  needing another state waits.
 - **Schedulers**: `DEFAULT_SCHEDULER`, `build_scheduler`, `scheduler_names`.
 - **Settings**: `env_int`, a positive-integer environment setting with a clear error.
 - **Files**: `write_atomically`, a file written whole or not at all (temporary name, fsync, rename).
@@ -44,6 +46,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ProgressCallback": ("_progress", "ProgressCallback"),
     "report_progress": ("_progress", "report_progress"),
     "takes_latents": ("_progress", "takes_latents"),
+    "Turns": ("_turns", "Turns"),
     "WeightsFile": ("_weight_files", "WeightsFile"),
     "file_digest": ("_weight_files", "file_digest"),
     "resolve_file": ("_weight_files", "resolve_file"),
@@ -58,6 +61,7 @@ __all__ = [
     "DEFAULT_SCHEDULER",
     "ProgressCallback",
     "SharedState",
+    "Turns",
     "WeightsFile",
     "build_scheduler",
     "clip_hidden_states",
@@ -192,6 +196,7 @@ if TYPE_CHECKING:
     from ._modules import is_offloaded, private_components
     from ._progress import ProgressCallback, report_progress, takes_latents
     from ._single_file_components import is_gguf, load_single_file_component
+    from ._turns import Turns
     from ._weight_files import WeightsFile, file_digest, resolve_file
     from .schedulers import DEFAULT as DEFAULT_SCHEDULER
     from .schedulers import build as build_scheduler

@@ -3,7 +3,7 @@
 One `SharedWeights` per set of shared weights (keyed by the denoiser, as t2i-controlnet keys
 its ControlNets) records what was loaded into them: each adapter file once, under a name made from
 its content hash; each embedding's tokens, in the order they were added to the text encoders.
-A request's run holds a turn (`_turns.Turns`) during which the weights compute exactly what it
+A request's run holds a turn (`t2i_core.kit.Turns`) during which the weights compute exactly what it
 asked for. Three ways to make them do so, chosen at load time by the engine's accelerators:
 
 - **plain**: every adapter stays loaded; `set_adapters(names, adapter_weights=scales)` picks the
@@ -31,10 +31,9 @@ from t2i_core import (
     get_registry,
     loading_lock,
 )
-from t2i_core.kit import SharedState, denoiser, env_int
+from t2i_core.kit import SharedState, Turns, denoiser, env_int
 
 from ._files import EmbeddingFile, LoraFile, embedding_file, lora_file
-from ._turns import Turns
 
 if TYPE_CHECKING:
     from t2i_core import Engine, GenerationRequest

@@ -32,6 +32,7 @@ from t2i_core import (
     load,
 )
 from t2i_core.cli import main
+from t2i_core.kit import Turns
 from t2i_core.testing import (
     as_array,
     assert_images_close,
@@ -43,7 +44,6 @@ from t2i_core.testing import (
 
 pytest.importorskip("t2i_lora")
 from t2i_lora import tiny
-from t2i_lora._turns import Turns
 
 STEPS = 2
 PROMPT = "a lighthouse on a cliff"
