@@ -147,6 +147,10 @@ def test_a_huge_prompt_gives_a_short_warning(
     (warning,) = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
     text = str(warning.message)
     assert len(text) < 300 and "tokens are ignored" in text and "'a lighthouse at dusk a lighthouse ...'" in text
+    with pytest.warns(PromptTruncatedWarning) as caught:  # one 100,000-character word (red team)
+        sd15_engine.generate(GenerationRequest(prompt="x" * 100_000, seed=1, num_inference_steps=1))
+    (warning,) = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    assert len(str(warning.message)) < 300 and f"'{'x' * 60} ...'" in str(warning.message)
     assert (
         main(
             [

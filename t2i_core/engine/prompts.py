@@ -69,7 +69,8 @@ def warn_truncated_prompts(pipeline: Any, kwargs: dict[str, Any], long_weighting
         window, count, text = max(cuts)
         dropped = count - window
         words = text.split()
-        head = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+        head = " ".join(words[:6])
+        head = head[:60] + (" ..." if len(words) > 6 or len(head) > 60 else "")  # one short line, whatever the text
         hint = f"; prompt_weighting={long_weighting!r} keeps it whole" if long_weighting else ""
         warnings.warn(
             PromptTruncatedWarning(
