@@ -108,6 +108,10 @@ def test_an_existing_folder_is_never_overwritten(tmp_path: Path, capsys: pytest.
     [
         (["Mine"], "NAME='Mine' is not allowed: expected a lowercase name"),
         (["my family"], "NAME='my family' is not allowed"),
+        (
+            ["a" * 300],
+            "is not allowed: expected a lowercase name of letters and digits, words joined by - or _, at most 64",
+        ),
         (["sd15"], "NAME='sd15' is not allowed: expected a provider name no installed plugin registers yet"),
         (["fp16", "--role", "accelerator"], "'fp16' is taken"),
         (["x", "--role", "painter"], "argument --role: invalid choice: 'painter'"),

@@ -15,6 +15,8 @@ from pathlib import Path
 from ..errors import InvalidRequestError
 
 ROLES = ("provider", "conditioner", "accelerator")
+#: longest plugin name: it names a folder, a module and a test file (``tests/test_<module>.py``)
+MAX_NAME = 64
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 
 
@@ -27,9 +29,12 @@ def create(name: str, role: str, parent: str | Path = ".") -> Path:
     if role not in ROLES:
         raise InvalidRequestError("--role", role, "one of " + ", ".join(ROLES))
     plain = re.sub(r"^t2i[-_]", "", name) if isinstance(name, str) else name
-    if not isinstance(plain, str) or not _NAME.match(plain):
+    if not isinstance(plain, str) or not _NAME.match(plain) or len(plain) > MAX_NAME:
         raise InvalidRequestError(
-            "NAME", name, "a lowercase name of letters and digits, words joined by - or _ (e.g. my-family)"
+            "NAME",
+            name,
+            f"a lowercase name of letters and digits, words joined by - or _, at most {MAX_NAME} characters "
+            "(e.g. my-family)",
         )
     _check_free(plain, role)
     fields = _fields(plain, role)
