@@ -99,6 +99,9 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> Response:
+        unreadable = _unreadable_json(exc)
+        if unreadable is not None:
+            return _problem(unreadable)
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         headers = dict(exc.headers or {})
         return _problem(
@@ -109,6 +112,22 @@ def _errors(app: FastAPI) -> None:
     async def on_crash(_request: Request, exc: Exception) -> Response:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return _problem(Problem(500, "internal_error", message))
+
+
+def _unreadable_json(exc: StarletteHTTPException) -> Problem | None:
+    """FastAPI's "error parsing the body" for JSON that `json` cannot read: say why, as ``malformed_json``."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        why = "it is nested too deeply"
+    elif isinstance(cause, ValueError):  # e.g. an integer of more digits than Python converts
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    else:
+        return None
+    return Problem(400, "malformed_json", f"the body is not valid JSON: {why}")
 
 
 def _validation_problem(errors: Any) -> Problem:
@@ -172,7 +191,8 @@ def _image(text: str, field: str, max_pixels: int) -> Any:
         raise invalid(field, f"{field} is not base64", "a base64 PNG, JPEG or WebP image") from None
     try:
         image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # ValueError: a chunk that inflates past PIL's limits (a colour profile bomb); SyntaxError: a broken PNG
         raise invalid(field, f"{field} is not a PNG, JPEG or WebP image", "a base64 PNG, JPEG or WebP image") from None
     if image.width * image.height > max_pixels:
         raise invalid(

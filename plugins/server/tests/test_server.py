@@ -6,6 +6,7 @@ every wait is bounded. The model is ``tiny:sd15`` with two or three steps.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -306,6 +307,21 @@ def test_a_served_controlnet_gives_the_sdk_image(served: ServedModel, sd15_engin
     assert_images_equal([decode_png(response.json()["images"][0])], expected)
 
 
+def iccp_bomb() -> str:
+    """A small PNG whose iCCP colour profile inflates to 50 MB (PIL refuses it with a ValueError)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    png = base64.b64decode(png_base64(Image.new("RGB", (8, 8))))
+    data = b"profile\0\0" + zlib.compress(b"\0" * 50_000_000, 9)
+    chunk = struct.pack(">I", len(data)) + b"iCCP" + data
+    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + data) & 0xFFFFFFFF)
+    header_end = 8 + 25  # the signature and the IHDR chunk
+    return base64.b64encode(png[:header_end] + chunk + png[header_end:]).decode()
+
+
 def test_control_images_are_checked_before_they_are_decoded(limited: str) -> None:
     from PIL import Image
 
@@ -314,6 +330,7 @@ def test_control_images_are_checked_before_they_are_decoded(limited: str) -> Non
         (huge, "more pixels than this server reads"),
         ("not base64!", "is not base64"),
         (png_base64(Image.new("RGB", (8, 8))).replace("iVBOR", "AAAAA"), "is not a PNG, JPEG or WebP image"),
+        (iccp_bomb(), "is not a PNG, JPEG or WebP image"),  # red team: a 50 MB colour profile in 50 KB
     ]
     with httpx.Client(base_url=limited, timeout=TIMEOUT) as client:
         for image, message in cases:
@@ -329,9 +346,18 @@ def test_malformed_bodies_are_400_and_unknown_routes_404(limited: str) -> None:
         headers = {"Content-Type": "application/json"}
         broken = client.post("/v1/generations", content=b'{"prompt": "x",', headers=headers)
         assert broken.status_code == 400 and broken.json()["error"]["type"] == "malformed_json"
-        for content in (b"[1, 2]", b'"a string"', b"\xff\xfe", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        for content in (b"[1, 2]", b'"a string"'):
             response = client.post("/v1/jobs", content=content, headers=headers)
-            assert 400 <= response.status_code < 500 and "error" in response.json(), (content[:20], response.text)
+            assert response.status_code == 400 and response.json()["error"]["type"] == "malformed_body"
+        for content, why in (
+            (b'{"prompt": "\xff\xfe"}', "it is not UTF-8"),
+            (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+            (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "the body is not valid JSON: "),
+        ):
+            response = client.post("/v1/jobs", content=content, headers=headers)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["type"] == "malformed_json", (content[:20], response.text)
+            assert why in error["message"]
         form = client.post(
             "/v1/jobs", content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}
         )
