@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-"""The version of t2i-core (see docs/versioning.md for what a version promises)."""
+"""The version of t2i-core ([Versions and compatibility](../versioning.md) says what a version promises)."""
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {

@@ -11,8 +11,8 @@ from .errors import GenerationCancelled, UnsupportedFeatureError
 if TYPE_CHECKING:
     from .provider import ModelProvider
 
-#: ``progress(step, total)``; returning ``False`` (or raising `GenerationCancelled`) cancels the generation
 ProgressCallback = Callable[[int, int], "bool | None"]
+"""``progress(step, total)``; returning ``False`` (or raising `GenerationCancelled`) cancels the generation."""
 
 
 def report_progress(progress: ProgressCallback, step: int, total: int, *, latents: Any = None) -> None:

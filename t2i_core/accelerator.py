@@ -50,18 +50,20 @@ def _number(value: float) -> str:
 class AcceleratorParameter:
     """The one value an accelerator takes, written NAME@VALUE (``first-block-cache@0.15``)."""
 
-    #: what the value is (``"threshold"``), for help texts and errors
     name: str
-    #: float, int or str
+    """What the value is (``"threshold"``), for help texts and errors."""
     kind: type
-    #: the value when the user writes just NAME
+    """``float``, ``int`` or ``str``."""
     default: Any
-    #: inclusive bounds of a float or int value; None = unbounded
+    """The value when the user writes just NAME."""
     minimum: float | None = None
+    """Inclusive bounds of a float or int value; None = unbounded."""
     maximum: float | None = None
-    #: the values a str parameter allows; empty = any non-empty text
+    """Inclusive upper bound of a float or int value; None = unbounded."""
     choices: tuple[str, ...] = ()
+    """The values a str parameter allows; empty = any non-empty text."""
     description: str = ""
+    """What the value does, in a sentence, for ``t2i plugins`` and the docs."""
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -139,44 +141,57 @@ class LoadContext:
     """What an accelerator may look at when it checks itself and changes load arguments."""
 
     model: str
+    """The model as the user wrote it (a hub id, an alias, a folder, a file or a ``tiny:`` name)."""
     source: str
+    """Where it loads from: the resolved hub id, folder or file."""
     family: str
+    """The family it loads as (``sd15``, ``flux``...)."""
     provider: ModelProvider
+    """The family's `ModelProvider`."""
     device: str
-    #: the names of every accelerator of this load, in application order (plain names, no ``@VALUE``)
+    """The device it loads on, resolved (``cpu``, ``cuda``, ``cuda:1``; never ``auto``)."""
     accelerators: tuple[str, ...]
-    #: for a single-file checkpoint (`source` is the file): the local diffusers folder whose
-    #: configs it loads with, where its ``model_index.json`` is; None otherwise
+    """The names of every accelerator of this load, in application order (plain names, no ``@VALUE``)."""
     config: str | None = None
+    """For a single-file checkpoint (`source` is the file): the local diffusers folder whose configs it
+    loads with, where its ``model_index.json`` is; None otherwise.
+    """
 
 
 class Accelerator:
     """Base class of an accelerator plugin."""
 
     name: ClassVar[str]
+    """Unique name, as users write it (``--accelerator NAME``)."""
     phase: ClassVar[str]
-    #: device types it works on ("cpu", "cuda", "mps")
+    """When it applies: one of `PHASES` (``dtype``, ``quantize``, ``attention``...), applied in that order."""
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")
-    #: names of accelerators it cannot be combined with
+    """Device types it works on ("cpu", "cuda", "mps")."""
     conflicts: ClassVar[tuple[str, ...]] = ()
-    #: True: images stay those of plain fp32 up to floating-point rounding; False: it trades
-    #: precision or exactness for speed or memory (half dtypes, tiled decoding)
+    """Names of accelerators it cannot be combined with."""
     lossless: ClassVar[bool] = True
-    #: the parts of the pipeline it compiles with torch.compile: ``"denoiser"`` (its UNet or
-    #: transformer, whole or by blocks), ``"decoder"`` (the autoencoder's); empty when it compiles
-    #: nothing. ``t2i warmup`` needs an accelerator that compiles; a conditioner that swaps the
-    #: denoiser's weights (LoRA) hot-swaps them in place when ``"denoiser"`` is compiled.
+    """True: images stay those of plain fp32 up to floating-point rounding; False: it trades precision or
+    exactness for speed or memory (half dtypes, tiled decoding).
+    """
     compiles: ClassVar[tuple[str, ...]] = ()
+    """The parts of the pipeline it compiles with torch.compile: ``"denoiser"`` (its UNet or transformer,
+    whole or by blocks), ``"decoder"`` (the autoencoder's); empty when it compiles nothing. ``t2i
+    warmup`` needs an accelerator that compiles; a conditioner that swaps the denoiser's weights (LoRA)
+    hot-swaps them in place when ``"denoiser"`` is compiled.
+    """
     description: ClassVar[str] = ""
-    #: the one value it takes, written ``NAME@VALUE``; None = it takes none (``fp16@1`` is refused)
+    """One line for ``t2i plugins`` and the accelerators reference."""
     parameter: ClassVar[AcceleratorParameter | None] = None
-    #: False: an engine with it never merges requests into one pipeline call (`Engine.generate_batch`),
-    #: because what it does depends on the whole call: a step cache decides for the batch at once
-    #: which steps to skip, so a request's images would depend on the others in its batch
+    """The one value it takes, written ``NAME@VALUE``; None = it takes none (``fp16@1`` is refused)."""
     batches: ClassVar[bool] = True
-    #: request fields it cannot serve, each with why (``{"loras": "LoRA layers over float8 weights
-    #: cannot compute"}``): the conditioner of that field refuses such a request before any work
+    """False: an engine with it never merges requests into one pipeline call (`Engine.generate_batch`),
+    because what it does depends on the whole call: a step cache decides for the batch at once which
+    steps to skip, so a request's images would depend on the others in its batch.
+    """
     refuses: ClassVar[Mapping[str, str]] = {}
+    """Request fields it cannot serve, each with why (``{"loras": "LoRA layers over float8 weights cannot
+    compute"}``): the conditioner of that field refuses such a request before any work.
+    """
 
     @property
     def value(self) -> Any:
@@ -234,16 +249,20 @@ class Preset:
     """A named stack of accelerators, chosen per device type (and, optionally, per kind of denoiser)."""
 
     name: str
+    """Unique name, used like an accelerator's (``--accelerator fast``)."""
     description: str
-    #: device type → accelerator names; "*" is the fallback for any other device
+    """One line for ``t2i plugins`` and the accelerators reference."""
     stacks: dict[str, tuple[str, ...]]
-    #: the kind of denoiser a checkpoint has (``"transformer"``, ``"unet"``, ``"prior"``: its
-    #: component in ``model_index.json``) → device stacks that replace `stacks` for it; a
-    #: transformer family wants bfloat16 where a UNet wants float16, a step cache where a UNet has none
+    """Device type → accelerator names; "*" is the fallback for any other device."""
     denoisers: dict[str, dict[str, tuple[str, ...]]] = attrs.field(factory=dict)
-    #: names in the stacks that a plugin provides (``nf4`` from t2i-quantize): left out, not
-    #: refused, when nothing registers them, so the preset still loads without that plugin
+    """The kind of denoiser a checkpoint has (``"transformer"``, ``"unet"``, ``"prior"``: its component in
+    ``model_index.json``) → device stacks that replace `stacks` for it; a transformer family wants
+    bfloat16 where a UNet wants float16, a step cache where a UNet has none.
+    """
     optional: tuple[str, ...] = ()
+    """Names in the stacks that a plugin provides (``nf4`` from t2i-quantize): left out, not refused, when
+    nothing registers them, so the preset still loads without that plugin.
+    """
 
     def resolve(self, device: str, denoiser: str | None = None) -> tuple[str, ...]:
         """The accelerator names for `device` (``"cuda:1"`` counts as ``"cuda"``; else the ``"*"`` stack)

@@ -23,23 +23,30 @@ class Call:
     """The pipeline to run and the keyword arguments to run it with."""
 
     pipeline: Any
+    """The diffusers pipeline to run: the engine's, or one a conditioner put in its place (a ControlNet
+    pipeline over the same components).
+    """
     kwargs: dict[str, Any]
+    """The keyword arguments of the pipeline call (``prompt``, ``num_inference_steps``, ``generator``...)."""
 
 
 class Conditioner:
     """Base class of a conditioner plugin."""
 
-    #: unique name, shown by ``t2i plugins``
     name: ClassVar[str]
-    #: the families it works with; None = every family
+    """Unique name, shown by ``t2i plugins``."""
     families: ClassVar[tuple[str, ...] | None] = None
-    #: the ``prompt_weighting`` value it implements, if it is a weighting syntax
+    """The families it works with; None = every family."""
     weighting: ClassVar[str | None] = None
-    #: what it does, for the error when a family refuses it ("Compel prompt weighting")
+    """The ``prompt_weighting`` value it implements, if it is a weighting syntax."""
     feature: ClassVar[str] = ""
-    #: lower runs first
+    """What it does, for the error when a family refuses it ("Compel prompt weighting")."""
     order: ClassVar[int] = 100
+    """Lower runs first: the negative prompt is 10, LoRA 15, the weighting syntaxes 20, ControlNet 50;
+    default 100.
+    """
     description: ClassVar[str] = ""
+    """One line for ``t2i plugins``."""
 
     def wants(self, request: GenerationRequest) -> bool:
         """Whether this conditioner has work to do for `request` (cheap; no heavy imports)."""

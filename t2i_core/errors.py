@@ -14,8 +14,11 @@ class InvalidRequestError(T2IError, ValueError):
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
         self.field = field
+        """The field (or CLI option) whose value is refused: ``height``, ``controls[0].image``."""
         self.value = value
+        """The value refused."""
         self.allowed = allowed
+        """What is allowed instead, in words."""
         super().__init__(f"{field}={value!r} is not allowed: expected {allowed}")
 
 
@@ -31,11 +34,13 @@ class UnknownFamilyError(T2IError, KeyError):
         self, family: str, known: Iterable[str], plugin_error: str | None = None, broken_plugins: Iterable[str] = ()
     ) -> None:
         self.family = family
+        """The family asked for."""
         self.known = sorted(known)
-        #: the load error of the plugin that offers this family, when it failed to load
+        """The registered families, sorted."""
         self.plugin_error = plugin_error
-        #: names of other plugins that failed to load (any of them may have offered it)
+        """The load error of the plugin that offers this family, when it failed to load."""
         self.broken_plugins = tuple(broken_plugins)
+        """Names of other plugins that failed to load (any of them may have offered it)."""
         super().__init__(family)
 
     def __str__(self) -> str:
@@ -64,9 +69,13 @@ class UndetectedFamilyError(T2IError):
         self, model: str, class_name: object, known: Iterable[str], broken_plugins: Iterable[str] = ()
     ) -> None:
         self.model = model
+        """The model whose family could not be detected."""
         self.class_name = class_name
+        """The pipeline class its ``model_index.json`` names."""
         self.known = sorted(known)
+        """The registered families, sorted."""
         self.broken_plugins = tuple(broken_plugins)
+        """Names of plugins that failed to load (any of them may have recognised it)."""
         super().__init__(
             f"model={model!r} (pipeline class {class_name!r}) matches no registered family: "
             f"known families are {_names(self.known)}; pass --family / family= to choose one"
@@ -79,7 +88,9 @@ class UnknownAcceleratorError(T2IError, KeyError):
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
         self.name = name
+        """The accelerator name asked for."""
         self.known = sorted(known)
+        """The registered accelerator and preset names, sorted."""
         super().__init__(name)
 
     def __str__(self) -> str:
@@ -91,7 +102,9 @@ class IncompatibleAcceleratorsError(T2IError):
 
     def __init__(self, names: Iterable[str], reason: str) -> None:
         self.names = tuple(names)
+        """The accelerators that cannot be used together or here."""
         self.reason = reason
+        """Why, in words."""
         super().__init__(f"accelerators {', '.join(self.names)} cannot be used here: {reason}")
 
 
@@ -100,7 +113,9 @@ class ModelNotFoundError(T2IError):
 
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
+        """The model asked for."""
         self.reason = reason
+        """Why it cannot be loaded, and what to do."""
         super().__init__(f"model={model!r} cannot be loaded: {reason}")
 
 
@@ -109,10 +124,15 @@ class UnsupportedFeatureError(T2IError):
 
     def __init__(self, family: str, feature: str, supported: Iterable[str] = (), *, requested: str = "") -> None:
         self.family = family
+        """The family that refuses."""
         self.feature = feature
+        """The feature refused (``Compel prompt weighting``, ``ControlNet``)."""
         self.supported = tuple(supported)
-        #: what the request asked for, when the refusal can name it ("controls[0].model=... (an sd15 ControlNet)")
+        """The families that do support it."""
         self.requested = requested
+        """What the request asked for, when the refusal can name it ("controls[0].model=... (an sd15
+        ControlNet)").
+        """
         detail = f" (supported by: {', '.join(self.supported)})" if self.supported else ""
         asked = f"; the request asks for {requested}" if requested else ""
         super().__init__(f"family {family!r} does not support {feature}{detail}{asked}")
@@ -130,7 +150,9 @@ class GenerationCancelled(T2IError):
 
     def __init__(self, message: str = "generation cancelled", *, step: int | None = None, total: int | None = None):
         self.step = step
+        """The step at which it stopped; None when not known."""
         self.total = total
+        """The steps the generation would have run; None when not known."""
         super().__init__(message)
 
 
@@ -139,7 +161,9 @@ class PluginError(T2IError):
 
     def __init__(self, plugin: str, message: str) -> None:
         self.plugin = plugin
+        """The plugin's name."""
         self.message = message
+        """What went wrong."""
         super().__init__(f"plugin {plugin!r}: {message}")
 
 
@@ -154,9 +178,13 @@ class OutputError(T2IError, OSError):
     def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
         super().__init__(f"output={path!r} cannot be written: {reason}")
         self.path = path
+        """The output that cannot be written."""
         self.reason = reason
+        """Why, in words."""
         self.errno = errno
+        """The operating system's error number, when there is one."""
         self.strerror = reason
+        """The same as `reason` (as an `OSError` has it)."""
 
     def __str__(self) -> str:
         return str(self.args[0])

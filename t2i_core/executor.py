@@ -28,14 +28,16 @@ def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 class ExecutorSettings:
     """How a batch asks its executor to run: the engines' settings, the workers, the executor's own options."""
 
-    #: accelerator or preset names for every engine; None = the ``auto`` preset
     accelerators: tuple[str, ...] | None = None
-    #: ``"auto"``, ``"cpu"``, ``"cuda"``...; an executor with workers on other machines may choose per worker
+    """Accelerator or preset names for every engine; None = the ``auto`` preset."""
     device: str = "auto"
-    #: how many workers (None = the executor's default)
+    """``"auto"``, ``"cpu"``, ``"cuda"``...; an executor with workers on other machines may choose per
+    worker.
+    """
     workers: int | None = None
-    #: the executor's own settings, by name (`Executor.options` lists those it takes)
+    """How many workers (None = the executor's default)."""
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_as_dict)
+    """The executor's own settings, by name (`Executor.options` lists those it takes)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -47,9 +49,13 @@ class WorkItem:
     """
 
     model: str
+    """The model every job of the item runs on."""
     family: str | None
+    """Its family when the batch names one; None: detected."""
     ids: tuple[str, ...]
+    """The jobs' ids, in the order of `specs`."""
     specs: tuple[dict[str, Any], ...]
+    """Each job's request fields, its seed set: ``GenerationRequest(**spec)``."""
 
     def requests(self) -> list[GenerationRequest]:
         """The jobs' requests."""
@@ -63,24 +69,29 @@ class Outcome:
     """What a worker hands back for one job: its PNG files (with t2i's metadata), or its error."""
 
     id: str
+    """The job's id."""
     ok: bool
-    #: the family the job ran as
+    """True when the job made its images; False when it failed (`error_type`, `error`)."""
     family: str | None = None
-    #: the request as it ran (defaults filled in), as plain data; None when it never ran
+    """The family the job ran as."""
     request: dict[str, Any] | None = None
+    """The request as it ran (defaults filled in), as plain data; None when it never ran."""
     seeds: tuple[int, ...] = ()
-    #: one PNG file's bytes per image, in order
+    """The seed of each image."""
     images: tuple[bytes, ...] = ()
-    #: the error's class name and message when `ok` is false
+    """One PNG file's bytes per image, in order."""
     error_type: str | None = None
+    """The error's class name when `ok` is false (``InvalidRequestError``)."""
     error: str | None = None
-    #: seconds: ``load_s`` (when this job loaded the model), ``generate_s`` (its share of a
-    #: micro-batch), ``encode_s``
+    """The error's message when `ok` is false."""
     timings: Mapping[str, float] = attrs.field(factory=dict)
-    #: how many jobs ran in the same pipeline call as this one
+    """Seconds: ``load_s`` (when this job loaded the model), ``generate_s`` (its share of a micro-batch),
+    ``encode_s``.
+    """
     micro_batch: int = 1
-    #: which worker ran it (``host:pid``, for logs)
+    """How many jobs ran in the same pipeline call as this one."""
     worker: str = ""
+    """Which worker ran it (``host:pid``, for logs)."""
 
 
 class Executor:
@@ -90,12 +101,12 @@ class Executor:
     (``run_batch(executor=...)``, ``t2i batch --executor``).
     """
 
-    #: unique name (``--executor NAME``)
     name: ClassVar[str]
-    #: one line for ``t2i plugins``
+    """Unique name (``--executor NAME``)."""
     description: ClassVar[str] = ""
-    #: names of the executor's own settings (`ExecutorSettings.options`); any other is refused
+    """One line for ``t2i plugins``."""
     options: ClassVar[tuple[str, ...]] = ()
+    """Names of the executor's own settings (`ExecutorSettings.options`); any other is refused."""
 
     def check(self, settings: ExecutorSettings) -> None:
         """Refuse settings the executor cannot honour, before any work: raise `InvalidRequestError`.

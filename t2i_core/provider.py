@@ -34,9 +34,15 @@ class FamilyDefaults:
     """A family's defaults; ``None`` size means the checkpoint's native size."""
 
     height: int | None = None
+    """Height when a request gives none; None: the checkpoint's native size (its ``sample_size`` times the
+    VAE scale).
+    """
     width: int | None = None
+    """Width when a request gives none; None: the checkpoint's native size."""
     num_inference_steps: int = 50
+    """Steps when a request gives none; default 50."""
     guidance_scale: float = 7.5
+    """Guidance scale when a request gives none; default 7.5."""
 
 
 @attrs.frozen(kw_only=True)
@@ -44,14 +50,23 @@ class Option:
     """A family option: a named, typed, bounded knob passed as ``GenerationRequest.options``."""
 
     name: str
+    """The option's name, as in ``GenerationRequest.options`` and ``--option NAME=VALUE``."""
     type: type
+    """The Python type of each value: ``int``, ``float``, ``str`` or ``bool`` (text from the command line
+    is converted).
+    """
     default: Any
+    """The value when the request does not set the option (None: the pipeline's own default)."""
     help: str
+    """One line saying what it does, for ``t2i options``, the docs and errors."""
     minimum: float | None = None
+    """Inclusive lower bound of a number; None: unbounded."""
     maximum: float | None = None
+    """Inclusive upper bound of a number; None: unbounded."""
     choices: tuple[Any, ...] | None = None
-    #: how many values (e.g. 2 for a (height, width) pair); 1 = a single value
+    """The values allowed, when it is one of a few; None: any value of `type` in bounds."""
     length: int = 1
+    """How many values (e.g. 2 for a (height, width) pair); 1 = a single value."""
 
     def describe(self) -> str:
         """What values are allowed, in words."""
@@ -115,36 +130,43 @@ class ModelProvider:
     ``AutoPipelineForText2Image``; override what your family does differently.
     """
 
-    #: the family name (``family=`` / ``--family``)
     name: ClassVar[str]
-    #: short names users may pass as ``model`` → the hub id they stand for
+    """The family name (``family=`` / ``--family``)."""
     aliases: ClassVar[Mapping[str, str]] = {}
-    #: ``_class_name`` values of ``model_index.json`` that this family recognises
+    """Short names users may pass as ``model`` → the hub id they stand for."""
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    """``_class_name`` values of ``model_index.json`` that this family recognises."""
     defaults: ClassVar[FamilyDefaults] = FamilyDefaults()
+    """The family's defaults for size, steps and guidance (`FamilyDefaults`)."""
     options: ClassVar[tuple[Option, ...]] = ()
-    #: one line for ``t2i plugins``
+    """The family options a request may set (`Option`s); any other name is refused."""
     description: ClassVar[str] = ""
-    #: bump when the tiny checkpoint's recipe changes, so caches are rebuilt
+    """One line for ``t2i plugins``."""
     tiny_version: ClassVar[int] = 1
-    #: the named schedulers (t2i_core.schedulers) the family's pipeline can run; None = all of them
+    """Bump when the tiny checkpoint's recipe changes, so caches are rebuilt."""
     schedulers: ClassVar[tuple[str, ...] | None] = None
-    #: the family's own named schedulers: name → (diffusers scheduler class name, config overrides),
-    #: built from the checkpoint's scheduler config like the shared ones. Requests for this family
-    #: may name them whatever `schedulers` says (a flow-matching family sets ``schedulers = ()``,
-    #: since none of the shared ones fit, and offers its samplers here); an own name shadows a shared one.
+    """The named schedulers (t2i_core.schedulers) the family's pipeline can run; None = all of them."""
     named_schedulers: ClassVar[Mapping[str, tuple[str, Mapping[str, Any]]]] = {}
-    #: components that `load_pipeline` never loads (it passes ``None`` for them): a local checkpoint
-    #: may lack their folders although ``model_index.json`` lists them (e.g. ``("text_encoder_3", "tokenizer_3")``)
+    """The family's own named schedulers: name → (diffusers scheduler class name, config overrides), built
+    from the checkpoint's scheduler config like the shared ones. Requests for this family may name them
+    whatever `schedulers` says (a flow-matching family sets ``schedulers = ()``, since none of the
+    shared ones fit, and offers its samplers here); an own name shadows a shared one.
+    """
     skipped_components: ClassVar[tuple[str, ...]] = ()
-    #: True: ``compile-regional`` on CUDA captures the denoiser's compiled blocks in CUDA graphs.
-    #: Set it when that was measured faster for the family (SD 1.5: 0.56 s/image against 0.80 s
-    #: without, on an H200); the default keeps plain compiled kernels, which are never slower.
+    """Components that `load_pipeline` never loads (it passes ``None`` for them): a local checkpoint may
+    lack their folders although ``model_index.json`` lists them (e.g. ``("text_encoder_3",
+    "tokenizer_3")``).
+    """
     cuda_graph_regions: ClassVar[bool] = False
-    #: True: `load_single_file` also takes ``.gguf`` files, whose denoiser is quantized already
-    #: (diffusers' GGUF loader; `t2i_core.kit.load_single_file_component` loads one). A ``.gguf``
-    #: file that a family without it claims is refused before anything loads.
+    """True: ``compile-regional`` on CUDA captures the denoiser's compiled blocks in CUDA graphs. Set it
+    when that was measured faster for the family (SD 1.5: 0.56 s/image against 0.80 s without, on an
+    H200); the default keeps plain compiled kernels, which are never slower.
+    """
     loads_gguf: ClassVar[bool] = False
+    """True: `load_single_file` also takes ``.gguf`` files, whose denoiser is quantized already (diffusers'
+    GGUF loader; `t2i_core.kit.load_single_file_component` loads one). A ``.gguf`` file that a family
+    without it claims is refused before anything loads.
+    """
 
     # -- discovery -------------------------------------------------------------------------
     def detect(self, model_index: Mapping[str, Any]) -> bool:

@@ -84,31 +84,47 @@ class GenerationRequest:
 
     ``None`` means "the family's default" for size, steps and guidance, "no negative prompt"
     for `negative_prompt`, and "a fresh random seed" for `seed` (the seed used is reported in
-    `GenerationResult.seeds`). See ``docs/concepts.md`` for every field.
+    `GenerationResult.seeds`). [Concepts](../concepts.md) explains the fields together.
     """
 
     prompt: str = attrs.field(validator=chain(of_type(str), non_blank, encodable))
+    """What the image shows: non-blank text. Longer than the text encoder reads, it is cut (a
+    `PromptTruncatedWarning` says where) unless a `prompt_weighting` reads long prompts.
+    """
     negative_prompt: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), encodable)))
+    """What the image should not show; None (the default): no negative prompt."""
     height: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
+    """Image height in pixels, a positive multiple of 8; None (the default): the family's
+    (`FamilyDefaults.height`).
+    """
     width: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
+    """Image width in pixels, a positive multiple of 8; None (the default): the family's
+    (`FamilyDefaults.width`).
+    """
     num_inference_steps: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))),
     )
+    """Denoising steps, an integer >= 1; None (the default): the family's
+    (`FamilyDefaults.num_inference_steps`).
+    """
     guidance_scale: float | None = attrs.field(
         default=None,
         converter=_number,
         validator=optional(chain(of_type(float, what="a number >= 0"), in_range(0.0, what="a number >= 0"))),
     )
+    """How closely the image follows the prompt (classifier-free guidance; FLUX.1-dev's distilled
+    guidance), a number >= 0; None (the default): the family's.
+    """
     seed: int | None = attrs.field(
         default=None,
         converter=to_int,
@@ -119,27 +135,53 @@ class GenerationRequest:
             )
         ),
     )
+    """The seed of image 0 (image i uses ``seed + i``), an integer in [0, 2**63 - 1]; None (the default): a
+    fresh random seed, reported in `GenerationResult.seeds`.
+    """
     num_images: int = attrs.field(
         default=1,
         converter=to_int,
         validator=chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1")),
     )
+    """How many images, from seeds ``seed``, ``seed + 1``...: an integer >= 1; default 1."""
     prompt_weighting: str | None = attrs.field(
         default=None, validator=optional(of_type(str, what='None or a weighting syntax name such as "compel"'))
     )
+    """The syntax that reads weights in the prompt (``"compel"``: ``(word)1.2``; ``"a1111"``:
+    ``(word:1.2)``), served by a conditioner plugin; None (the default): the prompt is plain text.
+    """
     controls: tuple[Control, ...] = attrs.field(default=(), converter=_to_controls, validator=_controls)
+    """ControlNet conditionings (`Control`), applied together; a single `Control` or a list is turned into
+    a tuple. Default: none.
+    """
     loras: tuple[Lora, ...] = attrs.field(default=(), converter=_to_loras, validator=_tuple_of(Lora))
+    """LoRA adapters (`Lora`), applied together for this request only; a single `Lora` or a list is turned
+    into a tuple. Default: none.
+    """
     embeddings: tuple[Embedding, ...] = attrs.field(
         default=(), converter=_to_embeddings, validator=_tuple_of(Embedding)
     )
+    """Textual-inversion embeddings (`Embedding`) whose tokens the prompts may use; a single one or a list
+    is turned into a tuple. Default: none.
+    """
     scheduler: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
+    """The scheduler (sampler) by name (``euler``, ``dpm++-2m-karras``; ``t2i schedulers`` lists a
+    family's); None (the default): the checkpoint's own.
+    """
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_options, validator=_options)
+    """Family options by name (``{"true_cfg_scale": 4.0}``), checked against the family's declared
+    `Option`s before any work. Default: none.
+    """
     image_prompts: tuple[ImagePrompt, ...] = attrs.field(
         default=(), converter=_to_image_prompts, validator=_tuple_of(ImagePrompt)
     )
+    """Image prompts (`ImagePrompt`, IP-Adapter); a single one or a list is turned into a tuple. Default:
+    none.
+    """
     hires: HiresFix | None = attrs.field(
         default=None, validator=optional(of_type(HiresFix, what="None or a t2i_core.HiresFix"))
     )
+    """A second, larger pass over the image (`HiresFix`); None (the default): one pass."""
 
     def __attrs_post_init__(self) -> None:
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
@@ -174,12 +216,21 @@ class GenerationResult:
     """
 
     images: list[Image]
+    """The images, as PIL images, in seed order."""
     seeds: list[int]
+    """The seed of each image: ``seeds[i]`` remakes ``images[i]`` alone."""
     request: GenerationRequest
+    """The request as it was run: the family's defaults filled in and the seed of image 0 set, so that
+    ``engine.generate(result.request)`` makes the same images.
+    """
     model: str
+    """The model as it was loaded: a hub id, a folder, a file or a ``tiny:`` name."""
     family: str
-    #: the engine's accelerators as written (``fp32``, ``first-block-cache@0.2``), saved in the PNG
+    """The family that made the images (``sd15``, ``flux``...)."""
     accelerators: tuple[str, ...] = ()
+    """The engine's accelerators as written (``fp32``, ``first-block-cache@0.2``), saved in the PNG; empty
+    when none.
+    """
 
     def metadata(self, index: int = 0) -> dict[str, str]:
         """The text metadata that `save` writes into image `index`'s PNG."""

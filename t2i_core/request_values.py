@@ -51,13 +51,22 @@ class Control:
     """
 
     image: str | os.PathLike[str] | Image = attrs.field(validator=_control_image)
+    """The control image (a pose, an edge map, a depth map...): a PIL image or the path of an image file.
+    Checked to exist before the model loads; resized to the request's size.
+    """
     model: str = attrs.field(validator=chain(of_type(str, what="a hub id, local folder or tiny: name"), non_blank))
+    """The ControlNet that reads `image`: a hub id (``lllyasviel/sd-controlnet-openpose``), a local folder
+    or a ``tiny:`` name; it must match the engine's family.
+    """
     scale: float = attrs.field(
         default=1.0,
         converter=_number,
         # Bounded like a LoRA's scale: far beyond what a ControlNet was trained for, the output overflows.
         validator=chain(of_type(float, what="a number in [0, 10]"), in_range(0.0, 10.0, what="a number in [0, 10]")),
     )
+    """How strongly the control steers the image (diffusers' ``controlnet_conditioning_scale``): 0 ignores
+    it, 1 is as trained. A number in [0, 10]; default 1.0.
+    """
     start: float = attrs.field(
         default=0.0,
         converter=_number,
@@ -65,6 +74,9 @@ class Control:
             of_type(float, what="a number in [0, 1)"), in_range(0.0, 1.0, what="a number in [0, 1)"), _below_one
         ),
     )
+    """The fraction of the schedule at which the control starts to apply (diffusers'
+    ``control_guidance_start``): a number in [0, 1); default 0.0.
+    """
     end: float = attrs.field(
         default=1.0,
         converter=_number,
@@ -72,8 +84,18 @@ class Control:
             of_type(float, what="a number in (0, 1]"), in_range(0.0, 1.0, what="a number in (0, 1]"), _control_window
         ),
     )
+    """The fraction of the schedule at which the control stops applying (diffusers'
+    ``control_guidance_end``): a number in (0, 1] greater than `start`; default 1.0.
+    """
     preprocess: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+    """A weight-free preprocessing that turns `image` into what the ControlNet reads (``"canny"``: edges of
+    a photo); None (the default) uses the image as it is.
+    """
     guess_mode: bool = attrs.field(default=False, validator=of_type(bool, what="True or False"))
+    """Let the ControlNet recognise the image's content without relying on the prompt (diffusers'
+    ``guess_mode``). It applies to the whole call: every control of one request must agree. Default
+    False.
+    """
 
 
 def _weights_source(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -101,10 +123,13 @@ class Lora:
     `source` is a local ``.safetensors`` file, a local folder or a hub id; `weight_name` picks
     the file in a folder or repository that holds several. `scale` multiplies the adapter's
     effect (diffusers' ``adapter_weights``): 0 turns it off, 1 is as trained, negative values
-    push away from it. See ``docs/lora.md``. Positional as ``Lora("style.safetensors", 0.8)``.
+    push away from it. See [Apply LoRA adapters](../lora.md). Positional as ``Lora("style.safetensors", 0.8)``.
     """
 
     source: str = attrs.field(converter=_source_text, validator=_weights_source)
+    """The adapter's weights: a local ``.safetensors`` file, a local folder or a hub id (a path-like is
+    turned into text).
+    """
     scale: float = attrs.field(
         default=1.0,
         converter=_number,
@@ -112,9 +137,15 @@ class Lora:
             of_type(float, what="a number in [-10, 10]"), in_range(-10.0, 10.0, what="a number in [-10, 10]")
         ),
     )
+    """How strongly the adapter applies (diffusers' ``adapter_weights``): 0 turns it off, 1 is as trained,
+    negative values push away from it. A number in [-10, 10]; default 1.0.
+    """
     weight_name: str | None = attrs.field(
         default=None, validator=optional(chain(of_type(str, what="None or a file name"), non_blank))
     )
+    """The file to read when `source` is a folder or repository that holds several; None (the default)
+    picks the one file, or diffusers' own ``pytorch_lora_weights.safetensors``.
+    """
 
 
 @attrs.frozen
@@ -123,11 +154,15 @@ class Embedding:
 
     `source` is a local ``.safetensors`` file, a local folder or a hub id; `token` is the word
     that stands for it in prompts (None = the token the file names, or for files that name none,
-    such as SDXL embeddings, the file's stem). See ``docs/embeddings.md``.
+    such as SDXL embeddings, the file's stem). See [Use textual-inversion embeddings](../embeddings.md).
     """
 
     source: str = attrs.field(converter=_source_text, validator=_weights_source)
+    """The embedding's weights: a local ``.safetensors`` file, a local folder or a hub id."""
     token: str | None = attrs.field(default=None, validator=optional(_token))
+    """The word that stands for the embedding in prompts; None (the default) uses the token the file names
+    or, for files that name none (SDXL embeddings), the file's stem. Text without surrounding spaces.
+    """
 
 
 @attrs.frozen
@@ -142,18 +177,27 @@ class ImagePrompt:
     """
 
     image: str | os.PathLike[str] | Image = attrs.field(validator=_control_image)
+    """The reference image: a PIL image or the path of an image file."""
     model: str = attrs.field(validator=chain(of_type(str, what="a hub id, local folder or tiny: name"), non_blank))
+    """The IP-Adapter: a hub id (``h94/IP-Adapter``), a local folder or a ``tiny:`` name."""
     scale: float = attrs.field(
         default=1.0,
         converter=_number,
         validator=chain(of_type(float, what="a number in [0, 10]"), in_range(0.0, 10.0, what="a number in [0, 10]")),
     )
+    """How much the reference image weighs against the text prompt: 0 gives the plain image, 1 is as
+    trained. A number in [0, 10]; default 1.0.
+    """
     subfolder: str | None = attrs.field(
         default=None, validator=optional(chain(of_type(str, what="None or a folder name"), non_blank))
     )
+    """The folder of `model` that holds the weights (``models`` for SD 1.5, ``sdxl_models`` for SDXL); None
+    (the default): the family's default.
+    """
     weight_name: str | None = attrs.field(
         default=None, validator=optional(chain(of_type(str, what="None or a file name"), non_blank))
     )
+    """The weights file in `subfolder` (``ip-adapter_sd15.bin``); None (the default): the family's default."""
 
 
 #: The ways `HiresFix` enlarges the first pass's image, by name.
@@ -190,7 +234,14 @@ class HiresFix:
         converter=_number,
         validator=chain(of_type(float, what="a number in [1, 8]"), in_range(1.0, 8.0, what="a number in [1, 8]")),
     )
+    """How much larger the second pass is: width and height are multiplied by it (ignored when `width` and
+    `height` are given). A number in [1, 8]; default 2.0.
+    """
     upscaler: str = attrs.field(default="latent", validator=_upscaler)
+    """How the first pass's image is enlarged: ``latent`` (the latents, bilinear), ``latent-nearest`` (the
+    latents, nearest-exact) or ``lanczos`` (decoded, resized with PIL's LANCZOS, encoded again). Default
+    ``latent``.
+    """
     strength: float = attrs.field(
         default=0.55,
         converter=_number,
@@ -198,20 +249,30 @@ class HiresFix:
             of_type(float, what="a number in (0, 1]"), in_range(0.0, 1.0, what="a number in (0, 1]"), _strength
         ),
     )
+    """The fraction of the schedule the second pass re-noises and denoises again: low keeps the first
+    image, 1 redraws it. A number in (0, 1]; default 0.55.
+    """
     steps: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="an integer >= 1"), in_range(1, what="an integer >= 1"))),
     )
+    """Steps of the second pass; None (the default): the first pass's `num_inference_steps`. An integer >=
+    1.
+    """
     width: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
+    """Width of the final image, a multiple of 8; None (the default): the request's width times `scale`."""
     height: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
+    """Height of the final image, a multiple of 8; None (the default): the request's height times `scale`."""
     prompt: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
+    """The second pass's prompt; None (the default): the request's."""
     negative_prompt: str | None = attrs.field(default=None, validator=optional(of_type(str)))
+    """The second pass's negative prompt; None (the default): the request's."""

@@ -15,6 +15,7 @@ from ._locks import loading_lock
 from .errors import InvalidRequestError
 
 DEFAULT = "default"
+"""The scheduler name that means the checkpoint's own scheduler (``scheduler=None`` in a request)."""
 
 #: name → (diffusers scheduler class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -51,7 +51,18 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     )
     problems = [line for line in done.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
     assert done.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(problems or [done.stderr[-3000:]])
-    assert (tmp_path / "site" / "reference" / "api" / "index.html").is_file()
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
+    # The data model shows on the page: each field of each attrs class, and the engine's attributes.
+    import attrs
+
+    for name in t2i_core.__all__:
+        value = getattr(t2i_core, name)
+        fields = [f.name for f in attrs.fields(value)] if isinstance(value, type) and attrs.has(value) else []
+        for field in fields:
+            assert f'id="t2i_core.{name}.{field}"' in api, f"the API reference does not show {name}.{field}"
+    for attribute in ("pipeline", "max_pixels", "model", "family", "device", "accelerators", "state"):
+        assert f'id="t2i_core.Engine.{attribute}"' in api, f"the API reference does not show Engine.{attribute}"
+    assert "attrs.field(" not in api, "a field shows attrs.field(...) instead of its default (tools/griffe_attrs.py)"
 
 
 def test_cli_page_is_generated_from_the_parser() -> None:

@@ -34,26 +34,29 @@ class BatchSummary:
     """What `run_batch` did (with ``dry_run``, what it would do)."""
 
     out: str
+    """The output folder (images and ``manifest.jsonl``)."""
     executor: str
-    #: jobs read, invalid lines included
+    """The executor that ran the jobs (``local``, ``ray``)."""
     total: int
-    #: jobs made by this run
+    """Jobs read, invalid lines included."""
     done: int
-    #: jobs whose images were already complete (verified against the manifest)
+    """Jobs made by this run."""
     skipped: int
-    #: jobs that failed in this run
+    """Jobs whose images were already complete (verified against the manifest)."""
     failed: int
-    #: lines that make no job (malformed, or refused before any work)
+    """Jobs that failed in this run."""
     invalid: int
-    #: images written by this run
+    """Lines that make no job (malformed, or refused before any work)."""
     images: int
-    #: wall-clock seconds of the whole run, model loads included
+    """Images written by this run."""
     seconds: float
-    #: one line per failed or invalid job: where it is and why
+    """Wall-clock seconds of the whole run, model loads included."""
     failures: tuple[str, ...] = ()
-    #: per model: ``{"model", "family", "jobs", "images", "to_make"}``
+    """One line per failed or invalid job: where it is and why."""
     groups: tuple[Mapping[str, Any], ...] = ()
+    """Per model: ``{"model", "family", "jobs", "images", "to_make"}``."""
     dry_run: bool = False
+    """True when nothing ran: the summary says what the run would do."""
 
     @property
     def images_per_second(self) -> float:

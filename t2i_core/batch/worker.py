@@ -27,8 +27,11 @@ class Worker:
 
     def __init__(self, *, accelerators: Sequence[str] | None = None, device: str = "auto", name: str | None = None):
         self.accelerators = None if accelerators is None else tuple(accelerators)
+        """The accelerator or preset names of every engine it loads; None: the ``auto`` preset."""
         self.device = device
+        """The device its engines load on (``auto``, ``cpu``, ``cuda``...)."""
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        """Its name in `Outcome.worker` and logs: ``host:pid`` unless given."""
         self._engines: dict[tuple[str, str | None], Engine | Exception] = {}
 
     def engine(self, model: str, family: str | None) -> tuple[Engine, float]:

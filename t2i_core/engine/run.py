@@ -59,24 +59,39 @@ class Engine:
         accelerators: tuple[Accelerator, ...],
         registry: Registry,
     ) -> None:
-        self.model = model
-        self.source = source
-        self.family = family
-        self.provider = provider
-        self.pipeline = pipeline
-        self.device = device
-        #: the accelerators applied, as written: ``first-block-cache@0.2`` for one that takes a value
-        self.accelerators = tuple(a.spec for a in accelerators)
+        self.model: str = model
+        """The model as it was asked for: a hub id, an alias (``sd15``), a folder, a file or a ``tiny:``
+        name.
+        """
+        self.source: str = source
+        """Where it was loaded from: the hub id an alias stands for, a folder or a file."""
+        self.family: str = family
+        """The family it was loaded as (``sd15``, ``flux``...)."""
+        self.provider: ModelProvider = provider
+        """The family's `ModelProvider`, which loads and runs the pipeline."""
+        self.pipeline: Any = pipeline
+        """The diffusers pipeline, accelerators applied: reach its components (``engine.pipeline.unet``,
+        ``.vae``, ``.scheduler``) or replace them, as with a pipeline you made yourself. Engines from
+        the same cached `load()` share it.
+        """
+        self.device: str = device
+        """The device it runs on, resolved (``cpu``, ``cuda``, ``cuda:1``, ``mps``; never ``auto``)."""
+        self.accelerators: tuple[str, ...] = tuple(a.spec for a in accelerators)
+        """The accelerators applied, as written, in application order (``fp16``,
+        ``first-block-cache@0.2``).
+        """
         self._accelerators = accelerators
-        #: per-engine state of conditioners and accelerators (a Compel instance, ControlNets, ...)
         self.state: dict[str, Any] = {}
+        """Per-engine state of conditioners and accelerators (a Compel instance, ControlNets, ...)."""
         self._registry = registry
         owner = provider.scheduler_owner(pipeline)
         self._default_scheduler = owner.scheduler
         self._schedulers: dict[str, Any] = {}
         self._step_limits: dict[str, int] = {}
-        #: largest height x width a request may ask for (default `DEFAULT_MAX_PIXELS` or ``$T2I_MAX_PIXELS``)
-        self.max_pixels = default_max_pixels()
+        self.max_pixels: int = default_max_pixels()
+        """The largest height x width a request may ask for (default 2048 x 2048, or ``$T2I_MAX_PIXELS``);
+        a larger request is refused before any work. Set it to allow more.
+        """
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:

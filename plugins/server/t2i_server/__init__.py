@@ -61,7 +61,9 @@ def register_commands(cli: Commands) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)"
     )
-    serve.add_argument("--port", type=_count(0), default=7860, help="the port (default: 7860; 0 = any free port)")
+    serve.add_argument(
+        "--port", type=_count(0, 65535), default=7860, help="the port (default: 7860; 0 = any free port)"
+    )
     serve.add_argument(
         "--token",
         default=None,
@@ -117,7 +119,7 @@ def register_commands(cli: Commands) -> None:
     )
     serve.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=_seconds,
         default=defaults.shutdown_timeout,
         metavar="S",
         help="on SIGTERM, seconds to let queued and running jobs finish before cancelling them",
@@ -125,17 +127,31 @@ def register_commands(cli: Commands) -> None:
     serve.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
 
 
-def _count(minimum: int) -> Callable[[str], int]:
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected an integer >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"an integer in [{minimum}, {maximum}]" if maximum is not None else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {allowed}")
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (``nan``, ``inf`` and negatives are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected a number of seconds >= 0")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:

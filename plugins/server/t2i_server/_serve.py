@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -103,8 +104,15 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as exc:  # a name that resolves to no address: the host is wrong, not the port
+        sock.close()
+        raise InvalidRequestError(
+            "--host", host, f"an address or host name of this machine ({exc.strerror or exc})"
+        ) from None
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise InvalidRequestError("--host", host, "an address of this machine (it has no such address)") from None
         raise InvalidRequestError("--port", port, f"a port free on {host} ({exc.strerror or exc})") from None
     return sock
 

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from server_support import wait_until
 
 STEPS = 40  # running when SIGTERM comes (sent as soon as it runs), and done well within the timeout
@@ -110,3 +111,31 @@ def test_serve_refuses_bad_arguments_in_one_line() -> None:
         check=False,
     )
     assert bad.returncode == 2 and "argument --max-steps: '0' is not allowed: expected an integer >= 1" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "99999"], "argument --port: '99999' is not allowed: expected an integer in [0, 65535]"),
+        (
+            ["--shutdown-timeout", "nan"],
+            "argument --shutdown-timeout: 'nan' is not allowed: expected a number of seconds >= 0",
+        ),
+        (["--shutdown-timeout", "inf"], "'inf' is not allowed: expected a number of seconds >= 0"),
+        (["--shutdown-timeout", "-5"], "'-5' is not allowed: expected a number of seconds >= 0"),
+        (
+            ["--host", "no-such-host.invalid"],
+            "--host='no-such-host.invalid' is not allowed: expected an address or host name",
+        ),
+        (["--host", "192.0.2.1"], "--host='192.0.2.1' is not allowed: expected an address of this machine"),
+    ],
+)
+def test_bad_ports_hosts_and_timeouts_are_named_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red team: --port 99999 was an internal error, --shutdown-timeout took nan, a bad host blamed --port."""
+    from t2i_core.cli import main
+
+    assert main(["serve", "--model", "tiny:sd15", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "loading" not in err, err
