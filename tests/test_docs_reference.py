@@ -105,7 +105,8 @@ def test_the_griffe_extension_gives_attrs_classes_their_signature() -> None:
         if field.default is attrs.NOTHING:
             assert parameter.default is None, field.name
         elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
-            assert str(parameter.default) == f"{field.default.factory.__name__}()", field.name
+            factory = field.default.factory  # type: ignore[union-attr]
+            assert str(parameter.default) == f"{factory.__name__}()", field.name
         else:
             assert str(parameter.default) == repr(field.default), field.name
     assert "attrs.field" not in str(request.members["height"].value)

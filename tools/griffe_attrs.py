@@ -38,7 +38,7 @@ def _keywords(call: Any) -> dict[str, Any]:
 def _fields(cls: griffe.Class) -> list[griffe.Attribute]:
     found = []
     for member in cls.members.values():
-        if member.is_alias or not member.is_attribute or member.name.startswith("_"):
+        if not isinstance(member, griffe.Attribute) or member.name.startswith("_"):
             continue
         if member.annotation is None or "ClassVar" in str(member.annotation):
             continue
@@ -83,7 +83,7 @@ def _apply(cls: griffe.Class) -> None:
 def _instance_values(cls: griffe.Class) -> None:
     """``self.pipeline = pipeline`` in ``__init__`` says nothing to a reader: show the attribute's type alone."""
     for member in cls.members.values():
-        if not member.is_alias and member.is_attribute and member.labels == {"instance-attribute"}:
+        if isinstance(member, griffe.Attribute) and member.labels == {"instance-attribute"}:
             member.value = None
 
 
