@@ -358,8 +358,11 @@ def _native(app: FastAPI, service: Service) -> None:
 
     @app.delete("/v1/jobs/{job_id}", tags=["native"])
     async def cancel(job_id: str) -> Response:
-        """Cancel a job: a queued one at once, a running one at its next step (409 once it has ended)."""
+        """Cancel a job: a queued one at once, a running one at its next step (409 once it has ended or
+        while a cancel is under way)."""
         job = _job(service, job_id)
+        if job.cancelling and not job.done:
+            raise Problem(409, "cancelling", f"job {job_id} is already being cancelled (it stops at its next step)")
         if not service.cancel(job):
             raise Problem(409, "finished", f"job {job_id} has already ended ({job.status})")
         return _json({**job.summary(), "cancelling": job.status != CANCELLED})
@@ -520,10 +523,15 @@ def _operations(app: FastAPI, service: Service) -> None:
         return HTMLResponse(html, headers=headers)
 
     @app.get("/healthz", tags=["operations"])
-    async def healthz() -> Response:
-        """Liveness and readiness, without a token: 200 while serving, 503 once shutting down."""
+    async def healthz(request: Request) -> Response:
+        """Liveness and readiness, without a token: 200 while serving, 503 once shutting down.
+
+        The served models' names (which may be local paths) are listed only to a client with the token.
+        """
         if service.closing:
             return _json({"status": "shutting_down"}, 503)
+        if not request.scope.get(AUTHORIZED, True):
+            return _json({"status": "ok"})
         return _json({"status": "ok", "models": list(service.models)})
 
     @app.get("/metrics", tags=["operations"])
@@ -547,6 +555,10 @@ async def _send_problem(send: Send, problem: Problem, extra: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
+#: the ASGI scope key that tells ``/healthz`` whether the client sent the token (absent: no token is needed)
+AUTHORIZED = "t2i.authorized"
+
+
 class BearerToken:
     """Every path but ``/healthz`` needs ``Authorization: Bearer <token>`` (or HTTP Basic with the token
     as password, which browsers and AUTOMATIC1111 clients send); none when `token` is None."""
@@ -556,10 +568,13 @@ class BearerToken:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] == "/healthz":
+        if self.token is None or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
+        if scope["path"] == "/healthz":  # open to probes, but says more only to a client with the token
+            await self.app({**scope, AUTHORIZED: self._allows(header)}, receive, send)
+            return
         if self._allows(header):
             await self.app(scope, receive, send)
             return

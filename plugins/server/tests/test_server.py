@@ -164,6 +164,8 @@ def test_job_events_then_cancel_a_running_and_a_queued_job(client: Any, sd15_eng
     cancelled_queued = client.delete(f"/v1/jobs/{queued['id']}")
     assert cancelled_queued.status_code == 200 and cancelled_queued.json()["status"] == "cancelled"
     assert client.delete(f"/v1/jobs/{running['id']}").status_code == 200
+    twice = client.delete(f"/v1/jobs/{running['id']}")  # red team: this was a second 200
+    assert twice.status_code == 409 and twice.json()["error"]["type"] in ("cancelling", "finished")
     final = read_events(client, running["id"], until="cancelled")[-1]
     assert final["type"] == "cancelled" and final["reason"] == "cancelled by the client"
     assert final["job"]["progress"]["step"] < LONG
@@ -400,7 +402,10 @@ def test_the_token_is_required_everywhere_but_healthz(served: ServedModel) -> No
 
     service = Service([served], Limits())
     with running_server(service, token="s3cret") as base, httpx.Client(base_url=base, timeout=TIMEOUT) as client:
-        assert client.get("/healthz").status_code == 200
+        # Open to probes, but the model names (maybe local paths) only with the token (red team).
+        assert client.get("/healthz").json() == {"status": "ok"}
+        authorized = client.get("/healthz", headers={"Authorization": "Bearer s3cret"})
+        assert authorized.json() == {"status": "ok", "models": list(service.models)}
         for path in ("/", "/v1/models", "/metrics", "/openapi.json", "/sdapi/v1/sd-models", "/v1/jobs/x", "/nothing"):
             response = client.get(path)
             assert response.status_code == 401, path
