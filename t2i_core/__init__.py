@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "PromptTruncatedWarning": "engine",
     "clear_cache": "engine",
     "load": "engine",
+    "expand_prompt": "prompt_tags",
     "GenerationCancelled": "errors",
     "GenerationError": "errors",
     "IncompatibleAcceleratorsError": "errors",
@@ -108,6 +109,7 @@ __all__ = [
     "Worker",
     "__version__",
     "clear_cache",
+    "expand_prompt",
     "get_registry",
     "hookimpl",
     "hookspec",
@@ -155,6 +157,7 @@ if TYPE_CHECKING:
     )
     from .executor import Executor, ExecutorSettings, Outcome, WorkItem
     from .hookspecs import hookimpl, hookspec
+    from .prompt_tags import expand_prompt
     from .provider import FamilyDefaults, ModelProvider, Option
     from .registry import PluginWarning, get_registry, reset_registry
     from .request import GenerationRequest, GenerationResult

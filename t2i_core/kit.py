@@ -5,7 +5,8 @@ A plugin imports `t2i_core` (the request, the base classes, ``hookimpl``), this 
 import (no torch, diffusers or transformers until a function that needs them runs).
 
 - **Checkpoints**: `is_hub_id`, `hub_offline`, `read_model_index`, `has_variant`.
-- **Weights files** (LoRAs, embeddings): `resolve_file`, `WeightsFile`, `file_digest`.
+- **Weights files** (LoRAs, embeddings): `resolve_file`, `WeightsFile`, `file_digest`; the files of
+  LoRA and embedding folders, by the names prompts use: `folder_files`, `FolderFile`.
 - **Single files**: `load_single_file_component` (a denoiser from one file: dtype, GGUF,
   quantization), `is_gguf`.
 - **Text encoders**: `clip_hidden_states` (CLIP skip, as diffusers' ``clip_skip``), `clip_layers`.
@@ -50,6 +51,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WeightsFile": ("_weight_files", "WeightsFile"),
     "file_digest": ("_weight_files", "file_digest"),
     "resolve_file": ("_weight_files", "resolve_file"),
+    "FolderFile": ("prompt_tags", "FolderFile"),
+    "folder_files": ("prompt_tags", "folder_files"),
     "is_gguf": ("_single_file_components", "is_gguf"),
     "load_single_file_component": ("_single_file_components", "load_single_file_component"),
     "DEFAULT_SCHEDULER": ("schedulers", "DEFAULT"),
@@ -59,6 +62,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [
     "DEFAULT_SCHEDULER",
+    "FolderFile",
     "ProgressCallback",
     "SharedState",
     "Turns",
@@ -69,6 +73,7 @@ __all__ = [
     "denoiser",
     "env_int",
     "file_digest",
+    "folder_files",
     "has_variant",
     "hub_offline",
     "is_gguf",
@@ -198,6 +203,7 @@ if TYPE_CHECKING:
     from ._single_file_components import is_gguf, load_single_file_component
     from ._turns import Turns
     from ._weight_files import WeightsFile, file_digest, resolve_file
+    from .prompt_tags import FolderFile, folder_files
     from .schedulers import DEFAULT as DEFAULT_SCHEDULER
     from .schedulers import build as build_scheduler
     from .schedulers import family_names as scheduler_names

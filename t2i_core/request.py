@@ -232,6 +232,13 @@ class GenerationResult:
     when none.
     """
 
+    prompt_loras: tuple[Lora, ...] = ()
+    """The LoRAs the prompt's ``<lora:NAME:WEIGHT>`` tags named (`Engine.lora_dirs`), applied after
+    ``request.loras``, which holds only the request's own: ``request.prompt`` keeps the tags as written.
+    """
+    prompt_embeddings: tuple[Embedding, ...] = ()
+    """The embeddings the prompts' words named (`Engine.embedding_dirs`), used after ``request.embeddings``."""
+
     def metadata(self, index: int = 0) -> dict[str, str]:
         """The text metadata that `save` writes into image `index`'s PNG."""
         request = self.request
@@ -270,6 +277,16 @@ class GenerationResult:
             if request.embeddings:
                 embeddings = [{**describe(e.source, None), "token": e.token} for e in request.embeddings]
                 data["embeddings"] = json.dumps(embeddings)
+        if self.prompt_loras or self.prompt_embeddings:
+            from ._weight_files import describe
+
+            # Apart from loras/embeddings: `t2i generate --from` reads the tags again (--lora-dir), not --lora.
+            if self.prompt_loras:
+                tagged = [{**describe(lora.source, None), "scale": lora.scale} for lora in self.prompt_loras]
+                data["prompt_loras"] = json.dumps(tagged)
+            if self.prompt_embeddings:
+                words = [{**describe(e.source, None), "token": e.token} for e in self.prompt_embeddings]
+                data["prompt_embeddings"] = json.dumps(words)
         for key, value in request.options.items():
             if value is None:
                 continue  # an option set to None is an option left unset

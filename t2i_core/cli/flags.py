@@ -68,6 +68,13 @@ def loras(items: list[str]) -> tuple[Any, ...]:
     return tuple(loras)
 
 
+def check_folders(folders: list[str], flag: str) -> None:
+    """Refuse a ``--lora-dir`` / ``--embeddings-dir`` that is not a folder, before anything loads."""
+    for folder in folders:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise InvalidRequestError(flag, folder, "an existing folder")
+
+
 def embeddings(items: list[str]) -> tuple[Any, ...]:
     """Parse ``--embedding SOURCE[=TOKEN]``; a source that exists as given is taken whole."""
     from ..request import Embedding

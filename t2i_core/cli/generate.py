@@ -75,6 +75,23 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         help="a textual-inversion embedding and the token that stands for it in prompts (repeatable)",
     )
     gen.add_argument(
+        "--lora-dir",
+        dest="lora_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRAs that <lora:NAME:WEIGHT> tags in the prompt name (repeatable; default: $T2I_LORA_DIR)",
+    )
+    gen.add_argument(
+        "--embeddings-dir",
+        dest="embedding_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of embeddings: a prompt word equal to a file's name uses it (repeatable; "
+        "default: $T2I_EMBEDDINGS_DIR)",
+    )
+    gen.add_argument(
         "--config",
         metavar="C",
         help="for a single-file --model: the diffusers folder, hub id or tiny:<family> with its configs",
@@ -111,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         absent = [name for name, value in (("PROMPT", args.prompt), ("--model/-m", args.model)) if value is None]
         if absent:
             raise UsageError(f"the following arguments are required: {', '.join(absent)} (or --from IMAGE.png)")
+    flags.check_folders(args.lora_dirs, "--lora-dir")
+    flags.check_folders(args.embedding_dirs, "--embeddings-dir")
     saved_controls = rerun.apply_saved_run(args) if args.from_image is not None else ()
     request = GenerationRequest(
         prompt=args.prompt,
@@ -158,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         config=args.config,
     )
+    if args.lora_dirs:
+        engine.lora_dirs = tuple(args.lora_dirs)
+    if args.embedding_dirs:
+        engine.embedding_dirs = tuple(args.embedding_dirs)
     resolved, _ = engine.resolve(request)  # report bad options before the progress bar starts
     if kept:
         outputs.check_same_run(kept, paths, resolved, engine)

@@ -17,6 +17,7 @@ from .._progress import ProgressCallback
 from ..accelerator import Accelerator
 from ..conditioner import Call
 from ..errors import GenerationCancelled, GenerationError, InvalidRequestError
+from ..prompt_tags import EMBEDDING_DIRS_ENV, LORA_DIRS_ENV, dirs_from_env, expand_prompt
 from ..provider import ModelProvider
 from ..registry import Registry
 from ..request import GenerationRequest, GenerationResult
@@ -92,6 +93,14 @@ class Engine:
         """The largest height x width a request may ask for (default 2048 x 2048, or ``$T2I_MAX_PIXELS``);
         a larger request is refused before any work. Set it to allow more.
         """
+        self.lora_dirs: tuple[str, ...] = dirs_from_env(LORA_DIRS_ENV)
+        """The folders whose ``.safetensors`` files a prompt's ``<lora:NAME:WEIGHT>`` tags name (see
+        `expand_prompt`); default: ``$T2I_LORA_DIR`` (``os.pathsep``-separated), else none.
+        """
+        self.embedding_dirs: tuple[str, ...] = dirs_from_env(EMBEDDING_DIRS_ENV)
+        """The folders of textual-inversion embeddings a prompt uses by their file names (see
+        `expand_prompt`); default: ``$T2I_EMBEDDINGS_DIR``, else none.
+        """
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -102,9 +111,16 @@ class Engine:
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
         with self._lock:
-            return self._resolve(request)
+            resolved, options = self._resolve(request)
+            return _as_written(resolved, request), options
+
+    def expand(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` as this engine runs it: its ``<lora:...>`` tags and embedding words turned into
+        `Lora` and `Embedding` values from `lora_dirs` and `embedding_dirs` (`t2i_core.expand_prompt`)."""
+        return expand_prompt(request, lora_dirs=self.lora_dirs, embedding_dirs=self.embedding_dirs)
 
     def _resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, dict[str, Any]]:
+        request = self.expand(request)
         options = check_request(
             self._registry, self.provider, request, max_pixels=self.max_pixels, step_limit=self._step_limit
         )
@@ -144,7 +160,7 @@ class Engine:
         with self._lock:
             results = self._run([self._resolve(request)], progress)
             assert results is not None  # a single call always runs
-            return results[0]
+            return _written(results[0], request)
 
     def generate_batch(
         self, requests: Iterable[GenerationRequest], *, progress: ProgressCallback | None = None
@@ -169,13 +185,13 @@ class Engine:
             if len(resolved) > 1 and self._batchable([each for each, _ in resolved]):
                 together = self._run(resolved, progress)
                 if together is not None:
-                    return together
+                    return [_written(result, request) for result, request in zip(together, requests, strict=True)]
             results: list[GenerationResult] = []
             for each in resolved:
                 alone = self._run([each], progress)
                 assert alone is not None
                 results.extend(alone)
-            return results
+            return [_written(result, request) for result, request in zip(results, requests, strict=True)]
 
     def _batchable(self, resolved: list[GenerationRequest]) -> bool:
         if type(self.provider).run is not ModelProvider.run:  # a family's own loop may take one prompt only
@@ -295,6 +311,30 @@ class Engine:
 
     def _use_scheduler(self, name: str) -> None:
         self.provider.scheduler_owner(self.pipeline).scheduler = self._scheduler(name)
+
+
+def _as_written(run: GenerationRequest, written: GenerationRequest) -> GenerationRequest:
+    """The request `run` (expanded by `Engine.expand`, defaults filled in) with the prompt, LoRAs and
+    embeddings as `written`: what results report and PNGs keep, so that running it again expands it again."""
+    if (run.prompt, run.loras, run.embeddings) == (written.prompt, written.loras, written.embeddings):
+        return run
+    return run.evolve(prompt=written.prompt, loras=written.loras, embeddings=written.embeddings)
+
+
+def _written(result: GenerationResult, written: GenerationRequest) -> GenerationResult:
+    """`result` reporting `written`'s prompt, and the LoRAs and embeddings its prompt added apart."""
+    import attrs
+
+    run = result.request
+    request = _as_written(run, written)
+    if request is run:
+        return result
+    return attrs.evolve(
+        result,
+        request=request,
+        prompt_loras=run.loras[len(written.loras) :],
+        prompt_embeddings=run.embeddings[len(written.embeddings) :],
+    )
 
 
 #: The pipeline arguments that hold one text per request in a batched call.
