@@ -111,6 +111,13 @@ def register_commands(cli: Commands) -> None:
         help="finished jobs kept for GET /v1/jobs/{id}, with their images",
     )
     limits.add_argument(
+        "--max-connections",
+        type=_count(1),
+        default=defaults.max_connections,
+        metavar="N",
+        help="open connections at once (503 beyond them)",
+    )
+    limits.add_argument(
         "--allow-option",
         action="append",
         default=[],

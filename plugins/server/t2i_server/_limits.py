@@ -30,5 +30,8 @@ class Limits:
     keep_jobs: int = 64
     #: on SIGTERM, seconds that queued and running jobs get to finish before they are cancelled
     shutdown_timeout: float = 30.0
+    #: open connections at once; a client beyond them gets 503 at once (a flood of idle connections
+    #: cannot starve the server; slow or stalled clients are for a reverse proxy to time out)
+    max_connections: int = 256
     #: seconds between two latent previews of one job (previews cost a small copy of the latents)
     preview_interval: float = 0.25

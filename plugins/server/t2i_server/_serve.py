@@ -45,6 +45,7 @@ def serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         keep_jobs=args.keep_jobs,
         shutdown_timeout=args.shutdown_timeout,
+        max_connections=args.max_connections,
     )
     if token is not None and not token.strip():
         raise InvalidRequestError("--token", token, "a non-empty token")
@@ -57,15 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     from ._app import create_app
 
     app = create_app(service, token=token)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(limits.shutdown_timeout) + 10,
-        # The server answers errors itself; uvicorn's own header would only advertise the stack.
-        server_header=False,
-    )
-    server = _Server(config, service)
+    server = _Server(server_config(app, limits), service)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not _is_loopback(host) and token is None:
@@ -84,6 +77,19 @@ def serve(args: argparse.Namespace) -> int:
         return 130
     print("t2i serve: stopped", file=sys.stderr)
     return 0 if server.started else 1
+
+
+def server_config(app: Any, limits: Limits) -> uvicorn.Config:
+    """uvicorn's settings for `app` under `limits` (the tests serve with the same)."""
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(limits.shutdown_timeout) + 10,
+        limit_concurrency=limits.max_connections,
+        # The server answers errors itself; uvicorn's own header would only advertise the stack.
+        server_header=False,
+    )
 
 
 def _model_spec(text: str) -> tuple[str, str]:

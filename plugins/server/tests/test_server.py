@@ -504,3 +504,21 @@ def test_shutdown_finishes_or_cancels_jobs_and_refuses_new_ones(served: ServedMo
         assert "shutting down" in answers["long"].json()["error"]["message"]
     fields = {"prompt": "still exact", "num_inference_steps": 2, "seed": 3}
     assert_images_equal(served.engine.generate(GenerationRequest(**fields)).images, sdk_images(sd15_engine, **fields))
+
+
+def test_connections_beyond_the_cap_get_503_at_once(served: ServedModel) -> None:
+    """Red team: connections were uncapped; idle ones hold a slot, a client past --max-connections gets 503."""
+    import socket
+    from urllib.parse import urlsplit
+
+    service = Service([served], Limits(max_connections=2))
+    with running_server(service) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as client:
+        address = urlsplit(base)
+        idle = [socket.create_connection((address.hostname, address.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # the server has accepted them
+            assert client.get("/healthz").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: client.get("/healthz").status_code == 200, 30, "a free connection slot")
