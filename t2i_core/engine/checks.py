@@ -117,7 +117,7 @@ def check_conditioners(registry: Registry, family: str, request: GenerationReque
         raise InvalidRequestError(
             "controls", request.controls, "() (no installed conditioner handles controls: see t2i plugins)"
         )
-    for field in ("loras", "embeddings"):
+    for field in ("loras", "embeddings", "image_prompts"):
         value = getattr(request, field)
         if not value:
             continue

@@ -42,6 +42,7 @@ FIRST_PARTY_DISTRIBUTIONS: dict[str, str] = {
     "t2i-zimage": "t2i_zimage",
     "t2i-compel": "t2i_compel",
     "t2i-controlnet": "t2i_controlnet",
+    "t2i-ipadapter": "t2i_ipadapter",
     "t2i-lora": "t2i_lora",
     "t2i-quantize": "t2i_quantize",
     "t2i-server": "t2i_server",

@@ -1,0 +1,182 @@
+"""t2i-ipadapter: image prompts equal diffusers' load_ip_adapter bit for bit, load once, and leave plain requests plain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from t2i_core import (
+    GenerationRequest,
+    ImagePrompt,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+    load,
+)
+from t2i_core.testing import (
+    ConditionerConformance,
+    as_array,
+    assert_images_equal,
+    cpu_generators,
+    raw_pipeline,
+    refuse_to_run,
+)
+
+pytest.importorskip("t2i_ipadapter")
+from t2i_ipadapter import DEFAULTS, IncompatibleAdapterError, tiny_adapter_folder
+from t2i_ipadapter._weights import shared_weights
+
+STEPS = 2
+SEED = 3
+PROMPT = "a lighthouse at dusk"
+
+
+def noise_image(seed: int, width: int = 40, height: int = 48) -> Any:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+REFERENCE = noise_image(0)
+OTHER = noise_image(1)
+
+
+def request(*prompts: ImagePrompt) -> GenerationRequest:
+    return GenerationRequest(prompt=PROMPT, seed=SEED, num_inference_steps=STEPS, image_prompts=prompts)
+
+
+def raw_with_adapters(family: str, count: int, scales: list[float]) -> Any:
+    """diffusers by hand: the tiny checkpoint, then load_ip_adapter from the tiny adapter folder, `count` times."""
+    pipeline = raw_pipeline(tiny_folder(family))
+    defaults = DEFAULTS[family]
+    pipeline.load_ip_adapter(
+        str(tiny_adapter_folder(family)), subfolder=defaults.subfolder, weight_name=[defaults.weight_name] * count
+    )
+    pipeline.set_ip_adapter_scale(scales)
+    return pipeline
+
+
+def raw_call(pipeline: Any, resolved: GenerationRequest, images: Any) -> list[Any]:
+    return list(
+        pipeline(
+            prompt=resolved.prompt,
+            ip_adapter_image=images,
+            num_inference_steps=resolved.num_inference_steps,
+            guidance_scale=resolved.guidance_scale,
+            height=resolved.height,
+            width=resolved.width,
+            generator=cpu_generators(SEED, 1),
+        ).images
+    )
+
+
+def tiny_folder(family: str) -> str:
+    from t2i_core import testing
+
+    return str(testing.tiny_folder(family))
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    return load("tiny:sd15", device="cpu")
+
+
+# -- the conformance kit ----------------------------------------------------------------------------
+
+
+class TestImagePromptsConformance(ConditionerConformance):
+    conditioner = "ip-adapter"
+    wanted = {"image_prompts": (ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", scale=0.6),)}
+    reference_kwargs = {"ip_adapter_image": REFERENCE}
+    refused_requests = {
+        "image_prompts[0].image": {"image_prompts": (ImagePrompt("no/such/ref.png", "tiny:ip-adapter-sd15"),)},
+        "image_prompts[0].model": {"image_prompts": (ImagePrompt(REFERENCE, "tiny:ip-adapter-nothing"),)},
+    }
+
+    def reference_pipeline(self, folder: str) -> Any:
+        from diffusers import AutoPipelineForText2Image
+
+        pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+        pipeline.load_ip_adapter(
+            str(tiny_adapter_folder("sd15")), subfolder="models", weight_name="ip-adapter_sd15.safetensors"
+        )
+        pipeline.set_ip_adapter_scale(0.6)
+        return pipeline
+
+
+# -- images -------------------------------------------------------------------------------------------
+
+
+def test_two_image_prompts_equal_diffusers_with_two_adapters(engine: Any, tmp_path: Path) -> None:
+    """Two image prompts (one given as a file) are two adapters of one load_ip_adapter call, with a scale each."""
+    path = tmp_path / "other.png"
+    OTHER.save(path)
+    result = engine.generate(
+        request(
+            ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.5), ImagePrompt(str(path), "tiny:ip-adapter-sd15", 0.8)
+        )
+    )
+    theirs = raw_call(raw_with_adapters("sd15", 2, [0.5, 0.8]), result.request, [REFERENCE, OTHER])
+    assert_images_equal(result.images, theirs)
+
+
+def test_sdxl_equals_diffusers() -> None:
+    engine = load("tiny:sdxl", device="cpu")
+    result = engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sdxl", 0.7)))
+    assert_images_equal(result.images, raw_call(raw_with_adapters("sdxl", 1, [0.7]), result.request, REFERENCE))
+
+
+def test_scale_zero_and_no_image_prompt_give_the_plain_image(engine: Any) -> None:
+    """The UNet gets its own attention processors back for a plain request, even after adapters ran."""
+    plain = engine.generate(request())
+    steered = engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.9)))
+    again = engine.generate(request())
+    zero = engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.0)))
+    assert_images_equal(again.images, plain.images, "the plain image before any image prompt")
+    assert_images_equal(zero.images, plain.images, "the plain image")
+    assert not np.array_equal(as_array(steered.images[0]), as_array(plain.images[0])), (
+        "the image prompt changed nothing"
+    )
+    other = engine.generate(request(ImagePrompt(OTHER, "tiny:ip-adapter-sd15", 0.9)))
+    assert not np.array_equal(as_array(steered.images[0]), as_array(other.images[0])), "which image made no difference"
+
+
+def test_adapters_load_once_per_shared_weights(engine: Any) -> None:
+    """A second request, and a second engine over the same weights, reuse the loaded adapter and image encoder."""
+    prompt = ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.4)
+    first = engine.generate(request(prompt))
+    shared = shared_weights(engine)
+    loads = shared.loads
+    twin = load("tiny:sd15", device="cpu")
+    assert twin.pipeline.unet is engine.pipeline.unet and shared_weights(twin) is shared
+    engine.generate(request())
+    second = twin.generate(request(prompt))
+    assert shared.loads == loads
+    assert_images_equal(second.images, first.images, "the first engine's image")
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+
+
+def test_other_families_are_refused_naming_image_prompts_and_the_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    flux = load("tiny:flux", device="cpu")
+    refuse_to_run(monkeypatch, flux)
+    with pytest.raises(UnsupportedFeatureError) as caught:
+        flux.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15")))
+    assert "image_prompts" in str(caught.value) and "flux" in str(caught.value)
+
+
+def test_an_sdxl_adapter_on_sd15_is_refused_before_loading(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    refuse_to_run(monkeypatch, engine)
+    with pytest.raises(IncompatibleAdapterError) as caught:
+        engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sdxl")))
+    assert caught.value.field == "image_prompts[0].model"
+
+
+def test_a_folder_without_the_weights_file_is_refused(engine: Any, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.generate(request(ImagePrompt(REFERENCE, str(tmp_path))))
+    assert caught.value.field == "image_prompts[0].model" and "ip-adapter_sd15.safetensors" in str(caught.value)
