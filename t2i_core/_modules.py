@@ -42,3 +42,23 @@ def _deep_copy(component: Any) -> Any:
     if callable(rewrap):
         rewrap()
     return copied
+
+
+def pipeline_over(pipeline_class: Any, pipeline: Any) -> Any:
+    """A `pipeline_class` pipeline over `pipeline`'s components and configuration: nothing loads or moves.
+
+    What diffusers' ``from_pipe`` builds, without its closing ``.to(dtype)``, which would cast the
+    shared weights in place (and refuse quantized ones). Each ``__init__`` argument is the
+    component of that name, else the configuration value of that name, else its default.
+    """
+    import inspect
+
+    components = pipeline.components
+    config = pipeline.config
+    arguments: dict[str, Any] = {}
+    for name in list(inspect.signature(pipeline_class.__init__).parameters)[1:]:
+        if name in components:
+            arguments[name] = components[name]
+        elif name in config:
+            arguments[name] = config[name]
+    return pipeline_class(**arguments)

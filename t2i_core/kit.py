@@ -44,6 +44,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "loading_lock": ("_locks", "loading_lock"),
     "is_offloaded": ("_modules", "is_offloaded"),
     "private_components": ("_modules", "private_components"),
+    "pipeline_over": ("_modules", "pipeline_over"),
     "ProgressCallback": ("_progress", "ProgressCallback"),
     "report_progress": ("_progress", "report_progress"),
     "takes_latents": ("_progress", "takes_latents"),
@@ -81,6 +82,7 @@ __all__ = [
     "is_offloaded",
     "load_single_file_component",
     "loading_lock",
+    "pipeline_over",
     "private_components",
     "read_model_index",
     "report_progress",
@@ -198,7 +200,7 @@ if TYPE_CHECKING:
     from ._files import write_atomically
     from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
     from ._locks import loading_lock
-    from ._modules import is_offloaded, private_components
+    from ._modules import is_offloaded, pipeline_over, private_components
     from ._progress import ProgressCallback, report_progress, takes_latents
     from ._single_file_components import is_gguf, load_single_file_component
     from ._turns import Turns

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from ._hub import read_model_index
+from ._locks import loading_lock
 from ._modules import private_components as _private_components
 from ._progress import progress_kwargs as _progress_kwargs
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -166,6 +167,11 @@ class ModelProvider:
     """True: `load_single_file` also takes ``.gguf`` files, whose denoiser is quantized already (diffusers'
     GGUF loader; `t2i_core.kit.load_single_file_component` loads one). A ``.gguf`` file that a family
     without it claims is refused before anything loads.
+    """
+    img2img_class: ClassVar[str | None] = None
+    """The diffusers image-to-image pipeline class, by name (``"StableDiffusionImg2ImgPipeline"``), that
+    the second pass of hires fix (`t2i_core.HiresFix`) runs, built over the loaded components by
+    `img2img_pipeline`; None: the family refuses hires requests before any work.
     """
 
     # -- discovery -------------------------------------------------------------------------
@@ -316,6 +322,32 @@ class ModelProvider:
     def scheduler_owner(self, pipeline: Any) -> Any:
         """The (sub-)pipeline whose ``scheduler`` a request's scheduler choice replaces."""
         return pipeline
+
+    def img2img_pipeline(self, pipeline: Any) -> Any:
+        """The image-to-image pipeline over `pipeline`'s components that hires fix's second pass runs.
+
+        Called once per engine (again if a component is replaced); the engine gives it the first
+        pass's scheduler before each run, and calls `run` with it. The default builds
+        ``diffusers.<img2img_class>`` over `pipeline`'s components and configuration, as diffusers'
+        ``from_pipe`` does but casting nothing (`t2i_core.kit.pipeline_over`): nothing loads.
+        """
+        from ._modules import pipeline_over
+
+        if self.img2img_class is None:
+            raise UnsupportedFeatureError(self.name, "hires fix (GenerationRequest.hires)")
+        with loading_lock:  # diffusers' lazy attribute lookup is not thread-safe
+            import diffusers
+
+            pipeline_class = getattr(diffusers, self.img2img_class)
+        return pipeline_over(pipeline_class, pipeline)
+
+    def hires_latents(self, pipeline: Any, latents: Any, height: int, width: int) -> Any:
+        """The first pass's ``output_type="latent"`` output, stacked (one row per image), as the
+        (batch, channels, `height` / f, `width` / f) latents that hires fix enlarges and `img2img_pipeline`
+        takes as its ``image``. The default returns `latents` unchanged; a family whose pipeline
+        packs its latents (FLUX.1's 2x2 patches) unpacks them here.
+        """
+        return latents
 
     # -- generation ------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> dict[str, Any]:

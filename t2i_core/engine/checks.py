@@ -26,6 +26,8 @@ MAX_PIXELS_ENV = "T2I_MAX_PIXELS"
 MAX_GUIDANCE_SCALE = 100.0
 #: Step counts every scheduler runs; beyond it the limit is found by trying the scheduler.
 SURE_STEPS = 100
+#: How refusals name hires fix.
+HIRES_FEATURE = "hires fix (GenerationRequest.hires)"
 
 
 def default_max_pixels() -> int:
@@ -69,9 +71,24 @@ def check_request(
             allowed = f"an integer in [1, {limit}] (the most steps the {scheduler_name} scheduler can take)"
             raise InvalidRequestError("num_inference_steps", steps, allowed)
     check_conditioners(registry, provider.name, request)
+    check_hires_request(registry, provider, request)
     if request.height and request.width:
         check_pixels(request.height, request.width, max_pixels)
     return options
+
+
+def check_hires_request(registry: Registry, provider: ModelProvider, request: GenerationRequest) -> None:
+    """Refuse, before anything loads, a hires request that the family or the request's other fields rule out."""
+    if request.hires is None:
+        return
+    if provider.img2img_class is None:
+        supported = sorted(name for name, each in registry.providers.items() if each.img2img_class)
+        raise UnsupportedFeatureError(
+            provider.name, f"{HIRES_FEATURE}: its plugin names no image-to-image pipeline", supported
+        )
+    for field, value in (("controls", request.controls), ("image_prompts", request.image_prompts)):
+        if value:
+            raise UnsupportedFeatureError(provider.name, f"{HIRES_FEATURE} together with {field}")
 
 
 def check_accelerator_specs(registry: Registry, specs: Iterable[str], device: str) -> None:

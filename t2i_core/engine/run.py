@@ -7,6 +7,7 @@ build the pipeline call, has the provider run it and wraps the images in a `Gene
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import threading
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ from ..provider import ModelProvider
 from ..registry import Registry
 from ..request import GenerationRequest, GenerationResult
 from .checks import check_pixels, check_request, default_max_pixels
+from .hires import check_hires_size, run_hires
 from .prompts import quiet_truncation, warn_degenerate, warn_truncated_prompts
 
 #: Out-of-memory errors that torch raises as plain RuntimeErrors (no type of their own), by the
@@ -137,6 +139,8 @@ class Engine:
         assert resolved.height is not None and resolved.width is not None
         check_pixels(resolved.height, resolved.width, self.max_pixels)
         self.provider.check_request(self.pipeline, resolved)
+        if resolved.hires is not None:
+            check_hires_size(self, resolved)
         for conditioner in self._registry.ordered_conditioners():
             if conditioner.wants(request):
                 conditioner.prepare(self, request)
@@ -199,7 +203,7 @@ class Engine:
         if not all(accelerator.batches for accelerator in self._accelerators):
             return False  # a step cache decides per call: a batch would change each request's images
         first = resolved[0]
-        if first.prompt_weighting is not None or first.controls:
+        if first.prompt_weighting is not None or first.controls or first.hires is not None:
             return False
         if len({request.negative_prompt is None for request in resolved}) > 1:
             return False  # None and "" are not always the same conditioning (SDXL zeroes a missing one)
@@ -244,7 +248,11 @@ class Engine:
             call.kwargs["generator"] = generators[0] if len(generators) == 1 else generators
             try:
                 with quiet_truncation(call.pipeline):
-                    images = self.provider.run(call.pipeline, call.kwargs, progress)
+                    if first.hires is None:
+                        images = self.provider.run(call.pipeline, call.kwargs, progress)
+                    else:  # never batched (`_batchable`): one request
+                        again = functools.partial(self._conditioned, options=resolved[0][1], conditioners=conditioners)
+                        images = run_hires(self, call, first, again, progress)
             except GenerationCancelled:
                 raise
             except Exception as exc:

@@ -58,6 +58,7 @@ class Flux(ModelProvider):
         "flux-schnell": "black-forest-labs/FLUX.1-schnell",
     }
     pipeline_classes = (PIPELINE_CLASS,)
+    img2img_class = "FluxImg2ImgPipeline"
     # The class-wide defaults are dev-style; `pipeline_defaults` gives a schnell-style checkpoint's.
     defaults = DEV_DEFAULTS
     description = "FLUX.1 dev/schnell (1024x1024; dev: 28 steps, guidance 3.5; schnell: 4 steps), true CFG"
@@ -131,6 +132,10 @@ class Flux(ModelProvider):
     def pipeline_defaults(self, pipeline: Any) -> FamilyDefaults:
         """The defaults for `pipeline`: schnell-style checkpoints have their own (4 steps, no guidance)."""
         return SCHNELL_DEFAULTS if is_schnell(pipeline) else DEV_DEFAULTS
+
+    def hires_latents(self, pipeline: Any, latents: Any, height: int, width: int) -> Any:
+        # FluxPipeline's latent output is packed in 2x2 patches: (batch, tokens, channels x 4).
+        return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
 
     # -- generation ------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class StableDiffusion15(ModelProvider):
     name = "sd15"
     aliases = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     pipeline_classes = ("StableDiffusionPipeline",)
+    img2img_class = "StableDiffusionImg2ImgPipeline"
     # 512x512 is the checkpoint's native size, read from its UNet config (so tiny:sd15 stays tiny).
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=7.5)
     description = "Stable Diffusion 1.x (512x512, 50 steps, guidance 7.5)"

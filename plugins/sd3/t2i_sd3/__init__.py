@@ -109,6 +109,7 @@ class StableDiffusion3(ModelProvider):
         "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     }
     pipeline_classes = (PIPELINE_CLASS,)
+    img2img_class = "StableDiffusion3Img2ImgPipeline"
     # SD3.5 Large's model card; `pipeline_defaults` gives the other checkpoints' own. 1024x1024 is
     # read from the checkpoint (transformer sample_size x VAE factor), so tiny:sd3 stays tiny.
     defaults = LARGE_DEFAULTS

@@ -99,6 +99,7 @@ class StableDiffusionXL(ModelProvider):
     name = "sdxl"
     aliases: ClassVar[Mapping[str, str]] = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    img2img_class = "StableDiffusionXLImg2ImgPipeline"
     # 1024x1024 is the checkpoint's native size, read from its UNet config (so tiny:sdxl stays tiny).
     defaults = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0)
     options = (*PIPELINE_OPTIONS, CLIP_SKIP, REFINER_OPTION, *REFINER_OPTIONS)
@@ -154,6 +155,8 @@ class StableDiffusionXL(ModelProvider):
             return options
         if request.prompt_weighting is not None:
             raise UnsupportedFeatureError(self.name, "the refiner together with prompt weighting")
+        if request.hires is not None:
+            raise UnsupportedFeatureError(self.name, "the refiner together with hires fix (GenerationRequest.hires)")
         if request.controls:
             raise UnsupportedFeatureError(self.name, "the refiner together with ControlNet controls")
         if options.get("clip_skip"):

@@ -62,6 +62,7 @@ class ZImage(ModelProvider):
     name = "z-image"
     aliases: ClassVar[Mapping[str, str]] = {"z-image-turbo": "Tongyi-MAI/Z-Image-Turbo"}
     pipeline_classes = (PIPELINE_CLASS,)
+    img2img_class = "ZImageImg2ImgPipeline"
     defaults = DEFAULTS
     description = "Z-Image(-Turbo), Qwen3 text encoder (1024x1024, 9 steps, guidance 0; CFG when guidance > 0)"
     options = (
@@ -125,6 +126,18 @@ class ZImage(ModelProvider):
         if isinstance(size, int):
             return size, size
         return 1024, 1024
+
+    def img2img_pipeline(self, pipeline: Any) -> Any:
+        from diffusers.image_processor import VaeImageProcessor
+
+        img2img = super().img2img_pipeline(pipeline)
+        # ZImageImg2ImgPipeline's image processor takes only 4-channel tensors for latents (its default):
+        # Z-Image's 16-channel hires latents would be resized and normalized as pixels. The same
+        # processor, told the VAE's channel count, hands them on as latents (as FluxImg2ImgPipeline's does).
+        channels = int(pipeline.vae.config.latent_channels)
+        factor = int(img2img.vae_scale_factor) * 2
+        img2img.image_processor = VaeImageProcessor(vae_scale_factor=factor, vae_latent_channels=channels)
+        return img2img
 
     # -- generation ------------------------------------------------------------------------
     def check_request(self, pipeline: Any, request: GenerationRequest) -> None:
