@@ -1,4 +1,4 @@
-"""The flags of ``t2i generate`` that take a small syntax: ``--control``, ``--lora``, ``--embedding``."""
+"""The flags of ``t2i generate`` that take a small syntax: ``--control``, ``--lora``, ``--embedding``, ``--image-prompt``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 from ..errors import InvalidRequestError
 
 CONTROL_SYNTAX = "IMAGE=MODEL[@SCALE][,start=F][,end=F][,preprocess=NAME][,guess_mode=true|false]"
+#: the IP-Adapter of ``--image-prompt`` without ``--image-prompt-model``: the reference adapters of SD 1.5
+#: and SDXL, whose plugin picks the family's weights file in it
+DEFAULT_IMAGE_PROMPT_MODEL = "h94/IP-Adapter"
 
 
 def controls(items: list[str]) -> tuple[Any, ...]:
@@ -66,6 +69,28 @@ def loras(items: list[str]) -> tuple[Any, ...]:
             raise InvalidRequestError("--lora", item, "SOURCE[@SCALE] with a SOURCE")
         loras.append(Lora(source, value))
     return tuple(loras)
+
+
+def image_prompts(items: list[str], model: str | None) -> tuple[Any, ...]:
+    """Parse ``--image-prompt FILE[@SCALE]``, each with the IP-Adapter `model` (``--image-prompt-model``).
+
+    A file that exists as given (a name with ``@`` in it) is taken whole.
+    """
+    from ..request import ImagePrompt
+
+    prompts = []
+    for item in items:
+        image, at, scale = item.rpartition("@")
+        fields: dict[str, Any] = {"image": item}
+        if at and not os.path.exists(item):
+            try:
+                fields = {"image": image, "scale": float(scale)}
+            except ValueError:
+                raise InvalidRequestError("--image-prompt", item, "FILE[@SCALE] with a number for SCALE") from None
+            if not image:
+                raise InvalidRequestError("--image-prompt", item, "FILE[@SCALE] with a FILE")
+        prompts.append(ImagePrompt(model=model or DEFAULT_IMAGE_PROMPT_MODEL, **fields))
+    return tuple(prompts)
 
 
 def check_folders(folders: list[str], flag: str) -> None:

@@ -75,6 +75,22 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         help="a textual-inversion embedding and the token that stands for it in prompts (repeatable)",
     )
     gen.add_argument(
+        "--image-prompt",
+        dest="image_prompt",
+        action="append",
+        default=[],
+        metavar="FILE[@SCALE]",
+        help="an image prompt (IP-Adapter): a reference image that steers the image, scale default 1 "
+        "(repeatable; needs t2i-ipadapter)",
+    )
+    gen.add_argument(
+        "--image-prompt-model",
+        dest="image_prompt_model",
+        metavar="M",
+        help="the IP-Adapter of the image prompts: hub id, folder, weights file or tiny:ip-adapter-<family> "
+        "(default: h94/IP-Adapter, with the family's weights file in it)",
+    )
+    gen.add_argument(
         "--lora-dir",
         dest="lora_dirs",
         action="append",
@@ -142,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         prompt_weighting=args.weighting,
         controls=flags.controls(args.control) if args.control else saved_controls,
+        image_prompts=flags.image_prompts(args.image_prompt, args.image_prompt_model)
+        if args.image_prompt or args.from_image is None
+        else rerun.saved_image_prompts(Path(args.from_image), args.image_prompt_model),
         scheduler=args.scheduler,
         options=key_values(args.option, "--option", "KEY=VALUE"),
         loras=flags.loras(args.lora),

@@ -111,6 +111,35 @@ def saved_weights(path: Path, request: GenerationRequest, args: argparse.Namespa
     return request.evolve(**changes) if changes else request
 
 
+def saved_image_prompts(path: Path, model: str | None) -> tuple[Any, ...]:
+    """The image prompts a ``--from`` PNG was made with (none when it has none); `model`
+    (``--image-prompt-model``) replaces their IP-Adapter when given."""
+    from ..request import ImagePrompt
+
+    text = _png_text(path).get("image_prompts")
+    if text is None:
+        return ()
+    try:
+        described = json.loads(text)
+        if not isinstance(described, list) or not all(isinstance(fields, dict) for fields in described):
+            raise ValueError("not a list of image prompts")
+        for index, fields in enumerate(described):
+            if fields.get("image") == _IN_MEMORY:
+                raise InvalidRequestError(
+                    "--from",
+                    str(path),
+                    f"a PNG whose image prompts are files (image_prompts[{index}] was an image in memory, "
+                    "which the PNG does not hold): pass --image-prompt FILE[@SCALE] with that image",
+                )
+            if model is not None:
+                fields.update(model=model, subfolder=None, weight_name=None)
+        return tuple(ImagePrompt(**fields) for fields in described)
+    except T2IError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError("--from", str(path), f"a PNG with t2i's image_prompts metadata ({exc})") from None
+
+
 def _png_text(path: Path) -> dict[str, str]:
     from PIL import Image
 

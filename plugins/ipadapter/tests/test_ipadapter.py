@@ -180,3 +180,44 @@ def test_a_folder_without_the_weights_file_is_refused(engine: Any, tmp_path: Pat
     with pytest.raises(InvalidRequestError) as caught:
         engine.generate(request(ImagePrompt(REFERENCE, str(tmp_path))))
     assert caught.value.field == "image_prompts[0].model" and "ip-adapter_sd15.safetensors" in str(caught.value)
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+def _saved(path: Path) -> tuple[dict[str, str], Any]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return dict(image.text), np.asarray(image.convert("RGB"))  # type: ignore[attr-defined]
+
+
+def test_the_cli_flag_equals_the_sdk_and_from_remakes_it(engine: Any, tmp_path: Path) -> None:
+    """``--image-prompt FILE@SCALE --image-prompt-model M`` is the SDK's ImagePrompt; ``--from`` restores it."""
+    from t2i_core.cli import main
+
+    reference, first, again = tmp_path / "ref.png", tmp_path / "first.png", tmp_path / "again.png"
+    REFERENCE.save(reference)
+    assert main([
+        "generate", PROMPT, "--model", "tiny:sd15", "--steps", str(STEPS), "--seed", str(SEED), "--device", "cpu",
+        "--image-prompt", f"{reference}@0.6", "--image-prompt-model", "tiny:ip-adapter-sd15", "-o", str(first),
+    ]) == 0  # fmt: skip
+    text, pixels = _saved(first)
+    sdk = engine.generate(request(ImagePrompt(str(reference), "tiny:ip-adapter-sd15", 0.6)))
+    assert np.array_equal(pixels, as_array(sdk.images[0]))
+    assert main(["generate", "--from", str(first), "--device", "cpu", "-o", str(again)]) == 0
+    text_again, pixels_again = _saved(again)
+    assert '"scale": 0.6' in text["image_prompts"] and text_again == text
+    assert np.array_equal(pixels_again, pixels)
+
+
+def test_image_prompt_flag_syntax() -> None:
+    from t2i_core.cli.flags import DEFAULT_IMAGE_PROMPT_MODEL, image_prompts
+
+    (plain, scaled) = image_prompts(["a.png", "b.png@0.25"], None)
+    assert (plain.image, plain.model, plain.scale) == ("a.png", DEFAULT_IMAGE_PROMPT_MODEL, 1.0)
+    assert (scaled.image, scaled.scale) == ("b.png", 0.25)
+    with pytest.raises(InvalidRequestError) as caught:
+        image_prompts(["b.png@strong"], "tiny:ip-adapter-sd15")
+    assert caught.value.field == "--image-prompt"
