@@ -25,7 +25,7 @@ from ..request import GenerationRequest
 #: Keys a job may have besides the `GenerationRequest` fields.
 JOB_KEYS = ("id", "model", "family")
 #: Request fields that hold sequences of attrs values, and the class of each item, by name in t2i_core.request.
-_NESTED = {"controls": "Control", "loras": "Lora", "embeddings": "Embedding"}
+_NESTED = {"controls": "Control", "loras": "Lora", "embeddings": "Embedding", "image_prompts": "ImagePrompt"}
 _INTEGERS = ("height", "width", "num_inference_steps", "seed", "num_images")
 _NUMBERS = ("guidance_scale",)
 #: What an explicit id may look like: it names files (``ID.png``), so no path separators or dot files.

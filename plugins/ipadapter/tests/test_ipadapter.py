@@ -221,3 +221,19 @@ def test_image_prompt_flag_syntax() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         image_prompts(["b.png@strong"], "tiny:ip-adapter-sd15")
     assert caught.value.field == "--image-prompt"
+
+
+def test_a_jsonl_batch_job_takes_image_prompts(engine: Any, tmp_path: Path) -> None:
+    import json
+
+    from t2i_core.cli import main
+
+    reference, jobs, out = tmp_path / "ref.png", tmp_path / "jobs.jsonl", tmp_path / "out"
+    REFERENCE.save(reference)
+    prompt = {"image": str(reference), "model": "tiny:ip-adapter-sd15", "scale": 0.6}
+    job = {"id": "ip", "prompt": PROMPT, "seed": SEED, "num_inference_steps": STEPS, "image_prompts": [prompt]}
+    jobs.write_text(json.dumps(job) + "\n")
+    assert main(["batch", str(jobs), "--model", "tiny:sd15", "--out", str(out), "--device", "cpu"]) == 0
+    _, pixels = _saved(out / "ip.png")
+    sdk = engine.generate(request(ImagePrompt(str(reference), "tiny:ip-adapter-sd15", 0.6)))
+    assert np.array_equal(pixels, as_array(sdk.images[0]))
