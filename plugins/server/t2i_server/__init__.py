@@ -59,6 +59,24 @@ def register_commands(cli: Commands) -> None:
         help="a ControlNet that requests may name in controls (repeatable); no other is ever loaded",
     )
     serve.add_argument(
+        "--lora-dir",
+        dest="lora_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRAs that prompts name with <lora:NAME:WEIGHT> (repeatable; default: $T2I_LORA_DIR); "
+        "GET /sdapi/v1/loras lists them",
+    )
+    serve.add_argument(
+        "--embeddings-dir",
+        dest="embedding_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of embeddings: a prompt word equal to a file's name uses it (repeatable; "
+        "default: $T2I_EMBEDDINGS_DIR)",
+    )
+    serve.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)"
     )
     serve.add_argument(

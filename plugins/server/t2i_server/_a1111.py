@@ -118,8 +118,7 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
     _sampler, scheduler = scheduler_for(body, served.checker)
     family = served.engine.family
     options = family_options(service, body, family)
-    # Clip skip is computed on t2i's plain encoding; the emphasis encoder does not take it yet.
-    weighting = None if options.get("clip_skip") else prompt_weighting(family)
+    weighting = prompt_weighting(family)
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
     requests = []
     try:
@@ -248,6 +247,72 @@ def sd_models(service: Service) -> list[dict[str, Any]]:
         }
         for name in service.models
     ]
+
+
+def loras(service: Service) -> list[dict[str, Any]]:
+    """``/sdapi/v1/loras``: the ``.safetensors`` files of the LoRA folders, each under a `name` that a
+    ``<lora:NAME:WEIGHT>`` tag finds it by (its file name; for a name found before, its path in its
+    folder); `path` is that path, never the server's folder, and `metadata` the file's own
+    (safetensors ``__metadata__``, a trainer's settings)."""
+    from t2i_core.kit import folder_files
+
+    listed, names = [], set()
+    for each in folder_files(_default_engine(service).lora_dirs):
+        name = each.name if each.name not in names else each.relative.removesuffix(".safetensors")
+        names.add(name)
+        listed.append({"name": name, "alias": name, "path": each.relative, "metadata": _file_metadata(each.path)})
+    return listed
+
+
+def embeddings(service: Service) -> dict[str, Any]:
+    """``/sdapi/v1/embeddings``: the embedding folders' files by the word that uses them, as A1111 lists
+    them: ``loaded`` those whose width fits a text encoder of the default model, ``skipped`` the others."""
+    from t2i_core.kit import folder_files
+
+    engine = _default_engine(service)
+    widths = {
+        int(getattr(getattr(encoder, "config", None), "hidden_size", 0))
+        for encoder in (getattr(engine.pipeline, name, None) for name in ("text_encoder", "text_encoder_2"))
+        if encoder is not None
+    }
+    answer: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
+    for each in folder_files(engine.embedding_dirs, field="embedding_dirs"):
+        if each.name in answer["loaded"] or each.name in answer["skipped"]:
+            continue  # a prompt word uses the first file of that name
+        vectors, width = _embedding_shape(each.path)
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": vectors}
+        answer["loaded" if width in widths else "skipped"][each.name] = entry
+    return answer
+
+
+def _default_engine(service: Service) -> Any:
+    return service.models[service.default_model].engine
+
+
+def _file_metadata(path: Any) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - a file that is not safetensors: nothing to list (a request names it)
+        return {}
+
+
+def _embedding_shape(path: Any) -> tuple[int, int]:
+    """(vectors, width) of an embedding file: its widest tensor (SDXL files hold one per text encoder)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = [tuple(handle.get_slice(key).get_shape()) for key in handle.keys()]
+    except Exception:  # noqa: BLE001 - not safetensors: listed as skipped, with no vectors
+        return 0, 0
+    shapes = [shape for shape in shapes if shape]
+    if not shapes:
+        return 0, 0
+    widest = max(shapes, key=lambda shape: shape[-1])
+    return (widest[0] if len(widest) > 1 else 1), widest[-1]
 
 
 def samplers(service: Service) -> list[dict[str, Any]]:

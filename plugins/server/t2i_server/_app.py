@@ -504,6 +504,27 @@ def _automatic1111(app: FastAPI, service: Service) -> None:
         """No scripts or extensions."""
         return _json({"txt2img": [], "img2img": []})
 
+    @app.get("/sdapi/v1/loras", tags=["automatic1111"])
+    async def loras() -> Response:
+        """The LoRAs of ``--lora-dir`` that prompts name with ``<lora:NAME:WEIGHT>``: name, alias, path in its
+        folder (never the server's path), metadata."""
+        return _json(await run_in_threadpool(_a1111.loras, service))
+
+    @app.get("/sdapi/v1/embeddings", tags=["automatic1111"])
+    async def embeddings() -> Response:
+        """The embeddings of ``--embeddings-dir`` by the prompt word that uses each, as AUTOMATIC1111 lists them."""
+        return _json(await run_in_threadpool(_a1111.embeddings, service))
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["automatic1111"])
+    async def refresh_loras() -> Response:
+        """Nothing to do: t2i looks the folders up at every request, so new files are found at once."""
+        return _json(None)
+
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["automatic1111"])
+    async def refresh_embeddings() -> Response:
+        """Nothing to do, as for LoRAs."""
+        return _json(None)
+
     @app.post("/sdapi/v1/interrupt", tags=["automatic1111"])
     async def interrupt() -> Response:
         """Cancel the running job(s) at their next step."""

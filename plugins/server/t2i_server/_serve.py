@@ -49,9 +49,11 @@ def serve(args: argparse.Namespace) -> int:
     )
     if token is not None and not token.strip():
         raise InvalidRequestError("--token", token, "a non-empty token")
+    folders = _folders(args)
     sock = _bind(args.host, args.port)  # before loading: a port in use is a one-line error at once
     _quiet_libraries()
     models = _load(specs, args)
+    _use_folders(models, *folders)
     service = Service(models, limits, controlnets=args.controlnet, allowed_options=args.allow_option)
     _load_controlnets(service, args.controlnet)
 
@@ -100,6 +102,28 @@ def _model_spec(text: str) -> tuple[str, str]:
     if not text.strip():
         raise InvalidRequestError("--model", text, "[NAME=]MODEL: a hub id, local folder, alias or tiny:<family>")
     return text, text
+
+
+def _folders(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``--lora-dir`` and ``--embeddings-dir``, each an existing folder (checked before anything loads)."""
+    given = []
+    for flag, dest in (("--lora-dir", "lora_dirs"), ("--embeddings-dir", "embedding_dirs")):
+        folders = tuple(getattr(args, dest, None) or ())
+        for folder in folders:
+            if not os.path.isdir(os.path.expanduser(folder)):
+                raise InvalidRequestError(flag, folder, "an existing folder")
+        given.append(folders)
+    return given[0], given[1]
+
+
+def _use_folders(models: list[ServedModel], lora_dirs: tuple[str, ...], embedding_dirs: tuple[str, ...]) -> None:
+    """Every served engine reads the prompts' tags and embedding words from the same folders (else the environment's)."""
+    for served in models:
+        for engine in (served.engine, served.checker):
+            if lora_dirs:
+                engine.lora_dirs = lora_dirs
+            if embedding_dirs:
+                engine.embedding_dirs = embedding_dirs
 
 
 def _bind(host: str, port: int) -> socket.socket:

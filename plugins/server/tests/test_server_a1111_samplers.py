@@ -232,15 +232,24 @@ def test_info_has_automatic1111s_fields_and_types(base: str, served: ServedModel
 def test_clip_skip_from_override_settings_and_options(base: str, sd15_engine: Any) -> None:
     fields: dict[str, Any] = {"prompt": "a lamp", "num_inference_steps": 2, "height": 64, "width": 64, "seed": 8}
     fields.update(guidance_scale=7.0, scheduler="euler-ancestral")  # webuiapi's default sampler, Euler a
-    expected = sd15_engine.generate(GenerationRequest(**fields, options={"clip_skip": 1})).images
-    plain = sd15_engine.generate(GenerationRequest(**fields, prompt_weighting=prompt_weighting("sd15"))).images
+    weighting = prompt_weighting("sd15")  # A1111's emphasis reads the skipped layer too
+    expected = sd15_engine.generate(GenerationRequest(**fields, options={"clip_skip": 1}, prompt_weighting=weighting))
+    expected = expected.images
+    plain = sd15_engine.generate(GenerationRequest(**fields, prompt_weighting=weighting)).images
     api = webuiapi.WebUIApi(host="127.0.0.1", port=urlsplit(base).port)
     call = {"prompt": "a lamp", "steps": 2, "width": 64, "height": 64, "seed": 8}
     skipped = api.txt2img(**call, override_settings={"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337})
     assert_images_equal(skipped.images, expected)
     assert skipped.info["clip_skip"] == 2 and "Clip skip: 2, " in skipped.info["infotexts"][0]
     assert skipped.info["t2i"]["ignored_settings"] == ["eta_noise_seed_delta"]
-    assert skipped.info["t2i"]["options"] == {"clip_skip": 1} and skipped.info["t2i"]["prompt_weighting"] is None
+    assert skipped.info["t2i"]["options"] == {"clip_skip": 1} and skipped.info["t2i"]["prompt_weighting"] == weighting
+    # Emphasis and clip skip together, as the SDK computes them.
+    emphasis = {**call, "prompt": "a (red:1.3) lamp, [blurry] ((sunny)) background"}
+    both = api.txt2img(**emphasis, override_settings={"CLIP_stop_at_last_layers": 2})
+    with_emphasis = {**fields, "prompt": emphasis["prompt"], "prompt_weighting": weighting}
+    expected_both = sd15_engine.generate(GenerationRequest(**with_emphasis, options={"clip_skip": 1})).images
+    assert_images_equal(both.images, expected_both)
+    assert weighting is None or both.images[0].tobytes() != api.txt2img(**emphasis).images[0].tobytes()
     answer = api.set_options({"CLIP_stop_at_last_layers": 2, "show_progressbar": False})
     assert answer["t2i"] == {"applied": ["CLIP_stop_at_last_layers"], "ignored_settings": ["show_progressbar"]}
     try:
