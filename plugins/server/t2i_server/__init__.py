@@ -59,6 +59,15 @@ def register_commands(cli: Commands) -> None:
         help="a ControlNet that requests may name in controls (repeatable); no other is ever loaded",
     )
     serve.add_argument(
+        "--ip-adapter",
+        dest="ip_adapter",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="an IP-Adapter that requests may name in image_prompts (repeatable; needs t2i-ipadapter): hub id, "
+        "folder, weights file or tiny:ip-adapter-<family>; no other is ever loaded",
+    )
+    serve.add_argument(
         "--lora-dir",
         dest="lora_dirs",
         action="append",

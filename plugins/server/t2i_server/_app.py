@@ -25,12 +25,12 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2i_core import Control, GenerationRequest, InvalidRequestError
+from t2i_core import Control, GenerationRequest, ImagePrompt, InvalidRequestError
 
 from . import _a1111
 from ._errors import Problem, from_t2i, invalid
 from ._jobs import CANCELLED, DONE, FAILED, SHUTTING_DOWN, Job, ServedModel, Service
-from ._schemas import ControlBody, GenerationBody, Txt2ImgBody
+from ._schemas import ControlBody, GenerationBody, ImagePromptBody, Txt2ImgBody
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -159,9 +159,17 @@ def _request(service: Service, body: GenerationBody) -> tuple[ServedModel, Gener
             "controls", f"{count} controls are more than this server reads", f"at most {service.limits.max_controls}"
         )
     controls = tuple(_control(service, index, control) for index, control in enumerate(body.controls))
-    fields = body.model_dump(exclude={"model", "controls"})
+    if len(body.image_prompts) > service.limits.max_controls:  # image prompts count as controls
+        count = len(body.image_prompts)
+        raise invalid(
+            "image_prompts",
+            f"{count} image prompts are more than this server reads",
+            f"at most {service.limits.max_controls}",
+        )
+    prompts = tuple(_image_prompt(service, index, prompt) for index, prompt in enumerate(body.image_prompts))
+    fields = body.model_dump(exclude={"model", "controls", "image_prompts"})
     try:
-        request = GenerationRequest(**fields, controls=controls)
+        request = GenerationRequest(**fields, controls=controls, image_prompts=prompts)
     except InvalidRequestError as exc:
         raise from_t2i(exc) from None
     return served, service.check(served, request, {})
@@ -175,6 +183,19 @@ def _control(service: Service, index: int, body: ControlBody) -> Control:
     image = _image(body.image, f"{field}.image", service.limits.max_control_pixels)
     try:
         return Control(image=image, **body.model_dump(exclude={"image"}))
+    except InvalidRequestError as exc:
+        raise invalid(f"{field}.{exc.field}", f"{field}.{exc}", exc.allowed) from None
+
+
+def _image_prompt(service: Service, index: int, body: ImagePromptBody) -> ImagePrompt:
+    """An image prompt of a served IP-Adapter; its image comes inline, as server paths are never read."""
+    field = f"image_prompts[{index}]"
+    if body.model not in service.ip_adapters:
+        allowed = ", ".join(repr(m) for m in service.ip_adapters) or "none (the server serves no IP-Adapter)"
+        raise invalid(f"{field}.model", f"{field}.model={body.model!r} is not served here", f"one of {allowed}")
+    image = _image(body.image, f"{field}.image", service.limits.max_control_pixels)
+    try:
+        return ImagePrompt(image=image, model=body.model, scale=body.scale)
     except InvalidRequestError as exc:
         raise invalid(f"{field}.{exc.field}", f"{field}.{exc}", exc.allowed) from None
 
@@ -434,6 +455,7 @@ def _models(service: Service) -> dict[str, Any]:
     return {
         "models": listed,
         "controlnets": list(service.controlnets),
+        "ip_adapters": list(service.ip_adapters),
         "limits": {
             "max_pixels": limits.max_pixels,
             "max_steps": limits.max_steps,

@@ -325,6 +325,7 @@ class Service:
         limits: Limits | None = None,
         *,
         controlnets: Iterable[str] = (),
+        ip_adapters: Iterable[str] = (),
         allowed_options: Iterable[str] = (),
     ) -> None:
         self.models: dict[str, ServedModel] = {}
@@ -338,6 +339,8 @@ class Service:
         self.limits = limits or Limits()
         #: the ControlNets requests may name; no other is ever resolved
         self.controlnets = tuple(controlnets)
+        #: the IP-Adapters image prompts may name; no other is ever resolved
+        self.ip_adapters = tuple(ip_adapters)
         self.allowed_options = frozenset(allowed_options)
         #: the AUTOMATIC1111 settings POST /sdapi/v1/options stored (``CLIP_stop_at_last_layers``)
         self.a1111_settings: dict[str, Any] = {}
@@ -394,6 +397,19 @@ class Service:
                     f"controls[{index}].model",
                     f"controls[{index}].model={control.model!r} is not served here",
                     f"one of {allowed}",
+                )
+        for index, prompt in enumerate(request.image_prompts):
+            # Never a server path: an image prompt's image comes inline.
+            if (
+                prompt.model not in self.ip_adapters
+                or isinstance(prompt.image, str)
+                or hasattr(prompt.image, "__fspath__")
+            ):
+                allowed = ", ".join(repr(m) for m in self.ip_adapters) or "none (the server serves no IP-Adapter)"
+                raise invalid(
+                    f"image_prompts[{index}].model",
+                    f"image_prompts[{index}].model={prompt.model!r} is not served here (or its image is not inline)",
+                    f"one of {allowed}, with an inline image",
                 )
         self._check_options(served, request)
         try:

@@ -26,6 +26,16 @@ class ControlBody(BaseModel):
     guess_mode: bool = False
 
 
+class ImagePromptBody(BaseModel):
+    """One image prompt (IP-Adapter): a reference image, sent inline, and an IP-Adapter the server serves."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    image: str = Field(description="the reference image, base64 PNG, JPEG or WebP (a data: URL is fine); never a path")
+    model: str = Field(description="an IP-Adapter named at start-up (t2i serve --ip-adapter)")
+    scale: float = Field(1.0, description="how strongly the image steers, in [0, 10]; 0 = the plain image")
+
+
 class GenerationBody(BaseModel):
     """`t2i_core.GenerationRequest`'s fields, plus the served model to run them on."""
 
@@ -44,6 +54,7 @@ class GenerationBody(BaseModel):
     scheduler: str | None = Field(None, description="default, ddim, euler, euler-ancestral, dpm++-2m, ...")
     options: dict[str, Any] = Field(default_factory=dict, description="family options (docs/families/options.md)")
     controls: list[ControlBody] = Field(default_factory=list)
+    image_prompts: list[ImagePromptBody] = Field(default_factory=list)
 
 
 class Txt2ImgBody(BaseModel):

@@ -54,8 +54,11 @@ def serve(args: argparse.Namespace) -> int:
     _quiet_libraries()
     models = _load(specs, args)
     _use_folders(models, *folders)
-    service = Service(models, limits, controlnets=args.controlnet, allowed_options=args.allow_option)
+    service = Service(
+        models, limits, controlnets=args.controlnet, ip_adapters=args.ip_adapter, allowed_options=args.allow_option
+    )
     _load_controlnets(service, args.controlnet)
+    _load_ip_adapters(service, args.ip_adapter)
 
     from ._app import create_app
 
@@ -203,6 +206,31 @@ def _load_controlnets(service: Service, controlnets: list[str]) -> None:
         if not fits:
             raise InvalidRequestError("--controlnet", controlnet, "a ControlNet that fits one of the served models")
         print(f"t2i serve: ControlNet {controlnet} serves {', '.join(fits)}", file=sys.stderr, flush=True)
+
+
+def _load_ip_adapters(service: Service, adapters: list[str]) -> None:
+    """Load each IP-Adapter into every served model it fits, with a one-step generation (so no request waits)."""
+    if not adapters:
+        return
+    from PIL import Image
+
+    from t2i_core import GenerationRequest, ImagePrompt, T2IError
+
+    for adapter in adapters:
+        print(f"t2i serve: loading IP-Adapter {adapter} ...", file=sys.stderr, flush=True)
+        fits = []
+        for name, served in service.models.items():
+            prompt = ImagePrompt(image=Image.new("RGB", (64, 64)), model=adapter)
+            request = GenerationRequest(prompt="warm-up", num_inference_steps=1, seed=0, image_prompts=(prompt,))
+            try:
+                served.checker.resolve(request)
+                served.engine.generate(request)
+            except T2IError:
+                continue  # another family's adapter: requests naming it on this model get a 422
+            fits.append(name)
+        if not fits:
+            raise InvalidRequestError("--ip-adapter", adapter, "an IP-Adapter that fits one of the served models")
+        print(f"t2i serve: IP-Adapter {adapter} serves {', '.join(fits)}", file=sys.stderr, flush=True)
 
 
 def _quiet_libraries() -> None:
