@@ -21,6 +21,8 @@ __all__ = ["Limits", "register_commands"]
 
 #: The environment variable that sets the bearer token when ``--token`` is not given.
 TOKEN_ENV = "T2I_SERVER_TOKEN"
+#: The environment variable that sets the webhook secret when ``--webhook-secret`` is not given.
+WEBHOOK_SECRET_ENV = "T2I_WEBHOOK_SECRET"
 
 
 @hookimpl
@@ -158,7 +160,51 @@ def register_commands(cli: Commands) -> None:
         metavar="S",
         help="on SIGTERM, seconds to let queued and running jobs finish before cancelling them",
     )
+    serve.add_argument(
+        "--webhook-secret",
+        default=None,
+        metavar="SECRET",
+        help="enable job webhooks, each POST signed with HMAC-SHA256 under SECRET (X-T2I-Signature); "
+        f"default: ${WEBHOOK_SECRET_ENV}; without one, jobs naming a webhook are refused",
+    )
     serve.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
+    _ray_flags(serve)
+
+
+def _ray_flags(serve: argparse.ArgumentParser) -> None:
+    """``--ray``: the same API as a Ray Serve application (t2i-ray runs it; this plugin never imports ray)."""
+    ray = serve.add_argument_group("Ray Serve (needs t2i-ray; see docs/serving.md)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: model replicas (one per GPU, else a share of the CPUs) behind one ingress",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="A",
+        help="the Ray cluster to join (default: $RAY_ADDRESS, else a local one)",
+    )
+    ray.add_argument(
+        "--min-replicas", type=_count(0), default=1, metavar="N", help="model replicas at least (default: 1)"
+    )
+    ray.add_argument(
+        "--max-replicas", type=_count(1), default=1, metavar="N", help="model replicas at most (default: 1)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=_count(1),
+        default=2,
+        metavar="N",
+        help="requests per replica that Ray Serve scales towards (default: 2)",
+    )
+    ray.add_argument(
+        "--models-per-replica",
+        type=_count(1),
+        default=3,
+        metavar="N",
+        help="models each replica keeps loaded, least recently used evicted first (default: 3)",
+    )
 
 
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -189,6 +235,21 @@ def _seconds(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):
+        return _run_on_ray(args)
     from ._serve import serve
 
     return serve(args)
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    import importlib
+
+    from t2i_core import InvalidRequestError
+
+    try:
+        module = importlib.import_module("t2i_ray._serve")
+    except ImportError as exc:
+        raise InvalidRequestError("--ray", True, f"t2i-ray with ray[serve] installed ({exc})") from None
+    status: int = module.serve_on_ray(args)
+    return status

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
 import io
 import json
@@ -25,12 +26,14 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2i_core import Control, GenerationRequest, ImagePrompt, InvalidRequestError
+from t2i_core import Control, GenerationRequest, HiresFix, ImagePrompt, InvalidRequestError
 
 from . import _a1111
 from ._errors import Problem, from_t2i, invalid
-from ._jobs import CANCELLED, DONE, FAILED, SHUTTING_DOWN, Job, ServedModel, Service
-from ._schemas import ControlBody, GenerationBody, ImagePromptBody, Txt2ImgBody
+from ._jobs import CANCELLED, DONE, EXPIRED, FAILED, SHUTTING_DOWN, Job, ServedModel, Service
+from ._schemas import JOB_FIELDS, ControlBody, GenerationBody, HiresBody, ImagePromptBody, Txt2ImgBody
+from ._webhooks import IdempotencyKeys, job_document
+from ._webhooks import jsonable as _jsonable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -167,12 +170,22 @@ def _request(service: Service, body: GenerationBody) -> tuple[ServedModel, Gener
             f"at most {service.limits.max_controls}",
         )
     prompts = tuple(_image_prompt(service, index, prompt) for index, prompt in enumerate(body.image_prompts))
-    fields = body.model_dump(exclude={"model", "controls", "image_prompts"})
+    fields = body.model_dump(exclude={"model", "controls", "image_prompts", "hires", *JOB_FIELDS})
+    fields["hires"] = _hires(body.hires)
     try:
         request = GenerationRequest(**fields, controls=controls, image_prompts=prompts)
     except InvalidRequestError as exc:
         raise from_t2i(exc) from None
     return served, service.check(served, request, {})
+
+
+def _hires(body: HiresBody | None) -> HiresFix | None:
+    if body is None:
+        return None
+    try:
+        return HiresFix(**body.model_dump())
+    except InvalidRequestError as exc:
+        raise invalid(f"hires.{exc.field}", f"hires.{exc}", exc.allowed) from None
 
 
 def _control(service: Service, index: int, body: ControlBody) -> Control:
@@ -228,21 +241,6 @@ def _image(text: str, field: str, max_pixels: int) -> Any:
     return image
 
 
-def _jsonable(value: Any) -> Any:
-    """A request as JSON: attrs classes as objects, images as a placeholder."""
-    import attrs
-
-    if attrs.has(type(value)):
-        return {field.name: _jsonable(getattr(value, field.name)) for field in attrs.fields(type(value))}
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return f"<{type(value).__name__}>"
-
-
 def _png(job: Job, index: int, extra: dict[str, str] | None = None) -> bytes:
     """Image `index` of `job` as a PNG carrying its metadata, as ``t2i generate`` saves it."""
     from PIL.PngImagePlugin import PngInfo
@@ -272,6 +270,19 @@ def _submit(service: Service, served: ServedModel, requests: list[GenerationRequ
     return service.submit(served, requests, kind)
 
 
+def _submit_native(
+    service: Service, served: ServedModel, resolved: GenerationRequest, body: GenerationBody, request: Request
+) -> Job:
+    """Queue a native job with its queueing fields and, given an ``Idempotency-Key``, at most once."""
+    options = service.job_options(body.priority, body.webhook, body.max_queue_seconds)
+    key = request.headers.get("idempotency-key")
+    idempotency = None
+    if key is not None:
+        digest = hashlib.sha256(f"{request.url.path}\n{body.model_dump_json()}".encode()).hexdigest()
+        idempotency = (IdempotencyKeys.check(key), digest)
+    return service.submit(served, [resolved], "native", options, idempotency=idempotency)
+
+
 async def _wait(service: Service, job: Job, request: Request) -> None:
     """Until `job` ends; if the client goes away first, cancel it (its images would go nowhere)."""
     waiter = asyncio.ensure_future(job.wait())
@@ -294,6 +305,8 @@ def _failure(job: Job) -> Problem:
         problem = Problem(status, str(error.get("type", "failed")), str(error.get("message", "the job failed")))
         problem.field = error.get("field")
         return problem
+    if job.status == EXPIRED:
+        return Problem(503, "expired", f"job {job.id} expired: {job.reason}", headers={"Retry-After": "1"})
     if job.reason == SHUTTING_DOWN:
         return Problem(
             503, "shutting_down", f"job {job.id} was cancelled: {SHUTTING_DOWN}", headers={"Retry-After": "30"}
@@ -320,7 +333,7 @@ def _native(app: FastAPI, service: Service) -> None:
         png = _wants_png(request)
         if png and resolved.num_images != 1:
             raise invalid("num_images", "an image/png answer holds one image", "1 with Accept: image/png")
-        job = _submit(service, served, [resolved], "native")
+        job = _submit_native(service, served, resolved, body, request)
         await _wait(service, job, request)
         if job.status != DONE:
             raise _failure(job)
@@ -331,12 +344,13 @@ def _native(app: FastAPI, service: Service) -> None:
         return _json(_result(job, images), headers=headers)
 
     @app.post("/v1/jobs", status_code=202, tags=["native"])
-    async def submit(body: GenerationBody) -> Response:
+    async def submit(body: GenerationBody, request: Request) -> Response:
         """Queue a generation and answer at once with the job's id (202); follow it with
-        ``GET /v1/jobs/{id}`` or ``/v1/jobs/{id}/events``."""
+        ``GET /v1/jobs/{id}`` or ``/v1/jobs/{id}/events``. The same ``Idempotency-Key`` header with the
+        same body gives the same job again (while it is kept)."""
         served, resolved = await run_in_threadpool(_request, service, body)
-        job = _submit(service, served, [resolved], "native")
-        summary = {**job.summary(), "request": _jsonable(resolved), "urls": _urls(job)}
+        job = _submit_native(service, served, resolved, body, request)
+        summary = {**job_document(job)}  # an Idempotency-Key may give an earlier job: its own request
         return _json(summary, 202, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @app.get("/v1/jobs", tags=["native"])
@@ -348,7 +362,7 @@ def _native(app: FastAPI, service: Service) -> None:
     async def job_state(job_id: str, images: bool = False) -> Response:
         """A job's state and request; with ``?images=true``, its images as base64 PNGs once done."""
         job = _job(service, job_id)
-        data: dict[str, Any] = {**job.summary(), "request": _jsonable(job.requests[0]), "urls": _urls(job)}
+        data: dict[str, Any] = job_document(job)
         if images:
             data["images_base64"] = await run_in_threadpool(_pngs_base64, job)
         return _json(data)
@@ -399,12 +413,6 @@ def _job(service: Service, job_id: str) -> Job:
     if job is None:
         raise Problem(404, "not_found", f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
     return job
-
-
-def _urls(job: Job) -> dict[str, Any]:
-    base = f"/v1/jobs/{job.id}"
-    count = sum(request.num_images for request in job.requests)
-    return {"self": base, "events": f"{base}/events", "images": [f"{base}/images/{i}" for i in range(count)]}
 
 
 def _result(job: Job, images: list[str]) -> dict[str, Any]:

@@ -26,11 +26,18 @@ from t2i_core import Engine, GenerationCancelled, GenerationRequest, GenerationR
 from ._errors import Problem, from_t2i, invalid
 from ._limits import Limits
 from ._metrics import Metrics
+from ._webhooks import IdempotencyKeys, Webhooks, check_webhook_url
+from ._worker import QueueFull, Worker
 
 logger = logging.getLogger("t2i.server")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED = (DONE, FAILED, CANCELLED)
+#: a job that waited in the queue longer than its ``max_queue_seconds``: it never ran
+EXPIRED = "expired"
+FINISHED = (DONE, FAILED, CANCELLED, EXPIRED)
+#: job priorities: 0 (low) to 2 (high); a job without one is 1
+PRIORITIES = (0, 1, 2)
+DEFAULT_PRIORITY = 1
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -54,15 +61,40 @@ def load_model(name: str, source: str, **load_kwargs: Any) -> ServedModel:
     return ServedModel(name=name, engine=engine, checker=checker)
 
 
+@attrs.frozen(kw_only=True)
+class JobOptions:
+    """How a job is queued and reported, apart from what it makes (``priority``, ``webhook``, ...)."""
+
+    #: 0 (low), 1 (normal) or 2 (high): higher runs first, FIFO within a priority
+    priority: int = DEFAULT_PRIORITY
+    #: an http(s) URL POSTed the job's JSON when it ends (signed; see `_webhooks`)
+    webhook: str | None = None
+    #: seconds the job may wait in the queue; past them it ends as ``expired`` without running
+    max_queue_seconds: float | None = None
+
+
 class Job:
     """One submission: the resolved requests it runs in order, its state, its results and its listeners."""
 
-    def __init__(self, *, model: ServedModel, requests: Sequence[GenerationRequest], kind: str) -> None:
+    def __init__(
+        self,
+        *,
+        model: ServedModel,
+        requests: Sequence[GenerationRequest],
+        kind: str,
+        options: JobOptions | None = None,
+    ) -> None:
         self.id = secrets.token_hex(8)
         self.model = model
         self.requests = list(requests)
         #: "native" (``/v1``) or "a1111" (``/sdapi/v1``)
         self.kind = kind
+        options = options or JobOptions()
+        self.priority = options.priority
+        self.webhook = options.webhook
+        self.max_queue_seconds = options.max_queue_seconds
+        #: the webhook's delivery: attempts, delivered, last error (None without a webhook)
+        self.delivery: dict[str, Any] | None = None
         self.status = QUEUED
         self.created = time.time()
         self.started: float | None = None
@@ -111,8 +143,13 @@ class Job:
             "seeds": self.seeds,
             "images": len(self.images),
         }
+        summary["priority"] = self.priority
+        if self.max_queue_seconds is not None:
+            summary["max_queue_seconds"] = self.max_queue_seconds
         if self.status == QUEUED:
             summary["position"] = self.position
+        if self.delivery is not None:
+            summary["webhook"] = dict(self.delivery)
         if self.error is not None:
             summary["error"] = self.error
         if self.reason is not None:
@@ -157,6 +194,8 @@ class Job:
             return {"type": "done", "job": self.summary()}
         if self.status == FAILED:
             return {"type": "failed", "error": self.error, "job": self.summary()}
+        if self.status == EXPIRED:
+            return {"type": "expired", "reason": self.reason, "job": self.summary()}
         return {"type": "cancelled", "reason": self.reason, "job": self.summary()}
 
     async def events(self, *, previews: bool = False, heartbeat: float | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -228,94 +267,6 @@ class Job:
         self.publish(self.final_event())
 
 
-class QueueFull(Exception):
-    """The device's queue holds `Limits.queue_size` jobs already."""
-
-
-class Worker:
-    """The one thread that runs a device's jobs, in the order they were queued."""
-
-    def __init__(self, device: str, capacity: int, run: Callable[[Job], None]) -> None:
-        self.device = device
-        self.capacity = capacity
-        self.running: Job | None = None
-        self._run = run
-        self._queue: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"t2i-worker-{device}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def put(self, job: Job) -> None:
-        with self._cond:
-            if len(self._queue) >= self.capacity:
-                raise QueueFull(self.device)
-            self._queue.append(job)
-            job.position = len(self._queue)
-            self._cond.notify_all()
-
-    def remove(self, job: Job) -> bool:
-        """Take a queued job out of the queue; False if it is not (or no longer) queued."""
-        with self._cond:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return False
-            self._announce_positions()
-            return True
-
-    def queued(self) -> list[Job]:
-        with self._cond:
-            return list(self._queue)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Until nothing is queued or running (True), or `timeout` seconds (False)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self.running is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
-
-    def stop(self, timeout: float) -> None:
-        """Run what is queued, then end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _announce_positions(self) -> None:
-        for index, job in enumerate(self._queue):
-            job.set_position(index + 1)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                self.running = job
-                self._announce_positions()
-            try:
-                self._run(job)
-            except BaseException:
-                logger.exception("t2i serve: job %s ended the worker's call unexpectedly", job.id)
-            finally:
-                with self._cond:
-                    self.running = None
-                    self._cond.notify_all()
-
-
 class Service:
     """The served models, their workers, and every job not yet forgotten."""
 
@@ -327,6 +278,7 @@ class Service:
         controlnets: Iterable[str] = (),
         ip_adapters: Iterable[str] = (),
         allowed_options: Iterable[str] = (),
+        webhook_secret: str | None = None,
     ) -> None:
         self.models: dict[str, ServedModel] = {}
         for model in models:
@@ -349,6 +301,9 @@ class Service:
         self.closing = False
         self._deadline: float | None = None
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._keys = IdempotencyKeys(self.limits.idempotency_window)
+        #: delivers the jobs' webhooks (signed with the secret); None: webhooks are refused
+        self.webhooks = Webhooks(webhook_secret) if webhook_secret else None
         self._finished: deque[str] = deque()
         self._lock = threading.Lock()
         self.workers: dict[str, Worker] = {}
@@ -431,7 +386,27 @@ class Service:
                 f"{resolved.height}x{resolved.width} is more pixels than this server makes per image",
                 f"height x width at most {limits.max_pixels} pixels",
             )
+        if resolved.hires is not None:
+            self._check_hires(resolved, name)
         return resolved
+
+    def _check_hires(self, resolved: GenerationRequest, name: Callable[[str], str]) -> None:
+        """Refuse a hires fix whose final size or second-pass steps pass this server's limits."""
+        hires, limits = resolved.hires, self.limits
+        assert hires is not None and resolved.width is not None and resolved.height is not None
+        width, height = hires.size(resolved.width, resolved.height)
+        if width * height > limits.max_pixels:
+            field = name("hires.scale" if hires.width is None and hires.height is None else "hires.width")
+            raise invalid(
+                field,
+                f"the hires fix's {width}x{height} is more pixels than this server makes per image",
+                f"a final height x width of at most {limits.max_pixels} pixels",
+            )
+        if (hires.steps or 0) > limits.max_steps:
+            field = name("hires.steps")
+            raise invalid(
+                field, f"{field}={hires.steps} is more steps than this server runs", f"at most {limits.max_steps}"
+            )
 
     def _check_options(self, served: ServedModel, request: GenerationRequest) -> None:
         """Refuse free-text family options (a refiner, a prior: a path or hub id) unless allowed at start-up."""
@@ -448,11 +423,45 @@ class Service:
                     f"no {key!r} (the operator may allow it: t2i serve --allow-option {key})",
                 )
 
-    def submit(self, served: ServedModel, requests: Sequence[GenerationRequest], kind: str) -> Job:
-        """Queue a job of checked `requests` on `served`'s device; `Problem` 503 when full or closing."""
-        job = Job(model=served, requests=requests, kind=kind)
+    def job_options(self, priority: Any = None, webhook: Any = None, max_queue_seconds: Any = None) -> JobOptions:
+        """The queueing fields of a submission, checked (errors name the field and what is allowed)."""
+        if priority is None:
+            priority = DEFAULT_PRIORITY
+        if isinstance(priority, bool) or priority not in PRIORITIES:
+            raise invalid("priority", f"priority={priority!r} is not allowed", "0 (low), 1 (normal) or 2 (high)")
+        if webhook is not None:
+            check_webhook_url(webhook, enabled=self.webhooks is not None)
+        if max_queue_seconds is not None:
+            number = isinstance(max_queue_seconds, (int, float)) and not isinstance(max_queue_seconds, bool)
+            if not number or not math.isfinite(max_queue_seconds) or max_queue_seconds <= 0:
+                raise invalid(
+                    "max_queue_seconds", f"max_queue_seconds={max_queue_seconds!r} is not allowed", "a number > 0"
+                )
+            max_queue_seconds = float(max_queue_seconds)
+        return JobOptions(priority=priority, webhook=webhook, max_queue_seconds=max_queue_seconds)
+
+    def submit(
+        self,
+        served: ServedModel,
+        requests: Sequence[GenerationRequest],
+        kind: str,
+        options: JobOptions | None = None,
+        *,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Job:
+        """Queue a job of checked `requests` on `served`'s device; `Problem` 503 when full or closing.
+
+        `idempotency` is (the client's ``Idempotency-Key``, a digest of what it asked): a key seen
+        within `Limits.idempotency_window` seconds, for a job still kept, gives that job again (the
+        same digest) or a 422 (another one).
+        """
+        job = Job(model=served, requests=requests, kind=kind, options=options)
         worker = self.workers[served.engine.device]
         with self._lock:
+            if idempotency is not None:
+                earlier = self._keys.earlier(idempotency, self._jobs)
+                if earlier is not None:
+                    return earlier
             if self.closing:
                 self.metrics.rejected_job("shutting_down")
                 raise Problem(503, "shutting_down", SHUTTING_DOWN, headers={"Retry-After": "30", "Connection": "close"})
@@ -467,7 +476,21 @@ class Service:
                     headers={"Retry-After": str(self.retry_after(worker))},
                 ) from None
             self._jobs[job.id] = job
+            if idempotency is not None:
+                self._keys.remember(idempotency, job.id)
+        if job.max_queue_seconds is not None:
+            timer = threading.Timer(job.max_queue_seconds, self._expire, (job,))
+            timer.daemon = True
+            timer.start()
         return job
+
+    def _expire(self, job: Job) -> None:
+        """End `job` as expired if it is still queued (its ``max_queue_seconds`` have passed)."""
+        if job.status != QUEUED or job.max_queue_seconds is None:
+            return
+        if self.workers[job.model.engine.device].remove(job):
+            job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
+            self._finish(job, EXPIRED)
 
     def retry_after(self, worker: Worker) -> int:
         """Seconds a client should wait before retrying: about one job's time (1 to 60)."""
@@ -496,6 +519,10 @@ class Service:
     def _run(self, job: Job) -> None:
         if job.cancelling:
             self._finish(job, CANCELLED)
+            return
+        if job.max_queue_seconds is not None and time.time() - job.created > job.max_queue_seconds:
+            job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
+            self._finish(job, EXPIRED)  # its timer and the worker met: the deadline wins
             return
         job.start()
         engine = job.model.engine
@@ -550,6 +577,8 @@ class Service:
     def _finish(self, job: Job, status: str, error: dict[str, Any] | None = None) -> None:
         job.finish(status, error=error)
         self.metrics.finished(status, (job.finished or time.time()) - job.created, len(job.images))
+        if job.webhook is not None and self.webhooks is not None:
+            self.webhooks.deliver(job)
         with self._lock:
             self._finished.append(job.id)
             while len(self._finished) > self.limits.keep_jobs:

@@ -33,5 +33,7 @@ class Limits:
     #: open connections at once; a client beyond them gets 503 at once (a flood of idle connections
     #: cannot starve the server; slow or stalled clients are for a reverse proxy to time out)
     max_connections: int = 256
+    #: seconds an ``Idempotency-Key`` gives back its job (while the job is kept: `keep_jobs`)
+    idempotency_window: float = 24 * 3600.0
     #: seconds between two latent previews of one job (previews cost a small copy of the latents)
     preview_interval: float = 0.25

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 #: upper bounds (seconds) of the latency histogram's buckets, from a tiny model on a CPU to a large one
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-OUTCOMES = ("done", "failed", "cancelled")
+OUTCOMES = ("done", "failed", "cancelled", "expired")
 #: seconds over which ``t2i_steps_per_second`` is averaged
 STEP_RATE_WINDOW = 30.0
 

@@ -36,6 +36,21 @@ class ImagePromptBody(BaseModel):
     scale: float = Field(1.0, description="how strongly the image steers, in [0, 10]; 0 = the plain image")
 
 
+class HiresBody(BaseModel):
+    """`t2i_core.HiresFix`: a second, larger pass over the image (docs/hires-fix.md)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    scale: float = Field(2.0, description="how much larger, in [1, 8]; ignored when width and height are given")
+    upscaler: str = Field("latent", description="latent, latent-nearest or lanczos")
+    strength: float = Field(0.55, description="the fraction of the schedule the second pass runs again, in (0, 1]")
+    steps: int | None = Field(None, description="steps of the second pass's schedule; default: the first pass's")
+    width: int | None = Field(None, description="the final width, a multiple of 8; default: width x scale")
+    height: int | None = Field(None, description="the final height, a multiple of 8; default: height x scale")
+    prompt: str | None = Field(None, description="the second pass's prompt; default: the prompt")
+    negative_prompt: str | None = Field(None, description="the second pass's negative prompt; default: the same")
+
+
 class GenerationBody(BaseModel):
     """`t2i_core.GenerationRequest`'s fields, plus the served model to run them on."""
 
@@ -55,6 +70,18 @@ class GenerationBody(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="family options (docs/families/options.md)")
     controls: list[ControlBody] = Field(default_factory=list)
     image_prompts: list[ImagePromptBody] = Field(default_factory=list)
+    hires: HiresBody | None = Field(None, description="a hires fix (a second, larger pass); default: none")
+    priority: int | None = Field(None, description="0 (low), 1 (normal, the default) or 2 (high): higher runs first")
+    webhook: str | None = Field(
+        None, description="an http(s) URL POSTed the job's JSON when it ends, signed (t2i serve --webhook-secret)"
+    )
+    max_queue_seconds: float | None = Field(
+        None, description="seconds the job may wait in the queue; past them it ends as expired without running"
+    )
+
+
+#: `GenerationBody` fields that say how the job is queued and reported, not what it makes
+JOB_FIELDS = frozenset({"priority", "webhook", "max_queue_seconds"})
 
 
 class Txt2ImgBody(BaseModel):
@@ -83,6 +110,14 @@ class Txt2ImgBody(BaseModel):
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = Field(None, description='"Latent" (default), "Latent (nearest-exact)" or "Lanczos"')
+    hr_second_pass_steps: int = Field(0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(0, description="0: width x hr_scale")
+    hr_resize_y: int = Field(0, description="0: height x hr_scale")
+    hr_prompt: str = Field("", description='"": the prompt')
+    hr_negative_prompt: str = Field("", description='"": the negative prompt')
+    denoising_strength: float | None = Field(None, description="the hires pass's strength; default 0.75")
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = None

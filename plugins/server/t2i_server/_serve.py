@@ -25,7 +25,7 @@ import uvicorn
 
 from t2i_core import InvalidRequestError
 
-from . import TOKEN_ENV
+from . import TOKEN_ENV, WEBHOOK_SECRET_ENV
 from ._jobs import ServedModel, Service, load_model
 from ._limits import Limits
 
@@ -55,7 +55,12 @@ def serve(args: argparse.Namespace) -> int:
     models = _load(specs, args)
     _use_folders(models, *folders)
     service = Service(
-        models, limits, controlnets=args.controlnet, ip_adapters=args.ip_adapter, allowed_options=args.allow_option
+        models,
+        limits,
+        controlnets=args.controlnet,
+        ip_adapters=args.ip_adapter,
+        allowed_options=args.allow_option,
+        webhook_secret=_webhook_secret(args),
     )
     _load_controlnets(service, args.controlnet)
     _load_ip_adapters(service, args.ip_adapter)
@@ -82,6 +87,14 @@ def serve(args: argparse.Namespace) -> int:
         return 130
     print("t2i serve: stopped", file=sys.stderr)
     return 0 if server.started else 1
+
+
+def _webhook_secret(args: argparse.Namespace) -> str | None:
+    """``--webhook-secret`` (or ``$T2I_WEBHOOK_SECRET``); at least 16 characters, or webhooks stay off."""
+    secret = args.webhook_secret if args.webhook_secret is not None else os.environ.get(WEBHOOK_SECRET_ENV) or None
+    if secret is not None and len(secret) < 16:
+        raise InvalidRequestError("--webhook-secret", "<not shown>", "a secret of at least 16 characters")
+    return secret
 
 
 def server_config(app: Any, limits: Limits) -> uvicorn.Config:
