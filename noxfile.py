@@ -1,10 +1,12 @@
-"""Developer sessions: ``nox -s tests lint typecheck docs``.
+"""Developer sessions: ``nox -s tests lint typecheck docs``, and ``nox -s build`` for wheels.
 
 Sessions reuse the current environment (``python -m pip install -r requirements-dev.txt``)
 instead of building a new one each time: torch alone is gigabytes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -42,4 +44,17 @@ def docs(session: nox.Session) -> None:
         "tests/test_docs_site.py",
         "tests/test_doc_examples.py",
         *session.posargs,
+    )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """A wheel of t2i-core and of every plugin in plugins/, into dist/ (``pip install dist/t2i_core-*.whl ...``).
+
+    Built with the environment's setuptools (no download); the wheels hold no dependencies:
+    pip installs those from the index when it installs the wheels.
+    """
+    plugins = sorted(str(p.parent) for p in Path("plugins").glob("*/pyproject.toml"))
+    session.run(
+        "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", "dist", ".", *plugins
     )

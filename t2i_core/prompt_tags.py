@@ -38,12 +38,12 @@ _SHOWN = 8
 class FolderFile:
     """A ``.safetensors`` file found in a LoRA or embedding folder."""
 
-    #: the name prompts use: the file's name without ``.safetensors``
     name: str
-    #: where it is, inside its folder, with ``/`` separators (``styles/ink.safetensors``)
+    """The name prompts use: the file's name without ``.safetensors``."""
     relative: str
-    #: its full path
+    """Where it is, inside its folder, with ``/`` separators (``styles/ink.safetensors``)."""
     path: Path
+    """Its full path."""
 
 
 @attrs.frozen

@@ -8,7 +8,9 @@ The rules an author needs (docs/contributing.md says the same at more length):
   ``t2i ...`` through the CLI's own ``main()`` in-process (in a subprocess when it starts with
   ``NAME=value`` settings), and must exit 0; a few file commands (`SHELL_COMMANDS`) through
   bash, with ``HOME``, ``T2I_CACHE`` and ``HF_HOME`` pointing into the page's folder. Any other
-  command is an error unless the block is marked.
+  command is an error unless the block is marked. Install commands are checked, not run:
+  ``pip install`` may name only a requirements file, a local project, a wheel of ``nox -s build``
+  or a real index package (`docs_install`), and ``nox -s NAME`` a session of noxfile.py.
 - ``console`` blocks: each ``$ `` line is such a command and the lines after it are its output
   (stdout and stderr, in order); ``...`` matches anything, alone on a line any number of lines.
   It must exit 0 unless the output shows an ``error:``.
@@ -47,6 +49,7 @@ from typing import Any
 
 import attrs
 import pytest
+from docs_install import pip_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -66,6 +69,7 @@ MODELS = {
     "lllyasviel/sd-controlnet-canny": "tiny:controlnet-sd15",
     "thibaud/controlnet-openpose-sdxl-1.0": "tiny:controlnet-sdxl",
     "diffusers/controlnet-canny-sdxl-1.0": "tiny:controlnet-sdxl",
+    "h94/IP-Adapter": "tiny:ip-adapter-sd15",  # the examples run it on SD 1.5
     "black-forest-labs/FLUX.1-dev": "tiny:flux",
     "black-forest-labs/FLUX.1-schnell": "tiny:flux",
     "stabilityai/stable-diffusion-3.5-large": "tiny:sd3",
@@ -220,6 +224,8 @@ class Page:
             settings[key] = value
         if not words:
             return 0, ""
+        if words[0] in ("pip", "nox") or words[:3] == ["python", "-m", "pip"]:
+            return self.install(block, command, words)
         if words[0] == "t2i" and not settings and not re.search(r"[|&;<>`$]", command.split("#")[0]):
             return self.t2i(words[1:])
         if words[0] == "t2i":
@@ -231,6 +237,20 @@ class Page:
             f"(t2i or {', '.join(sorted(SHELL_COMMANDS))}); mark the block (see docs/contributing.md)"
         )
         return self.shell(command, settings)
+
+    def install(self, block: Block, command: str, words: list[str]) -> tuple[int, str]:
+        """Checked, not run: what a ``pip install`` names exists (docs_install), a ``nox -s`` session too."""
+        if words[0] == "nox":
+            sessions = words[words.index("-s") + 1 :] if "-s" in words else []
+            noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+            for session in sessions:
+                assert f"def {session}(" in noxfile, (
+                    f"{block.where()}: `{command}`: noxfile.py has no session {session}"
+                )
+            return 0, ""
+        problems = pip_problems(command, self.page)
+        assert not problems, f"{block.where()}: `{command}`: " + "; ".join(problems)
+        return 0, ""
 
     def t2i(self, argv: list[str]) -> tuple[int, str]:
         from t2i_core.cli import main

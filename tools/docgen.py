@@ -87,7 +87,7 @@ def _commands(parser: argparse.ArgumentParser, prog: str, level: int) -> list[st
     lines: list[str] = []
     for name, help_text, command in _subcommands(parser):
         full = f"{prog} {name}"
-        lines += [f"{'#' * level} `{full}`", "", _sentence(command.description or help_text), ""]
+        lines += [f"{'#' * level} `{full}`", "", _escape(_sentence(command.description or help_text)), ""]
         lines += ["```text", _synopsis(command, full), "```", ""]
         if _documented(command):
             lines += _argument_table(command)
@@ -95,7 +95,7 @@ def _commands(parser: argparse.ArgumentParser, prog: str, level: int) -> list[st
             flags = ", ".join(f"`{action.option_strings[-1]}`" for action in group._group_actions)
             lines += [f"At most one of {flags}.", ""]
         if command.epilog:
-            lines += [command.epilog, ""]
+            lines += [_escape(command.epilog), ""]
         lines += _commands(command, full, level + 1)
     return lines
 
@@ -195,7 +195,15 @@ def _sentence(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return _escape(text).replace("|", "\\|")
+
+
+def _escape(text: str) -> str:
+    """`text` with ``<`` and ``>`` outside code spans as entities: ``tiny:<family>`` is no HTML tag."""
+    parts = text.split("`")
+    for index in range(0, len(parts), 2):  # even parts are outside backticks
+        parts[index] = parts[index].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
 
 
 # -- accelerators and presets -----------------------------------------------------------------
