@@ -265,14 +265,38 @@ class HiresFix:
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
-    """Width of the final image, a multiple of 8; None (the default): the request's width times `scale`."""
+    """Width of the final image, a multiple of 8; None (the default): the request's width times `scale`,
+    or, with `height` alone, the width that keeps the request's aspect ratio (see `size`).
+    """
     height: int | None = attrs.field(
         default=None,
         converter=to_int,
         validator=optional(chain(of_type(int, what="a positive multiple of 8"), multiple_of(8))),
     )
-    """Height of the final image, a multiple of 8; None (the default): the request's height times `scale`."""
+    """Height of the final image, a multiple of 8; None (the default): the request's height times `scale`,
+    or, with `width` alone, the height that keeps the request's aspect ratio (see `size`).
+    """
     prompt: str | None = attrs.field(default=None, validator=optional(chain(of_type(str), non_blank)))
     """The second pass's prompt; None (the default): the request's."""
     negative_prompt: str | None = attrs.field(default=None, validator=optional(of_type(str)))
     """The second pass's negative prompt; None (the default): the request's."""
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) of the final image for a first pass of `width` x `height`.
+
+        `width` and `height` of this `HiresFix` when both are set; one of them alone keeps the
+        aspect ratio (``height x self.width // width``); else (int(`width` x `scale`),
+        int(`height` x `scale`)). Computed sizes are rounded down to multiples of 8, as
+        AUTOMATIC1111's are: 512 x 1.3 gives 664, not 665.6.
+        """
+        if self.width is not None and self.height is not None:
+            return self.width, self.height
+        if self.width is not None:
+            return self.width, _down_to_8(self.width * height // width)
+        if self.height is not None:
+            return _down_to_8(self.height * width // height), self.height
+        return _down_to_8(int(width * self.scale)), _down_to_8(int(height * self.scale))
+
+
+def _down_to_8(size: int) -> int:
+    return size // 8 * 8

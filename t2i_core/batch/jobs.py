@@ -26,6 +26,8 @@ from ..request import GenerationRequest
 JOB_KEYS = ("id", "model", "family")
 #: Request fields that hold sequences of attrs values, and the class of each item, by name in t2i_core.request.
 _NESTED = {"controls": "Control", "loras": "Lora", "embeddings": "Embedding", "image_prompts": "ImagePrompt"}
+#: Request fields that hold one attrs value, and its class, by name in t2i_core.request.
+_SINGLE = {"hires": "HiresFix"}
 _INTEGERS = ("height", "width", "num_inference_steps", "seed", "num_images")
 _NUMBERS = ("guidance_scale",)
 #: What an explicit id may look like: it names files (``ID.png``), so no path separators or dot files.
@@ -316,7 +318,9 @@ def request_fields() -> list[str]:
 
 
 def build_request(fields: Mapping[str, Any]) -> GenerationRequest:
-    """A request from plain data (a JSON object): nested values (controls, ...) may be dicts."""
+    """A request from plain data (a JSON object): nested values (controls, hires, ...) may be dicts."""
+    from .. import request as request_module
+
     known = request_fields()
     values: dict[str, Any] = {}
     for name, value in fields.items():
@@ -327,6 +331,8 @@ def build_request(fields: Mapping[str, Any]) -> GenerationRequest:
         item_class = _nested_class(name)
         if item_class is not None and isinstance(value, (list, tuple)):
             value = tuple(_nested(item_class, name, item) for item in value)
+        if name in _SINGLE and isinstance(value, Mapping):
+            value = _nested(getattr(request_module, _SINGLE[name]), name, value)
         values[name] = value
     if "prompt" not in values:
         raise InvalidRequestError("prompt", None, "a prompt on every job")

@@ -116,6 +116,34 @@ def embeddings(items: list[str]) -> tuple[Any, ...]:
     return tuple(embeddings)
 
 
+#: ``--hires-*`` flag dests → the `HiresFix` field each sets
+HIRES_FLAGS = {
+    "hires_scale": "scale",
+    "hires_upscaler": "upscaler",
+    "hires_strength": "strength",
+    "hires_steps": "steps",
+}
+
+
+def hires(args: Any) -> Any:
+    """The `HiresFix` of the ``--hires-*`` flags over the one a ``--from`` PNG saved (``args.saved_hires``);
+    None when neither asks for one. A flag left out takes the saved value, else the `HiresFix` default."""
+    from ..request_values import HiresFix
+
+    fields = dict(getattr(args, "saved_hires", None) or {})
+    given = {field: getattr(args, dest) for dest, field in HIRES_FLAGS.items() if getattr(args, dest) is not None}
+    if not fields and not given:
+        return None
+    fields.update(given)
+    try:
+        return HiresFix(**fields)
+    except InvalidRequestError as exc:
+        if exc.field not in given:
+            raise
+        flag = "--" + next(dest for dest, name in HIRES_FLAGS.items() if name == exc.field).replace("_", "-")
+        raise InvalidRequestError(flag, given[exc.field], exc.allowed) from None
+
+
 def _control_number(item: str, text: str) -> float:
     try:
         return float(text)

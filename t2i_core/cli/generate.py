@@ -108,6 +108,33 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         "default: $T2I_EMBEDDINGS_DIR)",
     )
     gen.add_argument(
+        "--hires-scale",
+        dest="hires_scale",
+        type=number,
+        metavar="X",
+        help="hires fix (a second, larger pass; any --hires-* flag turns it on): enlarge X times, in [1, 8] (default 2)",
+    )
+    gen.add_argument(
+        "--hires-upscaler",
+        dest="hires_upscaler",
+        metavar="NAME",
+        help="hires fix: latent (default), latent-nearest or lanczos (decode, resize the image, encode)",
+    )
+    gen.add_argument(
+        "--hires-strength",
+        dest="hires_strength",
+        type=number,
+        metavar="S",
+        help="hires fix: the fraction of the schedule the second pass runs again, in (0, 1] (default 0.55)",
+    )
+    gen.add_argument(
+        "--hires-steps",
+        dest="hires_steps",
+        type=integer,
+        metavar="N",
+        help="hires fix: steps of the second pass's schedule (default: those of the first)",
+    )
+    gen.add_argument(
         "--config",
         metavar="C",
         help="for a single-file --model: the diffusers folder, hub id or tiny:<family> with its configs",
@@ -165,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         options=key_values(args.option, "--option", "KEY=VALUE"),
         loras=flags.loras(args.lora),
         embeddings=flags.embeddings(args.embedding),
+        hires=flags.hires(args),
     )
     if args.from_image is not None:
         request = rerun.saved_weights(Path(args.from_image), request, args)

@@ -66,6 +66,7 @@ def apply_saved_run(args: argparse.Namespace) -> tuple[Any, ...]:
         args.accelerator = text["accelerators"].split(",")  # as applied: presets expanded, values written
     saved_options = [f"{key[7:]}={_saved_option(value)}" for key, value in text.items() if key.startswith("option.")]
     args.option = [*saved_options, *args.option]  # later values win: the command line's
+    args.saved_hires = _saved_hires(path, text["hires"]) if "hires" in text else None
     if args.control or "controls" not in text:
         return ()
     return _saved_controls(path, text["controls"])
@@ -160,6 +161,22 @@ def _saved_option(value: str) -> str:
     if pair and re.fullmatch(r"[-+0-9.eE\s,]+", pair.group(1)):
         return ",".join(part.strip() for part in pair.group(1).split(","))
     return value
+
+
+def _saved_hires(path: Path, text: str) -> dict[str, Any]:
+    """The `HiresFix` fields a PNG saved (as JSON); `HiresFix` checks their values when the request is made."""
+    import attrs
+
+    from ..request_values import HiresFix
+
+    known = {field.name for field in attrs.fields(HiresFix)}
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict) or not set(fields) <= known:
+            raise ValueError(f"an object with fields among {', '.join(sorted(known))}")
+    except ValueError as exc:
+        raise InvalidRequestError("--from", str(path), f"a PNG with t2i's hires metadata ({exc})") from None
+    return fields
 
 
 def _saved_controls(path: Path, text: str) -> tuple[Any, ...]:

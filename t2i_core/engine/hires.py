@@ -10,7 +10,7 @@ image from the same seeds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._progress import ProgressCallback, report_progress, takes_latents
@@ -26,37 +26,21 @@ if TYPE_CHECKING:
     from ..conditioner import Call
     from .run import Engine
 
-#: Hires sizes are rounded down to multiples of this, as AUTOMATIC1111's are (its latent upscale makes
-#: H // 8 latent rows, so a 665-pixel target gives a 664-pixel image).
+#: The smallest second-pass side.
 SIZE_MULTIPLE = 8
 #: The key of an engine's image-to-image pipeline in `Engine.state`.
 STATE_KEY = "t2i_core.hires"
 
 
 def target_size(request: GenerationRequest) -> tuple[int, int]:
-    """The (width, height) of the second pass of a resolved hires `request`.
-
-    `HiresFix.width` and `height` when both are given; one of them alone keeps the aspect ratio;
-    else the request's size times `HiresFix.scale`. Rounded down to multiples of `SIZE_MULTIPLE`.
-    """
-    hires = request.hires
-    assert hires is not None and request.width is not None and request.height is not None
-    width, height = request.width, request.height
-    if hires.width is not None and hires.height is not None:
-        return hires.width, hires.height
-    if hires.width is not None:
-        return hires.width, _down(hires.width * height // width)
-    if hires.height is not None:
-        return _down(hires.height * width // height), hires.height
-    return _down(int(width * hires.scale)), _down(int(height * hires.scale))
+    """The (width, height) of the second pass of a resolved hires `request` (`HiresFix.size`)."""
+    assert request.hires is not None and request.width is not None and request.height is not None
+    return request.hires.size(request.width, request.height)
 
 
-def _down(size: int) -> int:
-    return size // SIZE_MULTIPLE * SIZE_MULTIPLE
-
-
-def check_hires_size(engine: Engine, request: GenerationRequest) -> None:
-    """Refuse a resolved hires `request` whose second-pass size the engine cannot make, naming the hires field."""
+def check_hires(engine: Engine, request: GenerationRequest, scheduler: Any) -> None:
+    """Refuse a resolved hires `request` whose second pass the engine cannot run (its size, or a strength
+    that leaves it no step with `scheduler`), naming the hires field."""
     hires = request.hires
     assert hires is not None
     width, height = target_size(request)
@@ -75,6 +59,14 @@ def check_hires_size(engine: Engine, request: GenerationRequest) -> None:
         raise InvalidRequestError(
             field, value, f"a value whose second-pass size ({size}) the engine accepts: {exc}"
         ) from None
+    steps = hires.steps or request.num_inference_steps
+    assert steps is not None
+    if second_pass_steps(img2img_for(engine), steps, hires.strength, scheduler) < 1:
+        raise InvalidRequestError(
+            "hires.strength",
+            hires.strength,
+            f"a strength that leaves the second pass at least one of its {steps} steps (or more hires.steps)",
+        )
 
 
 def run_hires(
@@ -97,7 +89,8 @@ def run_hires(
     width, height = target_size(request)
     second = second_pass_kwargs(engine, call, request, recondition, img2img, width, height)
     first = {**call.kwargs, "output_type": "pil" if hires.upscaler == "lanczos" else "latent"}
-    first_progress, second_progress = split_progress(progress, second_pass_steps(img2img, second))
+    counted = second_pass_steps(img2img, second["num_inference_steps"], hires.strength)
+    first_progress, second_progress = split_progress(progress, counted)
     made = provider.run(call.pipeline, first, first_progress)
     second["image"] = upscale(provider, call.pipeline, made, request, width, height)
     return provider.run(img2img, second, second_progress)
@@ -186,13 +179,13 @@ def second_pass_kwargs(
     return kwargs
 
 
-def second_pass_steps(img2img: Any, kwargs: Mapping[str, Any]) -> int:
-    """How many denoising steps the img2img call with `kwargs` reports: its scheduler's timesteps from the
-    strength's start on (the pipeline's own ``get_timesteps``), else the usual ``int(steps x strength)``."""
+def second_pass_steps(img2img: Any, steps: int, strength: float, scheduler: Any = None) -> int:
+    """How many denoising steps `img2img` reports for `steps` at `strength` with `scheduler` (default its
+    own): the timesteps from the strength's start on (the pipeline's own ``get_timesteps``), else the
+    usual ``int(steps x strength)``."""
     import copy
 
-    steps, strength = int(kwargs["num_inference_steps"]), float(kwargs["strength"])
-    probe = copy.deepcopy(img2img.scheduler)
+    probe = copy.deepcopy(img2img.scheduler if scheduler is None else scheduler)
     try:
         try:
             probe.set_timesteps(steps)
@@ -203,7 +196,7 @@ def second_pass_steps(img2img: Any, kwargs: Mapping[str, Any]) -> int:
         timesteps, _ = view.get_timesteps(steps, strength, "cpu")
         return len(timesteps)
     except Exception:  # noqa: BLE001 - a pipeline without get_timesteps: the count most pipelines run
-        return max(1, min(int(steps * strength), steps))
+        return min(int(steps * strength), steps)
 
 
 def split_progress(

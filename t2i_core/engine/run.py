@@ -23,7 +23,7 @@ from ..provider import ModelProvider
 from ..registry import Registry
 from ..request import GenerationRequest, GenerationResult
 from .checks import check_pixels, check_request, default_max_pixels
-from .hires import check_hires_size, run_hires
+from .hires import check_hires, run_hires
 from .prompts import quiet_truncation, warn_degenerate, warn_truncated_prompts
 
 #: Out-of-memory errors that torch raises as plain RuntimeErrors (no type of their own), by the
@@ -140,7 +140,7 @@ class Engine:
         check_pixels(resolved.height, resolved.width, self.max_pixels)
         self.provider.check_request(self.pipeline, resolved)
         if resolved.hires is not None:
-            check_hires_size(self, resolved)
+            check_hires(self, resolved, self._scheduler(resolved.scheduler or schedulers.DEFAULT))
         for conditioner in self._registry.ordered_conditioners():
             if conditioner.wants(request):
                 conditioner.prepare(self, request)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from t2i_core import GenerationRequest, InvalidRequestError
 
 from . import _samplers
+from ._a1111_hires import ENGINE_FIELDS, generation_params, hires_of, infotext_params
 from ._errors import from_t2i, invalid
 from ._samplers import scheduler_for
 
@@ -30,6 +31,7 @@ FIELDS = {
     "num_images": "batch_size",
     "scheduler": "sampler_name",
     "height x width": "height",
+    **ENGINE_FIELDS,
 }
 
 
@@ -96,7 +98,7 @@ def model_of(service: Service, body: Txt2ImgBody) -> ServedModel:
 
 def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list[GenerationRequest]]:
     """The checked, resolved requests of a txt2img call: ``n_iter`` batches of ``batch_size`` images."""
-    for flag in ("enable_hr", "tiling", "restore_faces"):
+    for flag in ("tiling", "restore_faces"):
         if getattr(body, flag):
             raise invalid(flag, f"{flag}=true is not supported by t2i serve", "false")
     if body.subseed_strength:
@@ -120,6 +122,7 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
     options = family_options(service, body, family)
     weighting = prompt_weighting(family)
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
+    hires = hires_of(body)
     requests = []
     try:
         for index in range(body.n_iter):
@@ -135,6 +138,7 @@ def requests_for(service: Service, body: Txt2ImgBody) -> tuple[ServedModel, list
                 scheduler=scheduler,
                 prompt_weighting=weighting,
                 options=options,
+                hires=hires,
             )
             requests.append(service.check(served, request, FIELDS))
     except InvalidRequestError as exc:
@@ -163,7 +167,8 @@ def infotext(body: Txt2ImgBody, job: Job, seed: int, clip: int = 1) -> str:
     lines.append(
         f"Steps: {first.num_inference_steps}, Sampler: {sampler}, {schedule}CFG scale: {first.guidance_scale:g}, "
         f"Seed: {seed}, Size: {first.width}x{first.height}, Model hash: {model_hash(job.model)}, "
-        f"Model: {job.model.name}, {clip_text}Version: {VERSION}"
+        f"Model: {job.model.name}, {infotext_params(generation_params(body, first.hires))}{clip_text}"
+        f"Version: {VERSION}"
     )
     return "\n".join(lines)
 
@@ -182,6 +187,7 @@ def info(body: Txt2ImgBody, job: Job, clip: int = 1) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if schedule_type != _samplers.AUTOMATIC.label:
         extra["Schedule type"] = schedule_type
+    extra.update(generation_params(body, first.hires))
     if clip > 1:
         extra["Clip skip"] = clip
     notes: dict[str, Any] = {"job": job.id, "status": job.status, "model": job.model.name}
@@ -214,7 +220,7 @@ def info(body: Txt2ImgBody, job: Job, clip: int = 1) -> dict[str, Any]:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": first.hires.strength if first.hires is not None else None,
         "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": [infotext(body, job, seed, clip) for seed in seeds[: len(job.images)]],

@@ -44,14 +44,15 @@ def invalid(field: str, message: str, allowed: str | None = None) -> Problem:
 
 
 def from_t2i(exc: T2IError, fields: Mapping[str, str] | None = None) -> Problem:
-    """The answer to a t2i error; `fields` renames t2i's field names (``num_inference_steps``) to the API's."""
+    """The answer to a t2i error; `fields` renames t2i's field names (``num_inference_steps``, or a whole
+    dotted name such as ``hires.scale``) to the API's."""
     fields = fields or {}
     if isinstance(exc, InvalidRequestError):
         field = exc.field
         if field == "height x width":  # the engine's pixel limit
             field = "height"
         head = field.split("[", 1)[0].split(".", 1)[0]
-        field = fields.get(head, head) + field[len(head) :]
+        field = fields[field] if field in fields else fields.get(head, head) + field[len(head) :]
         value = exc.value if not isinstance(exc.value, str) or len(exc.value) <= 80 else exc.value[:77] + "..."
         return Problem(
             422,
