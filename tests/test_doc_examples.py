@@ -25,8 +25,9 @@ The rules an author needs (docs/contributing.md says the same at more length):
   in the page's folder first (the pose or photo a reader brings).
 - `substitute` replaces what cannot run offline on a CPU in seconds: hub ids and aliases become
   ``tiny:`` checkpoints (`MODELS`, `ALIASES`, `VALUE_ALIASES`), the example folders (`FOLDERS`)
-  the tiny checkpoints' folders, CUDA the CPU, ``fp16`` and ``bf16`` ``fp32`` (a CPU emulates
-  half precision: seconds per step), and step counts above `MAX_STEPS` become `MAX_STEPS`.
+  the tiny checkpoints' folders, CUDA the CPU (``device="cuda"``, ``--device cuda``,
+  ``.to("cuda")``), ``fp16`` and ``bf16`` ``fp32`` (also diffusers' ``torch_dtype=torch.float16``:
+  a CPU emulates half precision, seconds per step), and step counts above `MAX_STEPS` become `MAX_STEPS`.
   While the pages run, every family's default step count is `DEFAULT_STEPS`, ``device="auto"``
   means the CPU, and torch uses one thread.
 """
@@ -180,6 +181,9 @@ def substitute(code: str, tiny_folder: Callable[[str], str]) -> str:
     code = re.sub(r"accelerators=[(\[][^)\]]*", lambda m: re.sub(r"([\"'])(?:fp|bf)16\1", '"fp32"', m[0]), code)
     code = re.sub(r"--accelerator\s+(?:fp|bf)16\b", "--accelerator fp32", code)
     code = re.sub(r"--device\s+cuda(:\d+)?", "--device cpu", code)
+    # The raw diffusers side of a comparison, as a GPU user writes it.
+    code = re.sub(r"torch_dtype=torch\.(?:b?float16|half)\b", "torch_dtype=torch.float32", code)
+    code = re.sub(r"\.to\(([\"'])cuda(:\d+)?\1\)", '.to("cpu")', code)
     code = re.sub(r"(num_inference_steps[\"']?\s*[=:]\s*|--steps\s+)(\d+)", _fewer_steps, code)
     return code
 
@@ -457,6 +461,9 @@ def test_substitutions() -> None:
         'load("tiny:sdxl", accelerators=["fp32", "sdpa"])'
     )
     assert substitute("--accelerator bf16 --accelerator sdpa", folder) == "--accelerator fp32 --accelerator sdpa"
+    assert substitute('X.from_pretrained("m", torch_dtype=torch.float16).to("cuda")', folder) == (
+        'X.from_pretrained("m", torch_dtype=torch.float32).to("cpu")'
+    )
     assert substitute("--model sdxl --option refiner=sdxl-refiner --steps 40", folder) == (
         "--model tiny:sdxl --option refiner=tiny:sdxl-refiner --steps 4"
     )
