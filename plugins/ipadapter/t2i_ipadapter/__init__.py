@@ -1,4 +1,4 @@
-"""t2i conditioner: image prompts (IP-Adapter) from ``GenerationRequest.image_prompts`` on SD1.5 and SDXL.
+"""t2i conditioner: image prompts (IP-Adapter) from ``GenerationRequest.image_prompts`` on SD1.5, SDXL and FLUX.1.
 
 Each `ImagePrompt` is one IP-Adapter of diffusers' ``load_ip_adapter`` (several make lists, as
 diffusers takes them), loaded once per set of shared weights with its CLIP image encoder; the
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from t2i_core import Call, Conditioner, IncompatibleAcceleratorsError, hookimpl, loading_lock
-from t2i_core.kit import is_offloaded
+from t2i_core.kit import denoiser, is_offloaded
 
 if TYPE_CHECKING:
     from t2i_core import Engine, GenerationRequest, ImagePrompt
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULTS", "ImagePrompts", "IncompatibleAdapterError", "register_conditioners", "tiny_adapter_folder"]
 
-#: the families whose diffusers pipelines load IP-Adapters into a UNet (IPAdapterMixin)
-FAMILIES = ("sd15", "sdxl")
+#: the families whose diffusers pipelines load IP-Adapters (IPAdapterMixin, FluxIPAdapterMixin)
+FAMILIES = ("sd15", "sdxl", "flux")
 
 
 @attrs.define
@@ -68,7 +68,8 @@ class ImagePrompts(Conditioner):
         state.reader.check([(p.image, f"image_prompts[{i}].image") for i, p in enumerate(request.image_prompts)])
         for index, prompt in enumerate(request.image_prompts):
             field = f"image_prompts[{index}]"
-            check_fits(_source(engine, state, prompt, field), engine.pipeline.unet, engine.family, f"{field}.model")
+            source = _source(engine, state, prompt, field)
+            check_fits(source, denoiser(engine.pipeline), engine.family, f"{field}.model")
 
     def around_run(self, engine: Engine, request: GenerationRequest) -> AbstractContextManager[Any]:
         # Every request on these families takes a turn, with image prompts or not: another engine
@@ -135,7 +136,7 @@ def _with_encoder(state: _EngineState, pipeline: Any, loaded: Installed) -> Any:
                 pipeline,
                 image_encoder=loaded.image_encoder,
                 feature_extractor=loaded.feature_extractor,
-                dtype=pipeline.unet.dtype,
+                dtype=denoiser(pipeline).dtype,
             )
         derived.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         state.pipelines[key] = (pipeline, derived)

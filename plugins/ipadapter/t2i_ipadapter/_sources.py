@@ -1,8 +1,10 @@
 """Where an IP-Adapter comes from (hub id, local folder or file, ``tiny:ip-adapter-<family>``) and whether it fits a base.
 
 Everything here reads names, folders and file headers only; the weights load in `_weights`,
-through diffusers' ``load_ip_adapter``, which reads the CLIP image encoder from the folder
-``image_encoder`` beside the adapter's weights (``models/image_encoder`` in ``h94/IP-Adapter``).
+through diffusers' ``load_ip_adapter``. For SD 1.5 and SDXL it reads the CLIP image encoder from
+the folder ``image_encoder`` beside the adapter's weights (``models/image_encoder`` in
+``h94/IP-Adapter``); FLUX.1 adapters ship none, and take it from `Defaults.image_encoder` unless
+an ``image_encoder`` folder is beside them.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ class Defaults:
     model: str
     subfolder: str
     weight_name: str
+    #: where the image encoder is for adapters without one beside them (FLUX.1); None = beside the weights
+    image_encoder: str | None = None
 
 
 #: per family: the reference IP-Adapter repository's layout (safetensors rather than the .bin pickles)
 DEFAULTS = {
     "sd15": Defaults("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors"),
     "sdxl": Defaults("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors"),
+    "flux": Defaults("XLabs-AI/flux-ip-adapter", "", "ip_adapter.safetensors", "openai/clip-vit-large-patch14"),
 }
 TINY_FAMILIES = tuple(DEFAULTS)
+#: the families whose diffusers pipelines load IP-Adapters into a UNet (IPAdapterMixin); FLUX.1 uses FluxIPAdapterMixin
+UNET_FAMILIES = ("sd15", "sdxl")
 _TINY_NAMES = ", ".join(f"{TINY_PREFIX}ip-adapter-{family}" for family in TINY_FAMILIES)
 ALLOWED_MODELS = f"a hub id, a local IP-Adapter folder or weights file, or one of {_TINY_NAMES}"
 
@@ -56,6 +63,8 @@ class Source:
     location: str
     subfolder: str
     weight_name: str
+    #: FLUX.1: the image encoder's hub id or folder (diffusers' ``image_encoder_pretrained_model_name_or_path``)
+    image_encoder: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -72,6 +81,17 @@ def resolve(prompt: Any, family: str, field: str) -> Source:
 
     `field` (``image_prompts[0]``) names it in errors. Nothing is downloaded or loaded.
     """
+    source = _resolve(prompt, family, field)
+    if family in UNET_FAMILIES:
+        if Path(source.location).is_dir():
+            _check_image_encoder(source, f"{field}.model")
+        return source
+    beside = Path(source.location) / source.subfolder / IMAGE_ENCODER_FOLDER
+    encoder = str(beside) if (beside / "config.json").is_file() else DEFAULTS[family].image_encoder
+    return attrs.evolve(source, image_encoder=encoder)
+
+
+def _resolve(prompt: Any, family: str, field: str) -> Source:
     model: str = prompt.model
     defaults = DEFAULTS[family]
     if model.startswith(TINY_PREFIX):
@@ -85,9 +105,7 @@ def resolve(prompt: Any, family: str, field: str) -> Source:
                 raise InvalidRequestError(
                     f"{field}.{name}", getattr(prompt, name), f"None when {field}.model is a weights file"
                 )
-        source = Source(model, str(path.parent), "", path.name)
-        _check_image_encoder(source, f"{field}.model")
-        return source
+        return Source(model, str(path.parent), "", path.name)
     if path.is_dir():
         subfolder = prompt.subfolder
         if subfolder is None:
@@ -100,7 +118,6 @@ def resolve(prompt: Any, family: str, field: str) -> Source:
                 model,
                 f"{ALLOWED_MODELS} (the folder has no {inside}: name the file with weight_name= and subfolder=)",
             )
-        _check_image_encoder(source, f"{field}.model")
         return source
     if not is_hub_id(model):
         raise InvalidRequestError(f"{field}.model", model, f"{ALLOWED_MODELS} (no such file or folder: {path})")
@@ -138,8 +155,8 @@ def _tiny_family(model: str, field: str) -> str:
     return family
 
 
-def check_fits(source: Source, unet: Any, family: str, field: str) -> None:
-    """Refuse a local safetensors adapter whose layers cannot go into this UNet (read from the file's header).
+def check_fits(source: Source, denoiser: Any, family: str, field: str) -> None:
+    """Refuse a local safetensors adapter whose layers cannot go into this denoiser (read from the file's header).
 
     Hub adapters and ``.bin`` files are checked by diffusers when they load.
     """
@@ -148,24 +165,38 @@ def check_fits(source: Source, unet: Any, family: str, field: str) -> None:
         return
     from safetensors import safe_open
 
-    wanted = cross_attention_layers(unet)
     with safe_open(str(path), framework="pt") as opened:
         shapes = {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}
-    found = [shapes.get(f"ip_adapter.{2 * index + 1}.to_k_ip.weight") for index in range(len(wanted))]
-    if not any(key.startswith("image_proj.") for key in shapes) or found[0] is None:
-        raise InvalidRequestError(
-            field, source.model, f"an IP-Adapter weights file (image_proj.* and ip_adapter.* tensors; {path} has none)"
+    if family in UNET_FAMILIES:
+        reads = denoiser.config.cross_attention_dim
+        ours = [(width, reads) for width in cross_attention_layers(denoiser)]
+        names = [f"ip_adapter.{2 * index + 1}.to_k_ip.weight" for index in range(len(ours) + 1)]
+        projections: tuple[str, ...] = ("image_proj.",)
+    else:  # FLUX.1: every double-stream block, in XLabs' layout or diffusers' own
+        reads = denoiser.config.joint_attention_dim
+        ours = [(denoiser.inner_dim, reads)] * denoiser.config.num_layers
+        xlabs = "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight" in shapes
+        template = (
+            "double_blocks.{}.processor.ip_adapter_double_stream_k_proj.weight"
+            if xlabs
+            else "ip_adapter.{}.to_k_ip.weight"
         )
-    ours = [(hidden, unet.config.cross_attention_dim) for hidden in wanted]
-    extra = f"ip_adapter.{2 * len(wanted) + 1}.to_k_ip.weight" in shapes
-    if found != ours or extra:
-        layers = sum(1 for key in shapes if key.endswith(".to_k_ip.weight"))
+        names = [template.format(index) for index in range(len(ours) + 1)]
+        projections = ("image_proj.", "ip_adapter_proj_model.")
+    found = [shapes.get(name) for name in names[:-1]]
+    if not any(key.startswith(projections) for key in shapes) or found[0] is None:
+        raise InvalidRequestError(
+            field,
+            source.model,
+            f"an IP-Adapter weights file for {family} (its image projection and attention layers; {path} has neither)",
+        )
+    if found != ours or names[-1] in shapes:
+        layers = sum(1 for key in shapes if key.endswith(("to_k_ip.weight", "k_proj.weight")))
         raise IncompatibleAdapterError(
             field,
             source.model,
-            f"an IP-Adapter made for this {family} model ({len(wanted)} cross-attention layers reading "
-            f"{unet.config.cross_attention_dim} features); this one has {layers} layers reading "
-            f"{found[0][1] if found[0] else '?'} features",
+            f"an IP-Adapter made for this {family} model ({len(ours)} attention layers reading {reads} features); "
+            f"this one has {layers} layers reading {found[0][1] if found[0] else '?'} features",
         )
 
 
@@ -193,18 +224,14 @@ def tiny_adapter_folder(family: str) -> Path:
     base = ensure_built(provider.name, provider.tiny_version, provider.build_tiny)
     # The base's recipe version is part of the name: a new tiny base gets a new adapter.
     name = f"ip-adapter-{family}-base{provider.tiny_version}"
-    return ensure_built(name, TINY_VERSION, lambda folder: _build_tiny(DEFAULTS[family], base, folder))
+    return ensure_built(name, TINY_VERSION, lambda folder: _build_tiny(family, base, folder))
 
 
-def _build_tiny(defaults: Defaults, base: Path, folder: Path) -> None:
-    """Random adapter weights shaped for the base's UNet, and a tiny CLIP image encoder beside them."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
+def _build_tiny(family: str, base: Path, folder: Path) -> None:
+    """Random adapter weights shaped for the base's denoiser, and a tiny CLIP image encoder beside them."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    cross = unet.config.cross_attention_dim
+    defaults = DEFAULTS[family]
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
             hidden_size=32,
@@ -217,17 +244,52 @@ def _build_tiny(defaults: Defaults, base: Path, folder: Path) -> None:
         )
     )
     encoder.save_pretrained(folder / defaults.subfolder / IMAGE_ENCODER_FOLDER)
-    # The layout of h94/IP-Adapter's plain adapters: an image projection to 4 tokens, and the
-    # keys and values of those tokens for every cross-attention layer. The weights are large
-    # enough that what the image shows, not only that there is one, changes the picture.
-    tensors = {
-        "image_proj.proj.weight": torch.randn(cross * 4, _TINY_IMAGE_EMBED),
-        "image_proj.proj.bias": torch.randn(cross * 4) * 0.1,
-        "image_proj.norm.weight": 1.0 + torch.randn(cross) * 0.1,
-        "image_proj.norm.bias": torch.randn(cross) * 0.1,
-    }
+    tensors = _tiny_unet_adapter(base) if family in UNET_FAMILIES else _tiny_flux_adapter(base)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / defaults.subfolder / defaults.weight_name))
+
+
+def _tiny_unet_adapter(base: Path) -> dict[str, Any]:
+    """h94/IP-Adapter's plain layout: an image projection to 4 tokens, and the keys and values of
+    those tokens for every cross-attention layer. The weights are large enough that what the image
+    shows, not only that there is one, changes the picture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    cross = unet.config.cross_attention_dim
+    tensors = _tiny_projection("image_proj", cross)
     for index, width in enumerate(cross_attention_layers(unet)):
         key = 2 * index + 1
         tensors[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(width, cross) * 0.5
         tensors[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(width, cross) * 0.5
-    save_file(tensors, str(folder / defaults.subfolder / defaults.weight_name))
+    return tensors
+
+
+def _tiny_flux_adapter(base: Path) -> dict[str, Any]:
+    """XLabs-AI/flux-ip-adapter's layout: the projection, and keys and values (with biases) for every double-stream block."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(base / "transformer")
+    cross = config["joint_attention_dim"]
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    tensors = _tiny_projection("ip_adapter_proj_model", cross)
+    for index in range(config["num_layers"]):
+        prefix = f"double_blocks.{index}.processor.ip_adapter_double_stream"
+        for kind in ("k", "v"):
+            tensors[f"{prefix}_{kind}_proj.weight"] = torch.randn(inner, cross) * 0.5
+            tensors[f"{prefix}_{kind}_proj.bias"] = torch.randn(inner) * 0.1
+    return tensors
+
+
+def _tiny_projection(prefix: str, cross: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        f"{prefix}.proj.weight": torch.randn(cross * 4, _TINY_IMAGE_EMBED),
+        f"{prefix}.proj.bias": torch.randn(cross * 4) * 0.1,
+        f"{prefix}.norm.weight": 1.0 + torch.randn(cross) * 0.1,
+        f"{prefix}.norm.bias": torch.randn(cross) * 0.1,
+    }

@@ -1,8 +1,9 @@
-"""IP-Adapters inside an engine's shared UNet (imports torch and diffusers).
+"""IP-Adapters inside an engine's shared denoiser (imports torch and diffusers).
 
-diffusers' ``load_ip_adapter`` replaces the UNet's attention processors by IP-Adapter ones and
-gives it an image projection (``encoder_hid_proj``); with those in place the UNet wants image
-embeddings on every call. Engines from one cached `load()` share the UNet, so one
+diffusers' ``load_ip_adapter`` replaces the denoiser's attention processors (the UNet's, or
+FLUX.1's transformer's) by IP-Adapter ones and gives it an image projection (``encoder_hid_proj``);
+with those in place it wants image embeddings on every call. Here "the UNet" stands for either.
+Engines from one cached `load()` share it, so one
 `SharedWeights` per set of weights records each set of adapters a request asked for, loaded
 once (its processors, projection, image encoder and feature extractor), and the UNet's own
 processors from before. A request's run holds a turn (`t2i_core.kit.Turns`) during which the
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from t2i_core import ModelNotFoundError, loading_lock
-from t2i_core.kit import SharedState, Turns
+from t2i_core.kit import SharedState, Turns, denoiser
 
 if TYPE_CHECKING:
     from t2i_core import Engine, GenerationRequest
@@ -84,7 +85,7 @@ def installed(engine: Engine, sources: Sequence[Source]) -> Installed:
 
 def _change(engine: Engine, shared: SharedWeights, sources: Sequence[Source], wanted: Active) -> None:
     """Make the UNet compute `wanted` (no run holds a turn meanwhile)."""
-    unet = engine.pipeline.unet
+    unet = denoiser(engine.pipeline)
     previous, shared.active = shared.active, None
     if not wanted:
         if shared.own is not None:
@@ -105,15 +106,16 @@ def _change(engine: Engine, shared: SharedWeights, sources: Sequence[Source], wa
             raise
     else:
         _install(unet, loaded)
-    engine.pipeline.set_ip_adapter_scale(list(scales))
+    # One adapter takes a number (a list would be FLUX.1's per-layer scales), several a list.
+    engine.pipeline.set_ip_adapter_scale(scales[0] if len(scales) == 1 else list(scales))
     shared.active = wanted
 
 
 def _take(unet: Any, image_encoder: Any = None, feature_extractor: Any = None) -> Installed:
     return Installed(
         processors=dict(unet.attn_processors),
-        projection=unet.encoder_hid_proj,
-        hid_type=unet.config.encoder_hid_dim_type,
+        projection=getattr(unet, "encoder_hid_proj", None),
+        hid_type=getattr(unet.config, "encoder_hid_dim_type", None),
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
     )
@@ -130,6 +132,7 @@ def _load(engine: Engine, shared: SharedWeights, sources: Sequence[Source]) -> I
     """diffusers' ``load_ip_adapter`` for `sources`, on a pipeline over the engine's components; the
     UNet keeps what it installed. The image encoder comes from the first adapter, as in diffusers."""
     base = engine.pipeline
+    dtype = denoiser(base).dtype
     first = (sources[0].location, sources[0].subfolder)
     encoder, extractor = shared.encoders.get(first, (None, None))
     try:
@@ -137,11 +140,12 @@ def _load(engine: Engine, shared: SharedWeights, sources: Sequence[Source]) -> I
             extra = {"image_encoder": encoder, "feature_extractor": extractor} if encoder is not None else {}
             # from_pipe casts every component to its dtype (float32 when not given): the
             # UNet's own dtype keeps the shared weights as they are.
-            helper = type(base).from_pipe(base, dtype=base.unet.dtype, **extra)
+            helper = type(base).from_pipe(base, dtype=dtype, **extra)
             helper.load_ip_adapter(
                 [s.location for s in sources],
                 subfolder=[s.subfolder for s in sources],
                 weight_name=[s.weight_name for s in sources],
+                **_encoder_kwargs(sources[0], dtype),
             )
     except Exception as exc:
         text = str(exc)
@@ -150,4 +154,16 @@ def _load(engine: Engine, shared: SharedWeights, sources: Sequence[Source]) -> I
         raise ModelNotFoundError(models, f"diffusers could not load it as an IP-Adapter ({reason})") from exc
     shared.loads += 1
     shared.encoders.setdefault(first, (helper.image_encoder, helper.feature_extractor))
-    return _take(base.unet, helper.image_encoder, helper.feature_extractor)
+    return _take(denoiser(base), helper.image_encoder, helper.feature_extractor)
+
+
+def _encoder_kwargs(source: Source, dtype: Any) -> dict[str, Any]:
+    """FLUX.1's loader takes its image encoder from a repository of its own, in float16 unless told:
+    t2i gives it the transformer's dtype, as SD 1.5 and SDXL load theirs."""
+    if source.image_encoder is None:
+        return {}
+    return {
+        "image_encoder_pretrained_model_name_or_path": source.image_encoder,
+        "image_encoder_subfolder": "",
+        "image_encoder_dtype": dtype,
+    }

@@ -59,9 +59,10 @@ def raw_with_adapters(family: str, count: int, scales: list[float]) -> Any:
     return pipeline
 
 
-def raw_call(pipeline: Any, resolved: GenerationRequest, images: Any) -> list[Any]:
+def raw_call(pipeline: Any, resolved: GenerationRequest, images: Any, **extra: Any) -> list[Any]:
     return list(
         pipeline(
+            **extra,
             prompt=resolved.prompt,
             ip_adapter_image=images,
             num_inference_steps=resolved.num_inference_steps,
@@ -129,6 +130,31 @@ def test_sdxl_equals_diffusers() -> None:
     assert_images_equal(result.images, raw_call(raw_with_adapters("sdxl", 1, [0.7]), result.request, REFERENCE))
 
 
+def test_flux_equals_diffusers_with_its_image_encoder_beside_the_adapter() -> None:
+    """FLUX.1 loads through FluxIPAdapterMixin, the image encoder in the transformer's dtype (diffusers' default: float16)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    engine = load("tiny:flux", device="cpu")
+    prompt = ImagePrompt(REFERENCE, "tiny:ip-adapter-flux", 0.7)
+    result = engine.generate(request(prompt).evolve(options={"max_sequence_length": 64}))
+    folder = tiny_adapter_folder("flux")
+    pipeline = raw_pipeline(tiny_folder("flux"), FluxPipeline)
+    pipeline.load_ip_adapter(
+        str(folder),
+        weight_name=DEFAULTS["flux"].weight_name,
+        image_encoder_pretrained_model_name_or_path=str(folder / "image_encoder"),
+        image_encoder_dtype=torch.float32,
+    )
+    pipeline.set_ip_adapter_scale(0.7)
+    theirs = raw_call(pipeline, result.request, REFERENCE, max_sequence_length=64)
+    assert_images_equal(result.images, theirs)
+    plain = engine.generate(request())
+    assert_images_equal(
+        engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-flux", 0.0))).images, plain.images
+    )
+
+
 def test_scale_zero_and_no_image_prompt_give_the_plain_image(engine: Any) -> None:
     """The UNet gets its own attention processors back for a plain request, even after adapters ran."""
     plain = engine.generate(request())
@@ -162,11 +188,11 @@ def test_adapters_load_once_per_shared_weights(engine: Any) -> None:
 
 
 def test_other_families_are_refused_naming_image_prompts_and_the_family(monkeypatch: pytest.MonkeyPatch) -> None:
-    flux = load("tiny:flux", device="cpu")
-    refuse_to_run(monkeypatch, flux)
+    sd3 = load("tiny:sd3", device="cpu")
+    refuse_to_run(monkeypatch, sd3)
     with pytest.raises(UnsupportedFeatureError) as caught:
-        flux.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15")))
-    assert "image_prompts" in str(caught.value) and "flux" in str(caught.value)
+        sd3.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15")))
+    assert "image_prompts" in str(caught.value) and "sd3" in str(caught.value)
 
 
 def test_an_sdxl_adapter_on_sd15_is_refused_before_loading(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
