@@ -1,0 +1,191 @@
+"""``t2i serve --ray`` on a local Ray cluster of 2 CPUs started by the test: the same HTTP API as
+``t2i serve``, images bit-exact with the SDK, a job's events and cancellation through the ingress,
+and a model replica killed mid-request replaced while the client gets a retryable 503.
+
+One cluster and one Serve application (one tiny:sd15 replica) serve every test here: Ray and
+Serve take seconds to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from t2i_core import Commands, GenerationRequest
+from t2i_core.testing import assert_images_equal
+
+MODEL = "tiny:sd15"
+TIMEOUT = httpx.Timeout(180.0, connect=10.0)
+#: steps of a job that must still be running when the test acts on it
+LONG = 150
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    """``t2i serve ARGV`` parsed by the real command's parser."""
+    from t2i_server import register_commands
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    register_commands(Commands(lambda command: parsers.update({command.name: command.parser}), "t2i-server"))
+    return parsers["serve"].parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def base(t2i_tiny_cache: Path) -> Iterator[str]:
+    """The application on a local 2-CPU cluster: one CPU replica of tiny:sd15 (2 torch threads)."""
+    import ray
+    from ray import serve
+    from t2i_ray._serve import deploy
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"T2I_CACHE": str(t2i_tiny_cache)}},
+    )
+    args = serve_args("--ray", "--model", MODEL, "--port", "0", "--max-steps", str(LONG), "--max-replicas", "1")
+    try:
+        url = deploy(args, [(MODEL, MODEL)])
+        yield url
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+
+
+@pytest.fixture
+def client(base: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def engine(t2i_tiny_cache: Path) -> Any:
+    from t2i_core import load
+
+    return load(MODEL, device="cpu")
+
+
+def sdk_images(engine: Any, **fields: Any) -> list[Any]:
+    """The SDK's images with the replica's torch threads (on a CPU, the thread count is part of the sums)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return list(engine.generate(GenerationRequest(**fields)).images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def decode(data: str | bytes) -> Any:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data) if isinstance(data, str) else data))
+    image.load()
+    return image
+
+
+def events(client: httpx.Client, job_id: str, until: str = "") -> list[dict[str, Any]]:
+    """A job's events through the ingress, until its final one (or the first of type `until`)."""
+    seen = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if seen[-1]["type"] in ("done", "failed", "cancelled", until):
+                    return seen
+    return seen
+
+
+def test_images_are_bit_exact_with_the_sdk_through_both_apis(client: httpx.Client, engine: Any) -> None:
+    fields = {"prompt": "a lighthouse", "seed": 7, "num_inference_steps": 2, "num_images": 2}
+    response = client.post("/v1/generations", json={**fields, "model": MODEL})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-t2i-replica"].startswith("SERVE_REPLICA::t2i#t2i-models#")
+    assert_images_equal([decode(image) for image in response.json()["images"]], sdk_images(engine, **fields))
+
+    a1111 = {"prompt": "a castle", "seed": 11, "steps": 2, "cfg_scale": 6.5, "width": 64, "height": 56}
+    response = client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "Euler a"})
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["all_seeds"] == [11]
+    common = {"prompt": "a castle", "num_inference_steps": 2, "guidance_scale": 6.5, "height": 56, "width": 64}
+    expected = sdk_images(engine, seed=11, scheduler="euler-ancestral", **common)
+    assert_images_equal([decode(response.json()["images"][0])], expected)
+
+    models = client.get("/v1/models").json()["models"]
+    assert [(model["name"], model["default"]) for model in models] == [(MODEL, True)]
+    unknown = client.post("/v1/generations", json={"prompt": "x", "model": "nope"})
+    assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
+
+
+def test_a_job_s_events_images_and_cancellation_go_through_the_ingress(client: httpx.Client, engine: Any) -> None:
+    fields = {"prompt": "a harbour", "seed": 3, "num_inference_steps": 2}
+    submitted = client.post("/v1/jobs", json=fields)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    seen = events(client, job_id)
+    assert seen[-1]["type"] == "done" and seen[-1]["job"]["images"] == 1
+    assert any(event["type"] == "step" for event in seen) or seen[0]["type"] == "done"
+    document = client.get(f"/v1/jobs/{job_id}").json()
+    assert document["status"] == "done" and document["progress"]["step"] == document["progress"]["total"] > 0
+    png = client.get(f"/v1/jobs/{job_id}/images/0")
+    assert png.headers["content-type"] == "image/png"
+    assert_images_equal([decode(png.content)], sdk_images(engine, **fields))
+    assert job_id in [job["id"] for job in client.get("/v1/jobs").json()["jobs"]]
+
+    long = client.post("/v1/jobs", json={"prompt": "a long job", "num_inference_steps": LONG}).json()["id"]
+    assert events(client, long, until="step")[-1]["type"] == "step"  # it runs on the replica
+    cancelled = client.delete(f"/v1/jobs/{long}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    assert events(client, long)[-1]["type"] == "cancelled"
+    assert client.delete(f"/v1/jobs/{long}").status_code == 409
+    # Closing the job's stream cancelled the job on its replica (its own metrics count it), long before its end.
+    deadline = time.monotonic() + 30
+    while 't2i_jobs_total{outcome="cancelled"} 1' not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the replica never cancelled the job"
+        time.sleep(0.1)
+    assert 't2i_jobs_running{device="cpu"} 0' in client.get("/metrics").text
+    assert client.get("/v1/jobs/unknown").status_code == 404
+
+
+def test_a_killed_replica_is_replaced_and_the_client_gets_a_retryable_error(client: httpx.Client, engine: Any) -> None:
+    import ray
+
+    fields = {"prompt": "a storm", "seed": 5, "num_inference_steps": 2}
+    first = client.post("/v1/generations", json=fields)
+    replica = first.headers["x-t2i-replica"]
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(
+        target=lambda: answers.append(client.post("/v1/generations", json={**fields, "num_inference_steps": LONG}))
+    )
+    caller.start()
+    deadline = time.monotonic() + 60
+    while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:  # the replica is making it
+        assert time.monotonic() < deadline and caller.is_alive(), "the long request never ran"
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    caller.join(120)
+    assert answers, "the client got no answer"
+    assert answers[0].status_code == 503, answers[0].text  # 150 steps cannot have finished
+    assert answers[0].json()["error"]["type"] == "replica_unavailable"
+    assert int(answers[0].headers["retry-after"]) > 0
+    # Serve starts another replica; the client's retry is served there, bit-exact.
+    deadline = time.monotonic() + 120
+    while True:
+        retry = client.post("/v1/generations", json=fields)
+        if retry.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert retry.status_code == 503 and "retry-after" in retry.headers, retry.text
+        time.sleep(int(retry.headers["retry-after"]))
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["x-t2i-replica"] != replica
+    assert_images_equal([decode(retry.json()["images"][0])], sdk_images(engine, **fields))
