@@ -100,7 +100,8 @@ def test_unknown_fields_are_ignored_and_unsupported_ones_named(base: str) -> Non
         for extra, field in [
             ({"sampler_name": "Heun++ 9000"}, "sampler_name"),
             ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
-            ({"enable_hr": True}, "enable_hr"),
+            ({"enable_hr": True, "hr_upscaler": "SwinIR_4x"}, "hr_upscaler"),  # a model upscaler t2i lacks
+            ({"tiling": True}, "tiling"),
             ({"batch_size": 3, "n_iter": 3}, "batch_size"),
             ({"steps": 10_000}, "steps"),
             ({"cfg_scale": 1e9}, "cfg_scale"),
