@@ -18,6 +18,7 @@ from t2i_core import (
 from t2i_core.testing import (
     ConditionerConformance,
     as_array,
+    assert_images_close,
     assert_images_equal,
     cpu_generators,
     raw_pipeline,
@@ -184,6 +185,29 @@ def test_adapters_load_once_per_shared_weights(engine: Any) -> None:
     assert_images_equal(second.images, first.images, "the first engine's image")
 
 
+def test_engines_over_one_unet_take_turns(engine: Any) -> None:
+    """Plain and image-prompt requests on two engines over the same UNet, at once, give their lone images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    twin = load("tiny:sd15", device="cpu")
+    steered = request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.7))
+    alone = [engine.generate(request()).images, twin.generate(steered).images]
+    with ThreadPoolExecutor(4) as pool:
+        runs = [pool.submit(e.generate, r) for _ in range(2) for e, r in ((engine, request()), (twin, steered))]
+        images = [run.result().images for run in runs]
+    for index, found in enumerate(images):
+        assert_images_equal(found, alone[index % 2], "the lone run")
+
+
+def test_a_batch_shares_the_image_prompt(engine: Any) -> None:
+    prompt = ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.7)
+    requests = [request(prompt), request(prompt).evolve(prompt="a harbour at noon", seed=SEED + 5)]
+    together = engine.generate_batch(requests)
+    for each, result in zip(requests, together, strict=True):
+        why = "a batched call against a lone one (float32 rounding)"
+        assert_images_close(result.images, engine.generate(each).images, max_levels=1, why=why)
+
+
 # -- refusals -----------------------------------------------------------------------------------------
 
 
@@ -263,3 +287,14 @@ def test_a_jsonl_batch_job_takes_image_prompts(engine: Any, tmp_path: Path) -> N
     _, pixels = _saved(out / "ip.png")
     sdk = engine.generate(request(ImagePrompt(str(reference), "tiny:ip-adapter-sd15", 0.6)))
     assert np.array_equal(pixels, as_array(sdk.images[0]))
+
+
+def test_from_refuses_a_png_whose_image_prompt_was_in_memory(
+    engine: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from t2i_core.cli import main
+
+    saved = tmp_path / "memory.png"
+    engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.6))).save(saved)
+    assert main(["generate", "--from", str(saved), "--device", "cpu", "-o", str(tmp_path / "again.png")]) == 2
+    assert "image_prompts[0] was an image in memory" in capsys.readouterr().err
