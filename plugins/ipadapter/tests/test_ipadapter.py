@@ -156,6 +156,28 @@ def test_flux_equals_diffusers_with_its_image_encoder_beside_the_adapter() -> No
     )
 
 
+def test_with_a_controlnet_equals_diffusers_controlnet_pipeline(engine: Any) -> None:
+    """The ControlNet pipeline gets the image encoder too: controls and image prompts in one call."""
+    pytest.importorskip("t2i_controlnet")
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+    from t2i_controlnet import tiny_controlnet_folder
+
+    from t2i_core import Control
+
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (16, 16, 48, 48))
+    control = Control(image=edges, model="tiny:controlnet-sd15")
+    result = engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.7)).evolve(controls=(control,)))
+    controlnet = ControlNetModel.from_pretrained(str(tiny_controlnet_folder("sd15")))
+    pipeline = raw_pipeline(tiny_folder("sd15"), StableDiffusionControlNetPipeline, controlnet=controlnet)
+    pipeline.load_ip_adapter(
+        str(tiny_adapter_folder("sd15")), subfolder="models", weight_name="ip-adapter_sd15.safetensors"
+    )
+    pipeline.set_ip_adapter_scale(0.7)
+    assert_images_equal(result.images, raw_call(pipeline, result.request, REFERENCE, image=edges))
+
+
 def test_scale_zero_and_no_image_prompt_give_the_plain_image(engine: Any) -> None:
     """The UNet gets its own attention processors back for a plain request, even after adapters ran."""
     plain = engine.generate(request())
