@@ -186,6 +186,14 @@ def test_clear_cache_drops_weights() -> None:
     assert first.pipeline.unet is not second.pipeline.unet
 
 
+def test_clear_cache_of_engines_drops_only_their_weights() -> None:
+    sd15 = load("tiny:sd15", device="cpu")
+    sdxl = load("tiny:sdxl", device="cpu")
+    t2i_core.clear_cache(sd15)
+    assert load("tiny:sd15", device="cpu").pipeline.unet is not sd15.pipeline.unet  # loaded again
+    assert load("tiny:sdxl", device="cpu").pipeline.unet is sdxl.pipeline.unet  # still cached
+
+
 def test_pickle_weights_need_consent(sd15_folder: str, tmp_path: Path) -> None:
     """Safetensors only by default; .bin (pickle) weights load with allow_pickle=True."""
     import torch

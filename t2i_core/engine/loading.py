@@ -88,10 +88,25 @@ def _file_version(source: str) -> tuple[int, int, int] | None:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def clear_cache() -> None:
-    """Drop every pipeline the engine cache holds (engines already made keep theirs)."""
+def clear_cache(*engines: Engine) -> None:
+    """Drop the weights the engine cache holds: all of them, or those `engines` were made from.
+
+    Engines already made keep theirs: the memory is freed once no engine holds them any more
+    (a server evicting a model drops its engines, then their cached weights).
+    """
     with _cache_lock:
-        _cache.clear()
+        if not engines:
+            _cache.clear()
+            return
+        held = {id(module) for engine in engines for module in _modules_of(engine.pipeline)}
+        for key in [key for key, pipeline in _cache.items() if held & {id(m) for m in _modules_of(pipeline)}]:
+            del _cache[key]
+
+
+def _modules_of(pipeline: Any) -> list[Any]:
+    """The components of `pipeline` that hold weights (its torch modules)."""
+    components = getattr(pipeline, "components", None) or {}
+    return [value for value in components.values() if hasattr(value, "parameters")]
 
 
 def load(
