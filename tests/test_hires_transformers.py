@@ -77,3 +77,14 @@ def test_a_final_size_the_family_refuses_names_hires_scale(t2i_tiny_cache: Path)
     with pytest.raises(InvalidRequestError) as caught:  # 64 x 1.125 = 72: not whole 2x2 patches of latents
         engine.resolve(GenerationRequest(prompt=PROMPT, height=64, width=64, hires=HiresFix(scale=1.125)))
     assert caught.value.field == "hires.scale" and "72x72" in str(caught.value) and "16" in str(caught.value)
+
+
+def test_a_step_cache_with_hires_is_refused_before_any_work(t2i_tiny_cache: Path) -> None:
+    """diffusers' img2img pipelines open no cache context: a step cache's second pass would fail."""
+    from t2i_core import UnsupportedFeatureError
+
+    engine = load("tiny:flux", device="cpu", accelerators=("fp32", "first-block-cache"))
+    with pytest.raises(UnsupportedFeatureError) as caught:
+        engine.resolve(GenerationRequest(prompt=PROMPT, height=64, width=64, hires=HiresFix()))
+    assert "hires" in caught.value.feature and "first-block-cache" in caught.value.feature
+    assert engine.resolve(GenerationRequest(prompt=PROMPT, height=64, width=64))  # without hires it runs

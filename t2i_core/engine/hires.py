@@ -17,8 +17,7 @@ from .._progress import ProgressCallback, report_progress, takes_latents
 from ..errors import InvalidRequestError, UnsupportedFeatureError
 from ..provider import ModelProvider
 from ..request import GenerationRequest
-from .checks import HIRES_FEATURE as _FEATURE
-from .checks import check_pixels
+from .checks import HIRES_FEATURE, check_pixels
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -43,6 +42,11 @@ def check_hires(engine: Engine, request: GenerationRequest, scheduler: Any) -> N
     that leaves it no step with `scheduler`), naming the hires field."""
     hires = request.hires
     assert hires is not None
+    # A step cache keeps per-call state in the denoiser's hooks, and the img2img pipelines open no
+    # cache context for it (diffusers 0.42): its second pass would fail or reuse the first's state.
+    caches = [accelerator.spec for accelerator in engine._accelerators if not accelerator.batches]
+    if caches:
+        raise UnsupportedFeatureError(engine.family, f"{HIRES_FEATURE} together with the step cache {caches[0]!r}")
     width, height = target_size(request)
     field, value = "hires.scale", hires.scale
     if hires.width is not None:
@@ -84,7 +88,7 @@ def run_hires(
     assert hires is not None and request.height is not None and request.width is not None
     provider = engine.provider
     if call.pipeline is not engine.pipeline:
-        raise UnsupportedFeatureError(engine.family, f"{_FEATURE} with a conditioner that replaces the pipeline")
+        raise UnsupportedFeatureError(engine.family, f"{HIRES_FEATURE} with a conditioner that replaces the pipeline")
     img2img = img2img_for(engine)
     width, height = target_size(request)
     second = second_pass_kwargs(engine, call, request, recondition, img2img, width, height)
@@ -159,7 +163,9 @@ def second_pass_kwargs(
     if changes:
         again = recondition(request.evolve(**changes))
         if again.pipeline is not call.pipeline:
-            raise UnsupportedFeatureError(engine.family, f"{_FEATURE} with a conditioner that replaces the pipeline")
+            raise UnsupportedFeatureError(
+                engine.family, f"{HIRES_FEATURE} with a conditioner that replaces the pipeline"
+            )
         kwargs = dict(again.kwargs)
     parameters = _call_parameters(img2img)
     for name in ("height", "width", "generator", "output_type"):
@@ -172,7 +178,7 @@ def second_pass_kwargs(
     if unknown:
         raise UnsupportedFeatureError(
             engine.family,
-            f"{_FEATURE} together with {', '.join(unknown)} ({type(img2img).__name__} takes no such argument)",
+            f"{HIRES_FEATURE} together with {', '.join(unknown)} ({type(img2img).__name__} takes no such argument)",
         )
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
     kwargs["generator"] = generators[0] if len(generators) == 1 else generators
