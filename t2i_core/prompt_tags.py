@@ -174,6 +174,8 @@ def expand_prompt(
     - With `embedding_dirs`, each file there whose name (without ``.safetensors``) is a word of
       the prompt or the negative prompt adds ``Embedding(file, token=NAME)`` after the request's
       own `embeddings` (unless one of them has that token already). Only those files are used.
+    - A `HiresFix` prompt (A1111's ``hr_prompt``) must have the prompt's tags, which are removed
+      from it, as in A1111 (where they pick the second pass's LoRAs): both passes run with one set.
 
     A request with neither is returned as it is. Raises `InvalidRequestError` (field ``prompt``)
     for an unknown name, a tag read twice or a prompt that is nothing but tags.
@@ -195,8 +197,23 @@ def expand_prompt(
             seen[key] = f"the tag {tag.text}"
             loras.append(Lora(str(path), tag.weight))
         changes.update(prompt=prompt, loras=tuple(loras))
+    hires = request.hires
+    if hires is not None and hires.prompt is not None:
+        hires_prompt, hires_tags = lora_tags(hires.prompt)
+        if [(t.name, t.weight) for t in hires_tags] != [(t.name, t.weight) for t in tags]:
+            raise InvalidRequestError(
+                "hires.prompt",
+                hires.prompt,
+                "the same <lora:...> tags as the prompt (t2i runs both passes with one set of LoRAs)",
+            )
+        if hires_tags:
+            if not hires_prompt.strip():
+                raise InvalidRequestError("hires.prompt", hires.prompt, "text besides its <lora:...> tags")
+            hires = attrs.evolve(hires, prompt=hires_prompt)
+            changes["hires"] = hires
     if embedding_dirs:
-        words = f"{prompt}\n{request.negative_prompt or ''}"
+        texts = (prompt, request.negative_prompt, *((hires.prompt, hires.negative_prompt) if hires else ()))
+        words = "\n".join(text for text in texts if text)
         tokens = {embedding.token for embedding in request.embeddings}
         added = list(request.embeddings)
         for each in folder_files(embedding_dirs, field="embedding_dirs"):

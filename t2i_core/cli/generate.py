@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         engine.lora_dirs = tuple(args.lora_dirs)
     if args.embedding_dirs:
         engine.embedding_dirs = tuple(args.embedding_dirs)
+    if args.from_image is not None:
+        rerun.check_prompt_files(Path(args.from_image), engine.expand(request), request)
     resolved, _ = engine.resolve(request)  # report bad options before the progress bar starts
     if kept:
         outputs.check_same_run(kept, paths, resolved, engine)

@@ -141,6 +141,33 @@ def saved_image_prompts(path: Path, model: str | None) -> tuple[Any, ...]:
         raise InvalidRequestError("--from", str(path), f"a PNG with t2i's image_prompts metadata ({exc})") from None
 
 
+def check_prompt_files(path: Path, expanded: GenerationRequest, request: GenerationRequest) -> None:
+    """Check that the files a ``--from`` PNG's ``<lora:...>`` tags and embedding words find now (`expanded`,
+    from `request` by `Engine.expand`) have the content the image was made with (``prompt_loras``,
+    ``prompt_embeddings``: name and SHA-256)."""
+    from .._weight_files import describe
+
+    text = _png_text(path)
+    found = {
+        "prompt_loras": expanded.loras[len(request.loras) :],
+        "prompt_embeddings": expanded.embeddings[len(request.embeddings) :],
+    }
+    for key, items in found.items():
+        if key not in text:
+            continue
+        try:
+            saved = [(str(item["name"]), str(item["sha256"])) for item in json.loads(text[key])]
+        except (ValueError, TypeError, KeyError):
+            raise InvalidRequestError("--from", str(path), f"a PNG with t2i's {key} metadata") from None
+        if [describe(item.source, None)["sha256"] for item in items] != [digest for _, digest in saved]:
+            listed = ", ".join(f"{name} (sha256 {digest[:12]})" for name, digest in saved)
+            raise InvalidRequestError(
+                "--from",
+                str(path),
+                f"--lora-dir / --embeddings-dir folders where its prompts find the files it was made with: {listed}",
+            )
+
+
 def _png_text(path: Path) -> dict[str, str]:
     from PIL import Image
 

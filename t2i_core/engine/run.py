@@ -324,9 +324,10 @@ class Engine:
 def _as_written(run: GenerationRequest, written: GenerationRequest) -> GenerationRequest:
     """The request `run` (expanded by `Engine.expand`, defaults filled in) with the prompt, LoRAs and
     embeddings as `written`: what results report and PNGs keep, so that running it again expands it again."""
-    if (run.prompt, run.loras, run.embeddings) == (written.prompt, written.loras, written.embeddings):
+    fields = ("prompt", "loras", "embeddings", "hires")
+    if all(getattr(run, name) == getattr(written, name) for name in fields):
         return run
-    return run.evolve(prompt=written.prompt, loras=written.loras, embeddings=written.embeddings)
+    return run.evolve(**{name: getattr(written, name) for name in fields})
 
 
 def _written(result: GenerationResult, written: GenerationRequest) -> GenerationResult:

@@ -212,6 +212,11 @@ def test_cli_lora_dir_gives_the_sdk_image_and_from_reads_the_tags_again(
     capsys.readouterr()
     assert main(["generate", "--from", str(first), "-o", str(tmp_path / "x.png")]) == 2
     assert "--lora-dir" in capsys.readouterr().err
+    # A folder whose style.safetensors is another file: refused, naming the file the image was made with.
+    tiny.lora_file(tiny_folder("sd15"), tmp_path / "other" / "style.safetensors", seed=9)
+    other = ["--lora-dir", str(tmp_path / "other"), "--embeddings-dir", str(folders["embeddings"])]
+    assert main(["generate", "--from", str(first), *other, "-o", str(tmp_path / "y.png")]) == 2
+    assert "style.safetensors (sha256 " in capsys.readouterr().err
 
 
 def test_cli_unknown_name_and_missing_folder_are_one_line(
@@ -224,3 +229,20 @@ def test_cli_unknown_name_and_missing_folder_are_one_line(
     assert main(["generate", "a cat", "--lora-dir", str(tmp_path / "nowhere"), *common]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--lora-dir" in err
+
+
+def test_a_hires_prompt_repeats_the_prompts_tags(engine: Any, folders: dict[str, Path]) -> None:
+    from t2i_core import HiresFix
+
+    dirs = (str(folders["loras"]),)
+    hires = HiresFix(scale=1.5, strength=0.5, prompt="a sharp lighthouse <lora:style:0.8>")
+    expanded = expand_prompt(request(prompt="a lighthouse <lora:style:0.8>", hires=hires), lora_dirs=dirs)
+    assert expanded.hires is not None and expanded.hires.prompt == "a sharp lighthouse "
+    for other in ("a sharp lighthouse", "a sharp lighthouse <lora:style:0.5>", "a <lora:ink>"):
+        with pytest.raises(InvalidRequestError) as caught:
+            expand_prompt(request(prompt="a lighthouse <lora:style:0.8>", hires=HiresFix(prompt=other)), lora_dirs=dirs)
+        assert caught.value.field == "hires.prompt"
+    tagged = engine.generate(request(prompt="a lighthouse <lora:style:0.8>", hires=hires, height=32, width=32))
+    explicit = request(prompt="a lighthouse ", hires=expanded.hires, height=32, width=32, loras=expanded.loras)
+    assert_images_equal(tagged.images, engine.generate(explicit).images)
+    assert tagged.request.hires == hires  # as written
