@@ -131,3 +131,16 @@ def test_serve_refuses_a_missing_folder_before_loading(tmp_path: Path, capsys: p
     assert main(["serve", "--model", MODEL, "--lora-dir", str(tmp_path / "nowhere"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--lora-dir" in err and "\n" not in err and "loading" not in err
+
+
+def test_the_native_api_reads_the_tags_too(api: Any, served: ServedModel, folders: dict[str, Path]) -> None:
+    from server_support import decode_png
+
+    base = api.baseurl.removesuffix("/sdapi/v1")
+    fields = {"prompt": "a cat <lora:style:0.8>", "num_inference_steps": 2, "seed": 7, "height": 64, "width": 64}
+    response = httpx.post(f"{base}/v1/generations", json=fields, timeout=120)
+    assert response.status_code == 200, response.text
+    style = Lora(str(folders["loras"] / "style.safetensors"), 0.8)
+    expected = served.engine.generate(GenerationRequest(**{**fields, "prompt": "a cat "}, loras=(style,))).images
+    assert_images_equal([decode_png(image) for image in response.json()["images"]], expected)
+    assert response.json()["request"]["prompt"] == "a cat <lora:style:0.8>"
