@@ -148,7 +148,7 @@ def check_prompt_files(path: Path, expanded: GenerationRequest, request: Generat
     from .._weight_files import describe
 
     text = _png_text(path)
-    found = {
+    found: dict[str, tuple[Any, ...]] = {
         "prompt_loras": expanded.loras[len(request.loras) :],
         "prompt_embeddings": expanded.embeddings[len(request.embeddings) :],
     }
