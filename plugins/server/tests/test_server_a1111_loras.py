@@ -137,7 +137,8 @@ def test_the_native_api_reads_the_tags_too(api: Any, served: ServedModel, folder
     from server_support import decode_png
 
     base = api.baseurl.removesuffix("/sdapi/v1")
-    fields = {"prompt": "a cat <lora:style:0.8>", "num_inference_steps": 2, "seed": 7, "height": 64, "width": 64}
+    fields: dict[str, Any] = {"prompt": "a cat <lora:style:0.8>", "num_inference_steps": 2, "seed": 7}
+    fields.update(height=64, width=64)
     response = httpx.post(f"{base}/v1/generations", json=fields, timeout=120)
     assert response.status_code == 200, response.text
     style = Lora(str(folders["loras"] / "style.safetensors"), 0.8)
