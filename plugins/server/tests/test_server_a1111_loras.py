@@ -63,7 +63,8 @@ def api(served: ServedModel) -> Iterator[Any]:
 
 def sdk(served: ServedModel, **fields: Any) -> list[Any]:
     request = GenerationRequest(**{**FIELDS, "prompt_weighting": prompt_weighting("sd15"), **fields})
-    return served.engine.generate(request).images
+    images: list[Any] = served.engine.generate(request).images
+    return images
 
 
 def test_a_lora_tag_gives_the_sdk_image_with_that_lora(api: Any, served: ServedModel, folders: dict[str, Path]) -> None:
