@@ -10,6 +10,7 @@ multiplexing), and the ingress sends each request to a replica that has its mode
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import signal
@@ -91,6 +92,7 @@ def deploy(args: argparse.Namespace, specs: list[tuple[str, str]]) -> str:
         },
         max_ongoing_requests=max(limits_queue + 1, math.ceil(args.target_ongoing_requests) + 1),
         health_check_period_s=2,
+        graceful_shutdown_timeout_s=getattr(args, "shutdown_timeout", 30.0),
     )
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_DEPLOYMENT,
@@ -116,7 +118,16 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     from t2i_server import TOKEN_ENV
     from t2i_server._serve import _folders, _model_spec, _webhook_secret
 
-    specs = [_model_spec(text) for text in args.model]
+    for flag, dest in (("--max-memory", "max_memory"), ("--pin", "pin")):
+        if getattr(args, dest, None):
+            allowed = "nothing with --ray: each replica keeps its --models-per-replica most recently used models"
+            raise InvalidRequestError(flag, getattr(args, dest), allowed)
+    specs = [_model_spec(text) for text in args.model or ()]
+    for folder in getattr(args, "models_dir", None) or ():
+        models = importlib.import_module("t2i_server._models")  # present where --models-dir is
+        specs += list(models.scan_folder(folder, allow_pickle=args.allow_pickle).items())
+    if not specs:
+        raise InvalidRequestError("--model", None, "a model to serve: --model MODEL, or --models-dir DIR")
     # Resolved here: the ingress and the replicas may run on machines without this environment.
     args.token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if args.token is not None and not args.token.strip():
@@ -128,6 +139,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     if duplicate is not None:
         raise InvalidRequestError("--model", duplicate, "each model once (NAME= serves one under another name)")
     check_flags(args)
+    joined = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=args.ray_address, log_to_driver=False)
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
@@ -142,8 +154,9 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         )
         stop.wait()
     finally:
-        cast(Any, serve).shutdown()
-        ray.shutdown()
+        if joined:  # a cluster others may use: take only this application down
+            cast(Any, serve).delete(APP_NAME)
+        ray.shutdown()  # a local cluster (started here) ends with this process
     print("t2i serve --ray: stopped", file=sys.stderr)
     return 0
 

@@ -90,8 +90,10 @@ class Ingress:
         stream = self.models.options(multiplexed_model_id=model, stream=True).request.remote(request)
         try:
             start = await stream.__anext__()
-        except RayTaskError as exc:
-            return _error(500, "internal_error", str(exc).splitlines()[0])
+        except RayTaskError as exc:  # the replica's own code failed (loading the model, say)
+            cause = getattr(exc, "cause", None) or exc
+            detail = str(cause).strip().splitlines()
+            return _error(500, "internal_error", f"{type(cause).__name__}: {detail[-1] if detail else ''}")
         except RayError as exc:
             return _unavailable(exc)
         except StopAsyncIteration:

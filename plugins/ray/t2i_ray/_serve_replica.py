@@ -144,13 +144,18 @@ def limits_of(args: argparse.Namespace) -> Any:
 
 def build_service(args: argparse.Namespace, name: str, source: str) -> Any:
     """The one-model `Service` ``t2i serve`` would make for ``--model NAME=SOURCE`` with `args`' other flags."""
-    from t2i_server import _serve
-    from t2i_server._jobs import Service
+    import sys
+    import time
 
-    models = _serve._load([(name, source)], args)
-    _serve._use_folders(models, *_serve._folders(args))
+    from t2i_server import _serve
+    from t2i_server._jobs import Service, load_model
+
+    print(f"t2i serve --ray: loading {source} as {name} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    served = load_model(name, source, device=args.device, accelerators=args.accelerator, allow_pickle=args.allow_pickle)
+    _serve._use_folders([served], *_serve._folders(args))
     service = Service(
-        models,
+        [served],
         limits_of(args),
         controlnets=args.controlnet,
         ip_adapters=args.ip_adapter,
@@ -159,6 +164,7 @@ def build_service(args: argparse.Namespace, name: str, source: str) -> Any:
     )
     _serve._load_controlnets(service, args.controlnet)
     _serve._load_ip_adapters(service, args.ip_adapter)
+    print(f"t2i serve --ray: loaded {name} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return service
 
 

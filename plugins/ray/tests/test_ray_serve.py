@@ -12,6 +12,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from t2i_core import Commands, GenerationRequest
 from t2i_core.testing import assert_images_equal
 
 MODEL = "tiny:sd15"
+#: the same checkpoint under a second name: the replica keeps one model (``--models-per-replica 1``)
+OTHER = "second"
 TIMEOUT = httpx.Timeout(180.0, connect=10.0)
 #: steps of a job that must still be running when the test acts on it
 LONG = 150
@@ -41,7 +44,7 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def base(t2i_tiny_cache: Path) -> Iterator[str]:
-    """The application on a local 2-CPU cluster: one CPU replica of tiny:sd15 (2 torch threads)."""
+    """The application on a local 2-CPU cluster: one CPU replica (2 torch threads) keeping one of two models."""
     import ray
     from ray import serve
     from t2i_ray._serve import deploy
@@ -52,9 +55,12 @@ def base(t2i_tiny_cache: Path) -> Iterator[str]:
         log_to_driver=False,
         runtime_env={"env_vars": {"T2I_CACHE": str(t2i_tiny_cache)}},
     )
-    args = serve_args("--ray", "--model", MODEL, "--port", "0", "--max-steps", str(LONG), "--max-replicas", "1")
+    args = serve_args(
+        *("--ray", "--model", MODEL, "--model", f"{OTHER}={MODEL}", "--port", "0", "--max-steps", str(LONG)),
+        *("--max-replicas", "1", "--models-per-replica", "1"),
+    )
     try:
-        url = deploy(args, [(MODEL, MODEL)])
+        url = deploy(args, [(MODEL, MODEL), (OTHER, MODEL)])
         yield url
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
@@ -122,7 +128,7 @@ def test_images_are_bit_exact_with_the_sdk_through_both_apis(client: httpx.Clien
     assert_images_equal([decode(response.json()["images"][0])], expected)
 
     models = client.get("/v1/models").json()["models"]
-    assert [(model["name"], model["default"]) for model in models] == [(MODEL, True)]
+    assert [(model["name"], model["default"]) for model in models] == [(MODEL, True), (OTHER, False)]
     unknown = client.post("/v1/generations", json={"prompt": "x", "model": "nope"})
     assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
 
@@ -189,3 +195,54 @@ def test_a_killed_replica_is_replaced_and_the_client_gets_a_retryable_error(clie
     assert retry.status_code == 200, retry.text
     assert retry.headers["x-t2i-replica"] != replica
     assert_images_equal([decode(retry.json()["images"][0])], sdk_images(engine, **fields))
+
+
+def test_each_model_name_is_loaded_on_demand_and_evicted_least_recently_used(client: httpx.Client, engine: Any) -> None:
+    fields = {"prompt": "a meadow", "seed": 9, "num_inference_steps": 2}
+
+    def done_on_the_replica() -> int:  # the default model's service (on the replica) counts its finished jobs
+        found = re.search(r't2i_jobs_total\{outcome="done"\} (\d+)', client.get("/metrics").text)
+        assert found is not None
+        return int(found[1])
+
+    assert client.post("/v1/generations", json=fields).status_code == 200
+    assert done_on_the_replica() >= 1
+    other = client.post("/v1/generations", json={**fields, "model": OTHER})  # evicts the default model
+    assert other.status_code == 200, other.text
+    assert_images_equal([decode(other.json()["images"][0])], sdk_images(engine, **fields))
+    assert done_on_the_replica() == 0  # the default model was loaded again: a fresh service
+    again = client.post("/v1/generations", json={**fields, "model": MODEL})
+    assert_images_equal([decode(again.json()["images"][0])], sdk_images(engine, **fields))
+
+
+# -- without a cluster: sizing the replicas, and the flags -----------------------------------------
+
+
+def test_replicas_get_one_gpu_each_or_a_share_of_the_cpus() -> None:
+    from t2i_ray._serve import plan_replicas
+
+    from t2i_core import InvalidRequestError
+
+    gpu = plan_replicas("auto", 4, cpus=32.0, gpus=4.0)
+    assert (gpu.num_gpus, gpu.num_cpus, gpu.device, gpu.threads) == (1.0, 1.0, "cuda", None)
+    assert plan_replicas("cpu", 4, cpus=32.0, gpus=4.0).device == "cpu"  # --device cpu leaves the GPUs alone
+    one = plan_replicas("auto", 1, cpus=2.0, gpus=0.0)
+    assert (one.num_gpus, one.num_cpus, one.device, one.threads) == (0.0, 1.0, "cpu", 2)
+    many = plan_replicas("auto", 8, cpus=2.0, gpus=0.0)  # more replicas than CPUs: a fraction each
+    assert (many.num_cpus, many.threads) == (0.25, 1)
+    with pytest.raises(InvalidRequestError, match="no GPU"):
+        plan_replicas("cuda", 1, cpus=2.0, gpus=0.0)
+
+
+def test_replica_bounds_are_checked_before_any_cluster_starts() -> None:
+    import subprocess
+    import sys
+
+    argv = ["serve", "--ray", "--model", MODEL, "--min-replicas", "3", "--max-replicas", "2"]
+    code = "import sys; from t2i_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--max-replicas" in lines[0] and "--min-replicas (3)" in lines[0], lines
+    with pytest.raises(SystemExit):  # argparse's own one-line error, exit 2
+        serve_args("--ray", "--model", MODEL, "--target-ongoing-requests", "0")
