@@ -351,6 +351,22 @@ class ProviderConformance:
         if not checked:
             pytest.skip(f"every installed conditioner that this test can trigger supports {self.family!r}")
 
+    def test_hires_fix_runs_or_is_refused(self, engine: Engine, base: GenerationResult) -> None:
+        """With `ModelProvider.img2img_class` a hires request makes an image of `HiresFix.size`; without
+        it the request is refused with UnsupportedFeatureError before any work."""
+        from t2i_core import HiresFix, UnsupportedFeatureError
+
+        hires = HiresFix(scale=2.0)
+        request = self.make_request(hires=hires)
+        if engine.provider.img2img_class is None:
+            with pytest.raises(UnsupportedFeatureError, match="hires"):
+                engine.resolve(request)
+            return
+        result = engine.generate(request)
+        assert base.request.width is not None and base.request.height is not None
+        size = hires.size(base.request.width, base.request.height)
+        assert [image.size for image in result.images] == [size]
+
     def test_refuses_invalid_requests_before_work(self, engine: Engine) -> None:
         """Each of `invalid_requests` is refused by `Engine.resolve` (no image work), naming its field."""
         from t2i_core import T2IError
