@@ -246,3 +246,19 @@ def test_a_hires_prompt_repeats_the_prompts_tags(engine: Any, folders: dict[str,
     explicit = request(prompt="a lighthouse ", hires=expanded.hires, height=32, width=32, loras=expanded.loras)
     assert_images_equal(tagged.images, engine.generate(explicit).images)
     assert tagged.request.hires == hires  # as written
+
+
+def test_batch_jobs_read_the_folders_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: Any, folders: dict[str, Path]
+) -> None:
+    monkeypatch.setenv("T2I_LORA_DIR", str(folders["loras"]))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "tagged", "prompt": "a lighthouse <lora:style:0.8>", "seed": 5}) + "\n")
+    out = tmp_path / "out"
+    argv = ["batch", str(jobs), "--model", "tiny:sd15", "--out", str(out), "--steps", str(STEPS), "--device", "cpu"]
+    assert main(argv) == 0
+    with Image.open(out / "tagged.png") as image:
+        assert_images_equal(
+            [image.convert("RGB")], engine.generate(request(prompt="a lighthouse <lora:style:0.8>")).images
+        )
+        assert image.text["prompt"] == "a lighthouse <lora:style:0.8>"  # type: ignore[attr-defined]
