@@ -178,6 +178,26 @@ def test_with_a_controlnet_equals_diffusers_controlnet_pipeline(engine: Any) -> 
     assert_images_equal(result.images, raw_call(pipeline, result.request, REFERENCE, image=edges))
 
 
+def test_with_a_lora_equals_diffusers(engine: Any, tmp_path: Path) -> None:
+    """A LoRA (t2i-lora, inside the same UNet) and an image prompt together, as diffusers loads both."""
+    pytest.importorskip("t2i_lora")
+    from t2i_lora import tiny
+
+    from t2i_core import Lora
+
+    lora = tiny.lora_file(tiny_folder("sd15"), tmp_path / "style.safetensors", seed=1)
+    prompt = ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.7)
+    result = engine.generate(request(prompt).evolve(loras=(Lora(str(lora), 0.8),)))
+    pipeline = raw_pipeline(tiny_folder("sd15"))
+    pipeline.load_lora_weights(str(lora), adapter_name="style")
+    pipeline.set_adapters(["style"], adapter_weights=[0.8])
+    pipeline.load_ip_adapter(
+        str(tiny_adapter_folder("sd15")), subfolder="models", weight_name="ip-adapter_sd15.safetensors"
+    )
+    pipeline.set_ip_adapter_scale(0.7)
+    assert_images_equal(result.images, raw_call(pipeline, result.request, REFERENCE))
+
+
 def test_scale_zero_and_no_image_prompt_give_the_plain_image(engine: Any) -> None:
     """The UNet gets its own attention processors back for a plain request, even after adapters ran."""
     plain = engine.generate(request())
