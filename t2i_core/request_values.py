@@ -169,9 +169,10 @@ class Embedding:
 class ImagePrompt:
     """One image prompt (IP-Adapter): a reference image whose content and style steer the image.
 
-    `model` is the IP-Adapter: a hub id or local folder (``h94/IP-Adapter``), with `subfolder`
-    and `weight_name` picking its weights file (``models`` and ``ip-adapter_sd15.bin`` for SD
-    1.5) when they are not the family's defaults. `scale` weighs the image against the text
+    `model` is the IP-Adapter: a hub id (``h94/IP-Adapter``, ``XLabs-AI/flux-ip-adapter``), a
+    local folder or weights file, or ``tiny:ip-adapter-<family>``, with `subfolder` and
+    `weight_name` picking its weights file when they are not the family's defaults (``models``
+    and ``ip-adapter_sd15.safetensors`` for SD 1.5). `scale` weighs the image against the text
     prompt: 0 gives the plain image, 1 is as trained. See ``docs/conditioners/ip-adapter.md``.
     Positional as ``ImagePrompt("ref.png", "h94/IP-Adapter", 0.6)``.
     """
