@@ -139,7 +139,12 @@ def describe(model: str) -> str:
     """What kind of adapter `model` names, from its name alone ("an sd15 IP-Adapter"); "" when that cannot be told."""
     if model.startswith(TINY_PREFIX):
         family = model[len(TINY_PREFIX) :].removeprefix("ip-adapter-")
-        return f"an {family} IP-Adapter" if family in TINY_FAMILIES else ""
+        article = "an" if family.startswith("sd") else "a"  # "an sd15", "a flux"
+        return f"{article} {family} IP-Adapter" if family in TINY_FAMILIES else ""
+    families = [family for family, defaults in DEFAULTS.items() if defaults.model == model]
+    if families:
+        article = "an" if families[0].startswith("sd") else "a"
+        return f"{article} {'/'.join(families)} IP-Adapter"
     return ""
 
 
