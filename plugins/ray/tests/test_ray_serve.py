@@ -160,6 +160,12 @@ def test_a_job_s_events_images_and_cancellation_go_through_the_ingress(client: h
         assert time.monotonic() < deadline, "the replica never cancelled the job"
         time.sleep(0.1)
     assert 't2i_jobs_running{device="cpu"} 0' in client.get("/metrics").text
+    # A synchronous caller that goes away cancels its job on the replica, as without --ray.
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generations", json={**fields, "num_inference_steps": LONG}, timeout=httpx.Timeout(3.0))
+    while 't2i_jobs_total{outcome="cancelled"} 2' not in client.get("/metrics").text:
+        assert time.monotonic() < deadline + 30, "the replica went on with a call whose client left"
+        time.sleep(0.1)
     assert client.get("/v1/jobs/unknown").status_code == 404
 
 
