@@ -5,6 +5,9 @@ with one engine per model: one GPU per actor where the cluster has GPUs, a fract
 otherwise, so that Ray Data always has room to make progress. The actors hand back PNG bytes;
 the driver writes every file and the manifest, as with ``local``. Ray is imported only when a
 batch runs, never when t2i loads its plugins.
+
+``t2i serve --ray`` (flags declared by t2i-server, run by `t2i_ray._serve`) serves t2i serve's
+HTTP API as a Ray Serve application: `t2i_ray._serve_ingress` over `t2i_ray._serve_replica`.
 """
 
 from __future__ import annotations
