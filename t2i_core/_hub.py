@@ -63,7 +63,10 @@ def read_model_index(model: str, source: str, is_local: bool) -> dict[str, Any]:
 def hub_failure(exc: BaseException) -> str:
     """Why a hub download failed, in the user's terms, from the type of `exc` (huggingface_hub's errors)."""
     if hub_offline():
-        return "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
+        return (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it "
+            "(a tiny:<family> model, such as tiny:sd15, needs neither the Hub nor its cache)"
+        )
     name = type(exc).__name__
     try:
         from huggingface_hub import errors as hub_errors
@@ -84,7 +87,11 @@ def hub_failure(exc: BaseException) -> str:
             )
         if isinstance(exc, hub_errors.EntryNotFoundError):
             return f"the repository has no such file ({name})"
-    return f"it could not be fetched from the Hugging Face Hub ({name}); check the id and the network"
+    return (
+        f"it could not be fetched from the Hugging Face Hub ({name}); check the id and the network, "
+        "or work without them: a tiny:<family> model (tiny:sd15) is built offline, and HF_HUB_OFFLINE=1 "
+        "loads checkpoints already in the local cache without waiting for the network"
+    )
 
 
 def has_variant(source: str, variant: str) -> bool:

@@ -27,9 +27,13 @@ def test_missing_private_offline_and_unreachable(monkeypatch: pytest.MonkeyPatch
     assert "no such repository" in hub_failure(_error(hub_errors.RepositoryNotFoundError))
     unreachable = hub_failure(_error(hub_errors.LocalEntryNotFoundError))
     assert "could not be reached" in unreachable and "tiny:<family>" in unreachable and "HF_HUB_OFFLINE" in unreachable
-    assert "(ConnectionError); check the id and the network" in hub_failure(ConnectionError("refused"))
+    refused = hub_failure(ConnectionError("refused"))
+    assert "(ConnectionError); check the id and the network" in refused
+    # The first hour: someone without the Hub learns how to go on offline.
+    assert "tiny:sd15" in refused and "HF_HUB_OFFLINE=1" in refused
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE=1 forbids downloading it" in hub_failure(_error(hub_errors.GatedRepoError))
+    offline = hub_failure(_error(hub_errors.GatedRepoError))
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in offline and "tiny:sd15" in offline
 
 
 def test_a_name_matching_no_type_is_not_taken_for_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
                 "--ray-address", args.ray_address, "a cluster address together with --executor ray"
             )
         executor_options["address"] = args.ray_address
-    if not args.dry_run:
-        quiet_libraries()
     report = _Report(args.out)
     try:
         summary = run_batch(
@@ -166,6 +164,10 @@ class _Report:
         self.bar: Any = None
 
     def start(self, jobs: int, images: int) -> None:
+        if jobs:
+            # Only now, and only with work to do: this imports diffusers (seconds), and a rerun
+            # whose jobs are all done has nothing to load.
+            quiet_libraries()
         if sys.stderr.isatty() and images:
             from tqdm import tqdm
 

@@ -25,6 +25,12 @@ def scoped_output() -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.showwarning = show_warning
         _add_handler(stack, logging.getLogger("t2i"), _OneLine(level=logging.WARNING), propagate=False)
+        if sys.stderr.isatty():
+            # On a terminal a first tiny build says so ("t2i: building tiny:sd15 ..."), as the progress
+            # bar shows the steps; a script's stderr stays as quiet as ever.
+            tiny = logging.getLogger("t2i.tiny")
+            _add_handler(stack, tiny, _Note(level=logging.INFO, max_level=logging.INFO), propagate=True)
+            _set(stack, lambda: tiny.level, tiny.setLevel, logging.INFO)
         for name in IMPORT_CHATTER:
             _raise_level(stack, logging.getLogger(name), logging.ERROR)
         _scope = stack
@@ -116,6 +122,18 @@ class _OneLine(logging.Handler):
         print(f"t2i: {level}: {record.getMessage()}", file=sys.stderr)
 
 
+class _Note(logging.Handler):
+    """Prints t2i's notes up to `max_level` as ``t2i: ...`` (warnings and errors go to `_OneLine`)."""
+
+    def __init__(self, level: int, max_level: int) -> None:
+        super().__init__(level)
+        self.max_level = max_level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno <= self.max_level:
+            print(f"t2i: {record.getMessage()}", file=sys.stderr)
+
+
 class _TruncationOnly(logging.Handler):
     """Prints diffusers' "part of your input was truncated" records as one line on stderr."""
 
@@ -134,7 +152,12 @@ def show_warning(message: Warning | str, category: type[Warning], *_args: Any, *
 
 
 class progress_bar:
-    """A tqdm bar over denoising steps on an interactive terminal; nothing otherwise."""
+    """A tqdm bar over denoising steps on an interactive terminal; nothing otherwise.
+
+    The bar appears at the first step, with the total the pipeline reports: that is the number of
+    steps it runs, which is not always the request's (PNDM runs one more, a hires fix two passes),
+    so a bar drawn beforehand with `total` would show ``0/30`` and then ``1/31``.
+    """
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -143,13 +166,14 @@ class progress_bar:
     def __enter__(self) -> Any:
         if not sys.stderr.isatty():
             return None
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, unit="step", file=sys.stderr, leave=False)
         return self._update
 
     def _update(self, step: int, total: int) -> None:
-        if total and self.bar.total != total:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total or self.total, unit="step", file=sys.stderr, leave=False)
+        elif total and self.bar.total != total:
             self.bar.total = total
         self.bar.n = step
         self.bar.refresh()

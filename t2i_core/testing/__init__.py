@@ -13,7 +13,7 @@ from __future__ import annotations
 try:
     import pytest
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("t2i_core.testing needs pytest: python -m pip install 't2i-core[testing]'") from exc
+    raise ImportError("t2i_core.testing needs pytest: python -m pip install pytest") from exc
 
 # Before the modules load: pytest then explains a failed assert in them with the values compared.
 pytest.register_assert_rewrite(

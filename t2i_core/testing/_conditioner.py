@@ -220,7 +220,7 @@ class ConditionerConformance:
             outside = "sdxl" if "sd15" in conditioner.families else "sd15"
             pytest.skip(
                 f"no installed family outside {sorted(conditioner.families)} offers a tiny checkpoint: "
-                f"install one (e.g. python -m pip install t2i-{outside}) to run this cross-family check"
+                f"install one (e.g. from a checkout of t2i: python -m pip install -e plugins/{outside}) to run this cross-family check"
             )
         other = load(f"tiny:{others[0]}", device="cpu", accelerators=("fp32",))
         monkeypatch.setattr(conditioner, "prepare", _refuse_work)

@@ -62,8 +62,11 @@ def tiny_folder(family: str, registry: Registry | None = None) -> Path:
 
 def install_hint(family: str) -> str:
     """What to install for `family`, in words (t2i's own family ``x`` ships as ``t2i-x``)."""
-    package = "t2i-" + family.replace("-", "")
-    return f"install the plugin that offers family {family!r} (for a family t2i ships: python -m pip install {package})"
+    folder = "plugins/" + family.replace("-", "")
+    return (
+        f"install the plugin that offers family {family!r} (for a family t2i ships, from a checkout "
+        f"of t2i: python -m pip install -e {folder})"
+    )
 
 
 def require_family(family: str) -> ModelProvider:
@@ -89,7 +92,7 @@ def other_shipped_family_hint(family: str) -> str:
     """The skip message of a cross-family check that found no other family of t2i's own installed."""
     example = "sdxl" if family == "sd15" else "sd15"
     return (
-        f"no family of t2i's own but {family!r} is installed: install one (python -m pip install t2i-{example}) "
+        f"no family of t2i's own but {family!r} is installed: install one (from a checkout of t2i: python -m pip install -e plugins/{example}) "
         "to run this cross-family check"
     )
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import random
 import re
@@ -22,6 +23,10 @@ from pathlib import Path
 
 from .._locks import loading_lock
 from ..errors import InvalidRequestError, ModelNotFoundError
+
+#: "building tiny:sd15 ..." when a build starts (INFO): the first use of a tiny checkpoint takes
+#: seconds to a minute on a CPU, and ``t2i`` prints this record so that the wait is explained.
+logger = logging.getLogger("t2i.tiny")
 
 __all__ = ["CACHE_ENV", "MANIFEST", "STALE_SECONDS", "TINY_PREFIX", "cache_dir", "ensure_built", "seeded"]
 
@@ -88,6 +93,7 @@ def ensure_built(name: str, version: int, build: Callable[[Path], None]) -> Path
         staging.mkdir(parents=True)
     except OSError as exc:
         raise _unwritable_cache(exc) from None
+    logger.info("building tiny:%s (first use: 10 to 40 s on a CPU; then cached in %s)", name, target.parent)
     try:
         # Building models is loading as far as other threads are concerned (see t2i_core._locks).
         with loading_lock, _quiet(), seeded(0):
