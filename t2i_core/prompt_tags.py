@@ -230,7 +230,9 @@ def _has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
 
 
-def _folders(dirs: Iterable[str | os.PathLike[str]], field: str) -> list[Path]:
+def _folders(dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], field: str) -> list[Path]:
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]  # one folder given as such (engine.lora_dirs = "loras"), not its letters
     folders = []
     for folder in dirs:
         path = Path(folder).expanduser()
