@@ -22,6 +22,8 @@ from t2i_core.tiny import TINY_PREFIX, ensure_built
 TINY_VERSION = 1
 #: the image encoder's folder inside the adapter's subfolder (diffusers' default ``image_encoder_folder``)
 IMAGE_ENCODER_FOLDER = "image_encoder"
+#: weights files t2i does not read: pickles can run code when loaded (as for LoRAs, t2i_core.kit.resolve_file)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: the tiny image encoder's embedding width (the adapter's image projection reads it)
 _TINY_IMAGE_EMBED = 24
 
@@ -82,6 +84,14 @@ def resolve(prompt: Any, family: str, field: str) -> Source:
     `field` (``image_prompts[0]``) names it in errors. Nothing is downloaded or loaded.
     """
     source = _resolve(prompt, family, field)
+    if Path(source.weight_name).suffix.lower() in PICKLE_SUFFIXES:
+        named = f"{field}.weight_name" if prompt.weight_name is not None else f"{field}.model"
+        raise InvalidRequestError(
+            named,
+            prompt.weight_name or prompt.model,
+            f"a .safetensors file ({source.weight_name} is a pickle, which can run code when read; "
+            "h94/IP-Adapter has a .safetensors file beside each .bin)",
+        )
     if family in UNET_FAMILIES:
         if Path(source.location).is_dir():
             _check_image_encoder(source, f"{field}.model")

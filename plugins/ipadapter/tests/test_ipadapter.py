@@ -340,3 +340,14 @@ def test_from_refuses_a_png_whose_image_prompt_was_in_memory(
     engine.generate(request(ImagePrompt(REFERENCE, "tiny:ip-adapter-sd15", 0.6))).save(saved)
     assert main(["generate", "--from", str(saved), "--device", "cpu", "-o", str(tmp_path / "again.png")]) == 2
     assert "image_prompts[0] was an image in memory" in capsys.readouterr().err
+
+
+def test_pickled_adapters_are_refused(engine: Any, tmp_path: Path) -> None:
+    pickled = tmp_path / "ip-adapter.bin"
+    pickled.write_bytes(b"not read")
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.generate(request(ImagePrompt(REFERENCE, str(pickled))))
+    assert caught.value.field == "image_prompts[0].model" and "pickle" in str(caught.value)
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.generate(request(ImagePrompt(REFERENCE, "h94/IP-Adapter", weight_name="ip-adapter_sd15.bin")))
+    assert caught.value.field == "image_prompts[0].weight_name"
