@@ -68,8 +68,10 @@ def folder_files(dirs: Iterable[str | os.PathLike[str]], *, field: str = "lora_d
     """
     found: list[FolderFile] = []
     for folder in _folders(dirs, field):
+        seen = {os.path.realpath(folder)}
         for root, subdirs, names in os.walk(folder, followlinks=True):
-            subdirs.sort()
+            # Linked sub-folders are followed (as AUTOMATIC1111 does), each real folder once: no loops.
+            subdirs[:] = sorted(d for d in subdirs if _first_visit(Path(root, d), seen))
             for name in sorted(names):
                 if not name.endswith(SUFFIX) or name.startswith("."):
                     continue
@@ -224,6 +226,14 @@ def expand_prompt(
         if len(added) > len(request.embeddings):
             changes["embeddings"] = tuple(added)
     return request.evolve(**changes) if changes else request
+
+
+def _first_visit(folder: Path, seen: set[str]) -> bool:
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def _has_word(text: str, word: str) -> bool:

@@ -106,6 +106,8 @@ def test_names_are_looked_up_in_the_folders(folders: dict[str, Path], tmp_path: 
         expand_prompt(request(prompt="a <lora:sub/deep> <lora:deep:0.3>"), lora_dirs=dirs)
     plain = request(prompt="a cat, no tags")
     assert expand_prompt(plain, lora_dirs=dirs) is plain
+    (tmp_path / "loop").symlink_to(tmp_path)  # a linked folder that leads back: walked once
+    assert expand_prompt(request(prompt="a <lora:deep>"), lora_dirs=dirs).loras == (Lora(deep),)
     one = expand_prompt(request(prompt="a <lora:deep>"), lora_dirs=str(folders["loras"]))  # type: ignore[arg-type]
     assert one.loras == (Lora(deep),)  # a folder given alone, not as a sequence
 
