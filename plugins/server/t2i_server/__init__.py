@@ -40,10 +40,32 @@ def register_commands(cli: Commands) -> None:
         "--model",
         "-m",
         action="append",
-        required=True,
+        default=None,
         metavar="[NAME=]MODEL",
         help="a model to serve (repeatable): hub id, local folder, alias or tiny:<family>; NAME= publishes it "
         "under another name (e.g. to keep a local path private); the first is the default model",
+    )
+    serve.add_argument(
+        "--models-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="serve every model in DIR (repeatable): diffusers folders by folder name, single files "
+        "(.safetensors, .gguf) by file name; each loads when a request first names it",
+    )
+    serve.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="bytes of model weights kept loaded per device (512MiB, 12GB, ...): past it, the least recently "
+        "used idle model is evicted before another loads (default: no limit)",
+    )
+    serve.add_argument(
+        "--pin",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a model loaded at start and never evicted (repeatable)",
     )
     serve.add_argument(
         "--accelerator",

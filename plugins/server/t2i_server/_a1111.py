@@ -92,7 +92,7 @@ def model_of(service: Service, body: Txt2ImgBody) -> ServedModel:
     checkpoint = overrides.get("sd_model_checkpoint")
     if checkpoint is None:
         return service.model(None)
-    name = str(checkpoint).rsplit(" [", 1)[0] if str(checkpoint) not in service.models else str(checkpoint)
+    name = str(checkpoint).rsplit(" [", 1)[0] if str(checkpoint) not in service.names() else str(checkpoint)
     return service.model(name, field="override_settings.sd_model_checkpoint")
 
 
@@ -251,7 +251,7 @@ def sd_models(service: Service) -> list[dict[str, Any]]:
             "filename": name,  # never a path on the server
             "config": None,
         }
-        for name in service.models
+        for name in service.names()  # loaded or not: selecting one loads it
     ]
 
 
@@ -292,7 +292,7 @@ def embeddings(service: Service) -> dict[str, Any]:
 
 
 def _default_engine(service: Service) -> Any:
-    return service.models[service.default_model].engine
+    return service.model(None).engine
 
 
 def _file_metadata(path: Any) -> dict[str, str]:
@@ -323,19 +323,19 @@ def _embedding_shape(path: Any) -> tuple[int, int]:
 
 def samplers(service: Service) -> list[dict[str, Any]]:
     """The samplers the default model's family runs."""
-    return _samplers.samplers(service.models[service.default_model].checker)
+    return _samplers.samplers(service.model(None).checker)
 
 
 def schedulers(service: Service) -> list[dict[str, Any]]:
     """The schedule types the default model runs with at least one sampler."""
-    return _samplers.schedulers(service.models[service.default_model].checker)
+    return _samplers.schedulers(service.model(None).checker)
 
 
 def options(service: Service) -> dict[str, Any]:
     stored = service_settings(service)
     return {
         "sd_model_checkpoint": service.default_model,
-        "sd_checkpoint_hash": model_hash(service.models[service.default_model]),
+        "sd_checkpoint_hash": model_hash(service.model(None)),
         "sd_vae": "Automatic",
         "samples_format": "png",
         "CLIP_stop_at_last_layers": stored.get("CLIP_stop_at_last_layers", 1),
@@ -352,7 +352,7 @@ def set_options(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     updates: dict[str, Any] = {}
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None:
-        name = str(checkpoint) if str(checkpoint) in service.models else str(checkpoint).rsplit(" [", 1)[0]
+        name = str(checkpoint) if str(checkpoint) in service.names() else str(checkpoint).rsplit(" [", 1)[0]
         updates["default_model"] = service.model(name, field="sd_model_checkpoint").name
     if "CLIP_stop_at_last_layers" in body:
         stop = body["CLIP_stop_at_last_layers"]

@@ -434,8 +434,13 @@ def _result(job: Job, images: list[str]) -> dict[str, Any]:
 def _models(service: Service) -> dict[str, Any]:
     from t2i_core.kit import scheduler_names
 
-    listed = []
-    for name, served in service.models.items():
+    listed: list[dict[str, Any]] = []
+    resident = service.models
+    for name in service.names():
+        served = resident.get(name)
+        if served is None:  # not loaded: its family and defaults are known once a request loads it
+            listed.append({"name": name, "loaded": False, "default": name == service.default_model})
+            continue
         engine = served.engine
         provider = engine.provider
         height, width = provider.native_size(engine.pipeline)
@@ -443,6 +448,7 @@ def _models(service: Service) -> dict[str, Any]:
         listed.append(
             {
                 "name": name,
+                "loaded": True,
                 "family": engine.family,
                 "device": engine.device,
                 "default": name == service.default_model,
@@ -583,7 +589,7 @@ def _operations(app: FastAPI, service: Service) -> None:
             return _json({"status": "shutting_down"}, 503)
         if not request.scope.get(AUTHORIZED, True):
             return _json({"status": "ok"})
-        return _json({"status": "ok", "models": list(service.models)})
+        return _json({"status": "ok", "models": service.names()})
 
     @app.get("/metrics", tags=["operations"])
     async def metrics() -> Response:

@@ -26,6 +26,7 @@ from t2i_core import Engine, GenerationCancelled, GenerationRequest, GenerationR
 from ._errors import Problem, from_t2i, invalid
 from ._limits import Limits
 from ._metrics import Metrics
+from ._models import Models
 from ._webhooks import IdempotencyKeys, Webhooks, check_webhook_url
 from ._worker import QueueFull, Worker
 
@@ -71,6 +72,10 @@ class JobOptions:
     webhook: str | None = None
     #: seconds the job may wait in the queue; past them it ends as ``expired`` without running
     max_queue_seconds: float | None = None
+
+
+def _no_loader(name: str, _source: str) -> ServedModel:
+    raise AssertionError(f"model {name} is not loaded and this service loads none")
 
 
 class Job:
@@ -279,15 +284,16 @@ class Service:
         ip_adapters: Iterable[str] = (),
         allowed_options: Iterable[str] = (),
         webhook_secret: str | None = None,
+        catalog: Models | None = None,
     ) -> None:
-        self.models: dict[str, ServedModel] = {}
+        #: every model this server may serve, loaded or not (`Models`: loads on demand, evicts under a cap)
+        self.catalog = catalog or Models((), _no_loader)
         for model in models:
-            if model.name in self.models:
+            if model.name in self.catalog.entries and self.catalog.entries[model.name].served is not None:
                 raise ValueError(f"two models are served as {model.name!r}")
-            self.models[model.name] = model
-        if not self.models:
+            self.catalog.add(model)
+        if not self.catalog.entries:
             raise ValueError("a server needs at least one model")
-        self.default_model = next(iter(self.models))
         self.limits = limits or Limits()
         #: the ControlNets requests may name; no other is ever resolved
         self.controlnets = tuple(controlnets)
@@ -307,24 +313,58 @@ class Service:
         self._finished: deque[str] = deque()
         self._lock = threading.Lock()
         self.workers: dict[str, Worker] = {}
+        self._started_workers = False
         for model in self.models.values():
-            device = model.engine.device
-            if device not in self.workers:
-                self.workers[device] = Worker(device, self.limits.queue_size, self._run)
+            self._worker(model.engine.device)
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The loaded models by name (`names` lists every model, loaded or not)."""
+        return self.catalog.resident()
+
+    def names(self) -> list[str]:
+        """Every model this server serves, loaded or not, in the order they were named."""
+        return list(self.catalog.entries)
+
+    @property
+    def default_model(self) -> str:
+        """The model requests get when they name none (``POST /sdapi/v1/options`` may change it)."""
+        assert self.catalog.default is not None
+        return self.catalog.default
+
+    @default_model.setter
+    def default_model(self, name: str) -> None:
+        self.catalog.default = name
+
+    def _worker(self, device: str) -> Worker:
+        """The worker of `device`, made (and started, once the service runs) on its first model."""
+        with self._lock:
+            worker = self.workers.get(device)
+            if worker is None:
+                worker = self.workers[device] = Worker(device, self.limits.queue_size, self._run)
+                if self._started_workers:
+                    worker.start()
+            return worker
 
     def start(self) -> None:
-        for worker in self.workers.values():
-            worker.start()
+        with self._lock:
+            self._started_workers = True
+            for worker in self.workers.values():
+                worker.start()
 
     # -- requests -----------------------------------------------------------------------------
     def model(self, name: str | None, field: str = "model") -> ServedModel:
         """The served model `name` (None = the default one)."""
         if name is None:
-            return self.models[self.default_model]
-        served = self.models.get(name)
-        if served is None:
-            allowed = ", ".join(repr(n) for n in self.models)
+            name = self.default_model
+        if name not in self.catalog.entries:
+            allowed = ", ".join(repr(n) for n in self.catalog.entries)
             raise invalid(field, f"{field}={name!r} is not served here: expected one of {allowed}", allowed)
+        try:
+            served = self.catalog.get(name)  # loads it first if it is not loaded
+        except T2IError as exc:
+            raise from_t2i(exc) from None
+        self._worker(served.engine.device)
         return served
 
     def check(self, served: ServedModel, request: GenerationRequest, fields: Mapping[str, str]) -> GenerationRequest:
@@ -456,7 +496,7 @@ class Service:
         same digest) or a 422 (another one).
         """
         job = Job(model=served, requests=requests, kind=kind, options=options)
-        worker = self.workers[served.engine.device]
+        worker = self._worker(served.engine.device)
         with self._lock:
             if idempotency is not None:
                 earlier = self._keys.earlier(idempotency, self._jobs)
@@ -476,6 +516,7 @@ class Service:
                     headers={"Retry-After": str(self.retry_after(worker))},
                 ) from None
             self._jobs[job.id] = job
+            self.catalog.hold(served.name)  # never evicted while the job waits or runs
             if idempotency is not None:
                 self._keys.remember(idempotency, job.id)
         if job.max_queue_seconds is not None:
@@ -576,6 +617,7 @@ class Service:
 
     def _finish(self, job: Job, status: str, error: dict[str, Any] | None = None) -> None:
         job.finish(status, error=error)
+        self.catalog.release(job.model.name)
         self.metrics.finished(status, (job.finished or time.time()) - job.created, len(job.images))
         if job.webhook is not None and self.webhooks is not None:
             self.webhooks.deliver(job)

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import re
 import signal
 import socket
 import sys
@@ -28,13 +27,21 @@ from t2i_core import InvalidRequestError
 from . import TOKEN_ENV, WEBHOOK_SECRET_ENV
 from ._jobs import ServedModel, Service, load_model
 from ._limits import Limits
+from ._models import NAME, ModelEntry, Models, parse_size, scan_folder
 
-_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
+_NAME = NAME
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server that `args` describe; the exit status."""
-    specs = [_model_spec(text) for text in args.model]
+    specs = [_model_spec(text) for text in args.model or ()]
+    max_memory = parse_size(args.max_memory) if getattr(args, "max_memory", None) else None
+    for folder in getattr(args, "models_dir", None) or ():
+        specs += [(name, source) for name, source in scan_folder(folder, allow_pickle=args.allow_pickle).items()]
+    if not specs:
+        raise InvalidRequestError(
+            "--model", None, "a model to serve: --model MODEL, or --models-dir DIR with models in it"
+        )
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     limits = Limits(
         max_pixels=args.max_pixels,
@@ -52,11 +59,21 @@ def serve(args: argparse.Namespace) -> int:
     folders = _folders(args)
     sock = _bind(args.host, args.port)  # before loading: a port in use is a one-line error at once
     _quiet_libraries()
-    models = _load(specs, args)
-    _use_folders(models, *folders)
+
+    def loader(name: str, source: str) -> ServedModel:
+        served = load_model(
+            name, source, device=args.device, accelerators=args.accelerator, allow_pickle=args.allow_pickle
+        )
+        _use_folders([served], *folders)
+        return served
+
+    catalog = Models(specs, loader, max_memory=max_memory, pinned=getattr(args, "pin", None) or ())
+    named = {name for name, _source in _model_specs(args)}
+    _load(catalog, [e for e in catalog.entries.values() if e.name in named or e.pinned or e.name == catalog.default])
     service = Service(
-        models,
+        (),
         limits,
+        catalog=catalog,
         controlnets=args.controlnet,
         ip_adapters=args.ip_adapter,
         allowed_options=args.allow_option,
@@ -77,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"t2i serve: serving {', '.join(service.models)} on http://{shown}:{port}/ "
+        f"t2i serve: serving {', '.join(service.names())} on http://{shown}:{port}/ "
         f"(API: /openapi.json{', bearer token required' if token else ''}); Ctrl-C or SIGTERM stops it",
         file=sys.stderr,
         flush=True,
@@ -170,29 +187,27 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _load(specs: list[tuple[str, str]], args: argparse.Namespace) -> list[ServedModel]:
-    names = [name for name, _source in specs]
-    duplicate = next((name for name in names if names.count(name) > 1), None)
-    if duplicate is not None:
-        raise InvalidRequestError("--model", duplicate, "each model once (NAME= serves one under another name)")
-    models = []
-    for index, (name, source) in enumerate(specs, start=1):
-        shown = source if name == source else f"{source} as {name}"
-        print(f"t2i serve: loading {shown} ({index} of {len(specs)}) ...", file=sys.stderr, flush=True)
+def _model_specs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [_model_spec(text) for text in args.model or ()]
+
+
+def _load(catalog: Models, entries: list[ModelEntry]) -> None:
+    """Load the models named by ``--model`` and ``--pin`` (and the default one) now, with progress."""
+    for index, entry in enumerate(entries, start=1):
+        shown = entry.source if entry.name == entry.source else f"{entry.source} as {entry.name}"
+        print(f"t2i serve: loading {shown} ({index} of {len(entries)}) ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        served = load_model(
-            name, source, device=args.device, accelerators=args.accelerator, allow_pickle=args.allow_pickle
-        )
-        engine = served.engine
+        engine = catalog.get(entry.name).engine
         accelerators = ", ".join(engine.accelerators) or "none"
         print(
-            f"t2i serve: loaded {name}: {engine.family} on {engine.device} (accelerators: {accelerators}) "
+            f"t2i serve: loaded {entry.name}: {engine.family} on {engine.device} (accelerators: {accelerators}) "
             f"in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
             flush=True,
         )
-        models.append(served)
-    return models
+    waiting = len(catalog.entries) - len(entries)
+    if waiting:
+        print(f"t2i serve: {waiting} more model(s) load when a request first names them", file=sys.stderr, flush=True)
 
 
 def _load_controlnets(service: Service, controlnets: list[str]) -> None:
