@@ -167,10 +167,24 @@ def infotext(body: Txt2ImgBody, job: Job, seed: int, clip: int = 1) -> str:
     lines.append(
         f"Steps: {first.num_inference_steps}, Sampler: {sampler}, {schedule}CFG scale: {first.guidance_scale:g}, "
         f"Seed: {seed}, Size: {first.width}x{first.height}, Model hash: {model_hash(job.model)}, "
-        f"Model: {job.model.name}, {infotext_params(generation_params(body, first.hires))}{clip_text}"
+        f"Model: {job.model.name}, {infotext_params({**generation_params(body, first.hires), **lora_params(job)})}"
+        f"{clip_text}"
         f"Version: {VERSION}"
     )
     return "\n".join(lines)
+
+
+def lora_params(job: Job) -> dict[str, Any]:
+    """A1111's ``Lora hashes`` for the LoRAs the prompt's tags named: ``name: <the first 12 hex digits of the
+    file's SHA-256>``, comma-separated (what sites that read infotexts match LoRAs by)."""
+    from pathlib import Path
+
+    from t2i_core.kit import file_digest
+
+    loras = job.results[0].prompt_loras if job.results else ()
+    if not loras:
+        return {}
+    return {"Lora hashes": ", ".join(f"{Path(lora.source).stem}: {file_digest(lora.source)[:12]}" for lora in loras)}
 
 
 def all_seeds(job: Job) -> list[int]:
@@ -188,6 +202,7 @@ def info(body: Txt2ImgBody, job: Job, clip: int = 1) -> dict[str, Any]:
     if schedule_type != _samplers.AUTOMATIC.label:
         extra["Schedule type"] = schedule_type
     extra.update(generation_params(body, first.hires))
+    extra.update(lora_params(job))
     if clip > 1:
         extra["Clip skip"] = clip
     notes: dict[str, Any] = {"job": job.id, "status": job.status, "model": job.model.name}

@@ -5,6 +5,7 @@ folders are listed at ``/sdapi/v1/loras`` and ``/sdapi/v1/embeddings``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,11 @@ def test_a_lora_tag_gives_the_sdk_image_with_that_lora(api: Any, served: ServedM
     )
     assert result.images[0].tobytes() != untagged[0].tobytes()
     assert result.info["prompt"] == prompt and result.info["infotexts"][0].startswith(prompt)
+    # A1111's "Lora hashes": the name and the first 12 hex digits of the file's SHA-256.
+    digest = hashlib.sha256((folders["loras"] / "style.safetensors").read_bytes()).hexdigest()[:12]
+    assert result.info["extra_generation_params"]["Lora hashes"] == f"style: {digest}"
+    assert f'Lora hashes: "style: {digest}", ' in result.info["infotexts"][0]
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0]
     # The sub-folder's file of the same name, by its path in the folder.
     deeper = api.txt2img(prompt="a cat <lora:more/style:0.5>", **CALL)
     other = Lora(str(folders["loras"] / "more" / "style.safetensors"), 0.5)
