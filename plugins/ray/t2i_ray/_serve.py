@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import signal
@@ -146,6 +147,8 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         signal.signal(number, lambda *_: stop.set())
     try:
         url = deploy(args, specs)
+        print(f"t2i serve --ray: loading {names[0]} on a replica ...", file=sys.stderr, flush=True)
+        _warm_up(args, port=int(url.rstrip("/").rpartition(":")[2]), default=names[0])
         print(
             f"t2i serve --ray: serving {', '.join(names)} on {url} (Ray Serve, {args.min_replicas} to "
             f"{args.max_replicas} replicas); Ctrl-C or SIGTERM stops it",
@@ -159,6 +162,28 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         ray.shutdown()  # a local cluster (started here) ends with this process
     print("t2i serve --ray: stopped", file=sys.stderr)
     return 0
+
+
+def _warm_up(args: argparse.Namespace, *, port: int, default: str) -> None:
+    """Load the default model on a replica before saying the server is ready; a model that cannot load
+    is a one-line error naming it (the other models load when a request first names them)."""
+    import urllib.error
+    import urllib.request
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
+    shown = f"[{host}]" if ":" in host else host
+    request = urllib.request.Request(f"http://{shown}:{port}/sdapi/v1/samplers")
+    if args.token:
+        request.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=3600):
+            return
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+    raise InvalidRequestError("--model", default, f"a model the replicas can load ({message})")
 
 
 def _free_port(host: str) -> int:

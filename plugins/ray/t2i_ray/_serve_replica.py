@@ -190,9 +190,29 @@ def replica_class(models_per_replica: int) -> type:
             service = await asyncio.to_thread(build_service, self.args, name, self.sources[name])
             return LoadedModel(service)
 
+        async def _loaded(self) -> LoadedModel | tuple[int, bytes]:
+            """The request's model, loaded (or already); a 500 naming the model and why when it cannot load."""
+            name = serve.get_multiplexed_model_id()
+            try:
+                loaded: LoadedModel = await self.model(name)
+            except Exception as exc:  # its exception may not pickle: the ingress gets the message
+                logger.exception("t2i serve --ray: model %s cannot load", name)
+                why = str(exc).strip().splitlines()
+                message = f"model {name!r} cannot load on this replica: {type(exc).__name__}: {why[0] if why else ''}"
+                return 500, json.dumps({"error": {"type": "model_unavailable", "message": message}}).encode()
+            return loaded
+
         async def request(self, request: Forwarded) -> AsyncIterator[Message]:
             """The ASGI messages of the model's application for `request` (a stream)."""
-            loaded = await self.model(serve.get_multiplexed_model_id())
+            loaded = await self._loaded()
+            if isinstance(loaded, tuple):
+                yield {
+                    "type": "http.response.start",
+                    "status": loaded[0],
+                    "headers": [(b"content-type", b"application/json")],
+                }
+                yield {"type": "http.response.body", "body": loaded[1]}
+                return
             async for message in call_app(loaded.app, request):
                 if message["type"] == "http.response.start":
                     headers = [*message.get("headers", []), (b"x-t2i-replica", _replica_name().encode())]
@@ -206,7 +226,10 @@ def replica_class(models_per_replica: int) -> type:
             job's events but the last, then ``{"type": "end", "event", "document", "images"}``.
             Closing the stream early cancels the job.
             """
-            loaded = await self.model(serve.get_multiplexed_model_id())
+            loaded = await self._loaded()
+            if isinstance(loaded, tuple):
+                yield {"type": "answer", "status": loaded[0], "headers": {}, "body": loaded[1]}
+                return
             status, headers, body = await answer(loaded.app, request)
             headers["x-t2i-replica"] = _replica_name()
             yield {"type": "answer", "status": status, "headers": headers, "body": body}
