@@ -105,6 +105,7 @@ def install_commands(text: str) -> list[str]:
     found = []
     fence = re.compile(r"^[ \t]*```[\w-]*[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
     for block in fence.findall(text):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued over lines with a backslash
         found += re.findall(r"(?:python -m )?pip install[^\n]*", block)
     for span in re.findall(r"`([^`]+)`", fence.sub("", text)):  # inline code, which may wrap over lines
         found += re.findall(r"(?:python -m )?pip install[^`]*", " ".join(span.split()))

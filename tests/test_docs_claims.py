@@ -52,6 +52,8 @@ def _shipped_features() -> set[str]:
 def test_no_page_calls_a_shipped_feature_planned() -> None:
     features = _shipped_features()
     for page in _pages():
+        if page.name == "changelog.md":
+            continue  # the history says what was planned once, and when it came
         text = " ".join(page.read_text(encoding="utf-8").split())
         for sentence in re.split(r"(?<=[.!?])\s", text):
             if not FUTURE.search(sentence):
