@@ -120,3 +120,28 @@ def test_a_batch_rerun_with_nothing_to_do_loads_nothing(tmp_path: Path) -> None:
     code, torch_imported, diffusers_imported, seconds = done.stdout.split()[-4:]
     assert (code, torch_imported, diffusers_imported) == ("0", "False", "False"), done.stdout
     assert float(seconds) < 3.0, f"the rerun took {seconds} s (the whole process {wall:.1f} s)"
+
+
+def test_a_missing_control_image_fails_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import t2i_core
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the missing image was found")
+
+    monkeypatch.setattr(t2i_core, "load", no_load)
+    missing = tmp_path / "no-pose.png"
+    code = run_cli(
+        "generate", "a dancer", "--model", "tiny:sd15", "--control", f"{missing}=tiny:controlnet-sd15",
+        "-o", str(tmp_path / "d.png"),
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("t2i: error: controls[0].image=") and "no such file" in err, err
+    reference = tmp_path / "ref.png"
+    code = run_cli(
+        "generate", "a dancer", "--model", "tiny:sd15", "--image-prompt", str(reference), "-o", str(tmp_path / "e.png")
+    )
+    assert code == 2
+    assert "image_prompts[0].image=" in capsys.readouterr().err

@@ -93,6 +93,18 @@ def image_prompts(items: list[str], model: str | None) -> tuple[Any, ...]:
     return tuple(prompts)
 
 
+def check_image_files(request: Any) -> None:
+    """Refuse a control or reference image whose path names no file before the model loads (seconds to
+    minutes): the conditioner reads the images themselves later, with the same field in its error."""
+    named = [(control.image, f"controls[{i}].image") for i, control in enumerate(request.controls)]
+    named += [(prompt.image, f"image_prompts[{i}].image") for i, prompt in enumerate(request.image_prompts)]
+    for image, field in named:
+        if isinstance(image, (str, os.PathLike)) and not os.path.isfile(os.path.expanduser(os.fspath(image))):
+            raise InvalidRequestError(
+                field, os.fspath(image), "a PIL image or the path of an image file (no such file)"
+            )
+
+
 def check_folders(folders: list[str], flag: str) -> None:
     """Refuse a ``--lora-dir`` / ``--embeddings-dir`` that is not a folder, before anything loads."""
     for folder in folders:

@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     missing = [path for index, path in enumerate(paths) if index not in kept]
     outputs.check_space(missing, outputs.MIN_PNG_BYTES)
+    flags.check_image_files(request)
 
     quiet_libraries()
     from .. import load
