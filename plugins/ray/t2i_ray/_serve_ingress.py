@@ -129,7 +129,8 @@ class Ingress:
         from t2i_server import TOKEN_ENV
         from t2i_server._app import AUTHORIZED, BearerToken, BodyLimit
 
-        app = FastAPI(title="t2i serve --ray", docs_url=None, redoc_url=None)
+        # No schema of its own: /openapi.json comes from a replica, the API t2i serve documents.
+        app = FastAPI(title="t2i serve --ray", docs_url=None, redoc_url=None, openapi_url=None)
 
         def forwarded(request: Request, body: bytes) -> Forwarded:
             headers = tuple((key, value) for key, value in request.scope["headers"] if key != b"authorization")
