@@ -127,10 +127,16 @@ class EmphasisEncoder:
         else:
             z, output = clip_hidden_states(encoder, ids, skip, final_layer_norm=True)
         dtype = z.dtype
+        if all(weight == 1.0 for weight in chunk.weights):
+            # A1111 scales by mean / mean: exactly 1, except where the mean is exactly 0 (0 / 0 is NaN: a
+            # black image). Unweighted text is the plain encoding, whatever its mean.
+            return z, output[0]
         weights = torch.tensor(chunk.weights, device=z.device)  # float32, as A1111's multipliers
         original_mean = z.mean()
         z = z * weights.reshape(1, -1, 1).expand(z.shape)
-        z = z * (original_mean / z.mean())
+        weighted_mean = z.mean()
+        if weighted_mean != 0:  # else A1111's restore would divide by 0: the weighted values stay as they are
+            z = z * (original_mean / weighted_mean)
         return z.to(dtype), output[0]
 
 
