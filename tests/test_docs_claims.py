@@ -120,6 +120,13 @@ def test_pictures_where_people_look_for_them() -> None:
     config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert "name: mermaid" in config and "pymdownx.superfences.fence_code_format" in config
     assert "- admonition" in config and "- pymdownx.details" in config
+    # The server's page, as its headless-Chromium test leaves it (T2I_DOCS_SCREENSHOT refreshes it).
+    from PIL import Image
+
+    assert "](images/serve-page.png)" in (DOCS / "serving.md").read_text(encoding="utf-8")
+    with Image.open(DOCS / "images" / "serve-page.png") as screenshot:
+        assert screenshot.format == "PNG" and screenshot.size[0] >= 1000
+    assert "T2I_DOCS_SCREENSHOT" in (ROOT / "plugins" / "server" / "tests" / "test_server_page.py").read_text()
     import test_doc_examples
 
     block = test_doc_examples.Block(DOCS / "concepts.md", 1, "mermaid", "flowchart LR\n  a --> b\n", None)

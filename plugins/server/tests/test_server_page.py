@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -152,6 +153,9 @@ def test_the_page_makes_an_image_from_a_typed_prompt(chromium: DevTools, tmp_pat
 
         screenshot = chromium.call("Page.captureScreenshot", format="png")
         (tmp_path / "page.png").write_bytes(base64.b64decode(screenshot["data"]))
+        # T2I_DOCS_SCREENSHOT=docs/images/serve-page.png refreshes the picture in docs/serving.md.
+        if os.environ.get("T2I_DOCS_SCREENSHOT"):
+            Path(os.environ["T2I_DOCS_SCREENSHOT"]).write_bytes(base64.b64decode(screenshot["data"]))
         assert decode_png(screenshot["data"]).size[0] >= 1000
 
         # The image the page shows is exactly the SDK's for the settings it sent.
