@@ -185,12 +185,18 @@ def test_a_killed_replica_is_replaced_and_the_client_gets_a_retryable_error(clie
     while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:  # the replica is making it
         assert time.monotonic() < deadline and caller.is_alive(), "the long request never ran"
         time.sleep(0.05)
+    queued = client.post("/v1/jobs", json={**fields, "num_inference_steps": LONG})  # behind it, on the replica
+    assert queued.status_code == 202 and queued.headers["x-t2i-replica"] == replica, queued.text
     ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
     caller.join(120)
     assert answers, "the client got no answer"
     assert answers[0].status_code == 503, answers[0].text  # 150 steps cannot have finished
     assert answers[0].json()["error"]["type"] == "replica_unavailable"
     assert int(answers[0].headers["retry-after"]) > 0
+    # The job that was waiting on the lost replica ends failed, saying so: its client submits it again.
+    final = events(client, queued.json()["id"])[-1]
+    assert final["type"] == "failed" and final["error"]["type"] == "replica_unavailable", final
+    assert client.get(f"/v1/jobs/{queued.json()['id']}").json()["status"] == "failed"
     # Serve starts another replica; the client's retry is served there, bit-exact.
     deadline = time.monotonic() + 120
     while True:
