@@ -225,11 +225,13 @@ class Ingress:
 
         @app.get("/v1/models")
         async def models() -> Any:
-            return await self._merged("/v1/models", "models", "name")
+            return await self._listing()
 
         @app.get("/sdapi/v1/sd-models")
         async def sd_models() -> Any:
-            return await self._merged("/sdapi/v1/sd-models", None, "model_name")
+            """Every served name, as AUTOMATIC1111 lists checkpoints (naming one loads it on a replica)."""
+            fields = {"hash": None, "sha256": None, "config": None}
+            return _json([{"title": n, "model_name": n, "filename": n, **fields} for n in self.names])
 
         @app.post("/sdapi/v1/options")
         async def set_options(request: Request) -> Any:
@@ -291,28 +293,24 @@ class Ingress:
         media = first["headers"].get("content-type", "application/json")
         return Response(first["body"], status_code=first["status"], headers=headers, media_type=media)
 
-    async def _merged(self, path: str, key: str | None, name_key: str) -> Any:
-        """Every served model's entry of `path` (each from a replica that has it), the default marked."""
+    async def _listing(self) -> Any:
+        """``/v1/models``: the default model's entry from a replica that has it (family, defaults,
+        schedulers, options) with the server's ControlNets and limits; the other models by name (a
+        replica loads one when a request names it; listing them all would load them all)."""
         from ray.exceptions import RayError
 
-        merged: Any = None
-        for name in self.names:
-            try:
-                status, data = await self._collect(name, Forwarded("GET", path))
-            except RayError as exc:
-                return _unavailable(exc)
-            if status != 200:
-                return _json(data, status)
-            if key is None:
-                merged = (merged or []) + list(data)
-            elif merged is None:
-                merged = data
-            else:
-                merged[key] += data[key]
-        if key is not None:
-            for entry in merged[key]:
-                entry["default"] = entry.get(name_key) == self.default
-        return _json(merged)
+        try:
+            status, data = await self._collect(self.default, Forwarded("GET", "/v1/models"))
+        except RayError as exc:
+            return _unavailable(exc)
+        if status != 200:
+            return _json(data, status)
+        entries = {entry["name"]: entry for entry in data["models"]}
+        data["models"] = [
+            {**entries[name], "default": True} if name == self.default else {"name": name, "default": False}
+            for name in self.names
+        ]
+        return _json(data)
 
 
 def _not_found(job_id: str) -> Any:

@@ -129,6 +129,8 @@ def test_images_are_bit_exact_with_the_sdk_through_both_apis(client: httpx.Clien
 
     models = client.get("/v1/models").json()["models"]
     assert [(model["name"], model["default"]) for model in models] == [(MODEL, True), (OTHER, False)]
+    assert models[0]["family"] == "sd15"  # the default model's entry, from its replica
+    assert [model["title"] for model in client.get("/sdapi/v1/sd-models").json()] == [MODEL, OTHER]
     assert "GenerationBody" in client.get("/openapi.json").json()["components"]["schemas"]  # t2i serve's schema
     unknown = client.post("/v1/generations", json={"prompt": "x", "model": "nope"})
     assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
