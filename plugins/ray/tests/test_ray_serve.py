@@ -80,16 +80,16 @@ def engine(t2i_tiny_cache: Path) -> Any:
     return load(MODEL, device="cpu")
 
 
-def sdk_images(engine: Any, **fields: Any) -> list[Any]:
+def sdk_images(engine: Any, threads: int = 2, **fields: Any) -> list[Any]:
     """The SDK's images with the replica's torch threads (on a CPU, the thread count is part of the sums)."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return list(engine.generate(GenerationRequest(**fields)).images)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def decode(data: str | bytes) -> Any:
@@ -228,6 +228,33 @@ def test_each_model_name_is_loaded_on_demand_and_evicted_least_recently_used(cli
     assert done_on_the_replica() == 0  # the default model was loaded again: a fresh service
     again = client.post("/v1/generations", json={**fields, "model": MODEL})
     assert_images_equal([decode(again.json()["images"][0])], sdk_images(engine, **fields))
+
+
+def test_two_replicas_each_keep_the_model_requests_name(base: str, client: httpx.Client, engine: Any) -> None:
+    """Redeployed with 2 replicas of one model each (1 CPU and 1 torch thread each): once each model is
+    loaded somewhere, every request goes to the replica that has its model."""
+    from t2i_ray._serve import deploy
+
+    port = base.rstrip("/").rpartition(":")[2]
+    args = serve_args(
+        *("--ray", "--model", MODEL, "--model", f"{OTHER}={MODEL}", "--port", port, "--models-per-replica", "1"),
+        *("--min-replicas", "2", "--max-replicas", "2"),
+    )
+    deploy(args, [(MODEL, MODEL), (OTHER, MODEL)])
+    fields = {"prompt": "a glacier", "seed": 4, "num_inference_steps": 2}
+    served_by: dict[str, list[str]] = {MODEL: [], OTHER: []}
+    answers = {}
+    for _round in range(5):
+        for name in (MODEL, OTHER):
+            answers[name] = client.post("/v1/generations", json={**fields, "model": name})
+            assert answers[name].status_code == 200, answers[name].text
+            served_by[name].append(answers[name].headers["x-t2i-replica"])
+    # The first rounds place the models; from then on each stays on its replica.
+    assert len(set(served_by[MODEL][2:])) == 1 and len(set(served_by[OTHER][2:])) == 1, served_by
+    assert served_by[MODEL][-1] != served_by[OTHER][-1], served_by
+    expected = sdk_images(engine, threads=1, **fields)
+    for name in (MODEL, OTHER):
+        assert_images_equal([decode(answers[name].json()["images"][0])], expected)
 
 
 # -- without a cluster: sizing the replicas, and the flags -----------------------------------------
