@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from t2i_core import Control, GenerationCancelled, GenerationRequest, load
+from t2i_core.testing import assert_images_equal
 
 STEPS = 3
 
@@ -203,3 +204,57 @@ def test_multi_stage_providers_cancel_too(model: str, options: dict[str, Any]) -
     with pytest.raises(GenerationCancelled):
         engine.generate(request, progress=lambda step, total: step < 3)
     assert engine.generate(request).images[0].tobytes() == expected
+
+
+def test_an_engine_runs_every_callers_work_on_its_own_thread() -> None:
+    """Issue #20: calls from many threads all run on the engine's one thread (one OpenMP pool), exactly."""
+    engine = load("tiny:sd15", device="cpu", cache=False)
+    seen: set[str] = set()
+
+    def progress(step: int, total: int) -> None:
+        seen.add(threading.current_thread().name)
+
+    requests = [GenerationRequest(prompt=f"a lighthouse {i}", seed=i, num_inference_steps=2) for i in range(4)]
+    alone = [engine.generate(request).images for request in requests]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda r: engine.generate(r, progress=progress).images, requests))
+    for mine, theirs in zip(together, alone, strict=True):
+        assert_images_equal(mine, theirs)
+    assert len(seen) == 1 and next(iter(seen)).startswith("t2i-engine")
+
+
+def test_t2i_warnings_point_at_the_callers_line() -> None:
+    """Warnings raised on the engine's thread are raised again in the caller's, at its own line."""
+    import warnings
+
+    from t2i_core import PromptTruncatedWarning
+
+    engine = load("tiny:sd15", device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.generate(GenerationRequest(prompt="a lighthouse " * 100, seed=1, num_inference_steps=1))
+    (truncated,) = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    assert truncated.filename == __file__
+
+
+def test_ctrl_c_in_the_caller_stops_the_run_at_its_next_step() -> None:
+    """KeyboardInterrupt reaches the waiting caller at once; the engine's run stops at its next step."""
+    import signal
+
+    engine = load("tiny:sd15", device="cpu", cache=False)
+    steps: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 2:
+            # What Ctrl-C does: SIGINT to the main thread, which waits for the result.
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    request = GenerationRequest(prompt="a lighthouse", seed=3, num_inference_steps=20)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(request, progress=progress)
+    after = engine.generate(request.evolve(num_inference_steps=2))  # waits for the stopped run, then runs
+    assert max(steps) < 20  # the interrupted run did not go on to its end
+    assert_images_equal(
+        after.images, load("tiny:sd15", device="cpu").generate(request.evolve(num_inference_steps=2)).images
+    )

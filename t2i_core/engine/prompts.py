@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from ..request import GenerationRequest
+from .own_thread import warn
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -72,7 +72,7 @@ def warn_truncated_prompts(pipeline: Any, kwargs: dict[str, Any], long_weighting
         head = " ".join(words[:6])
         head = head[:60] + (" ..." if len(words) > 6 or len(head) > 60 else "")  # one short line, whatever the text
         hint = f"; prompt_weighting={long_weighting!r} keeps it whole" if long_weighting else ""
-        warnings.warn(
+        warn(
             PromptTruncatedWarning(
                 f"{argument} is {count} tokens, the text encoder reads {window}: the last {dropped} "
                 f"tokens are ignored ({argument} starts {head!r}{hint})"
@@ -118,7 +118,7 @@ def warn_degenerate(images: list[Any], request: GenerationRequest) -> None:
         extrema = image.getextrema()
         bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
         if all(low == high for low, high in bands):
-            warnings.warn(
+            warn(
                 DegenerateImageWarning(
                     f"image {index} is a single flat colour {tuple(low for low, _ in bands)}: the model's output "
                     f"overflowed ({_suspects(request)}; half precision can also overflow)"

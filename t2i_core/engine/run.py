@@ -24,6 +24,7 @@ from ..registry import Registry
 from ..request import GenerationRequest, GenerationResult
 from .checks import check_pixels, check_request, default_max_pixels
 from .hires import check_hires, run_hires
+from .own_thread import OwnThread
 from .prompts import quiet_truncation, warn_degenerate, warn_truncated_prompts
 
 #: Out-of-memory errors that torch raises as plain RuntimeErrors (no type of their own), by the
@@ -104,6 +105,7 @@ class Engine:
         `expand_prompt`); default: ``$T2I_EMBEDDINGS_DIR``, else none.
         """
         self._lock = threading.RLock()
+        self._own_thread = OwnThread()
 
     def __repr__(self) -> str:
         return f"Engine(model={self.model!r}, family={self.family!r}, device={self.device!r}, accelerators={self.accelerators!r})"
@@ -161,10 +163,14 @@ class Engine:
         """
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError("request", request, "a t2i_core.GenerationRequest")
-        with self._lock:
-            results = self._run([self._resolve(request)], progress)
-            assert results is not None  # a single call always runs
-            return _written(results[0], request)
+
+        def work() -> GenerationResult:
+            with self._lock:
+                results = self._run([self._resolve(request)], self._own_thread.cancellable(progress))
+                assert results is not None  # a single call always runs
+                return _written(results[0], request)
+
+        return self._own_thread.call(work)  # on the engine's own thread (see engine/own_thread.py)
 
     def generate_batch(
         self, requests: Iterable[GenerationRequest], *, progress: ProgressCallback | None = None
@@ -184,18 +190,23 @@ class Engine:
         for request in requests:
             if not isinstance(request, GenerationRequest):
                 raise InvalidRequestError("requests", request, "t2i_core.GenerationRequest values")
-        with self._lock:
-            resolved = [self._resolve(request) for request in requests]
-            if len(resolved) > 1 and self._batchable([each for each, _ in resolved]):
-                together = self._run(resolved, progress)
-                if together is not None:
-                    return [_written(result, request) for result, request in zip(together, requests, strict=True)]
-            results: list[GenerationResult] = []
-            for each in resolved:
-                alone = self._run([each], progress)
-                assert alone is not None
-                results.extend(alone)
-            return [_written(result, request) for result, request in zip(results, requests, strict=True)]
+        checked = self._own_thread.cancellable(progress)
+
+        def work() -> list[GenerationResult]:
+            with self._lock:
+                resolved = [self._resolve(request) for request in requests]
+                if len(resolved) > 1 and self._batchable([each for each, _ in resolved]):
+                    together = self._run(resolved, checked)
+                    if together is not None:
+                        return [_written(result, r) for result, r in zip(together, requests, strict=True)]
+                results: list[GenerationResult] = []
+                for each in resolved:
+                    alone = self._run([each], checked)
+                    assert alone is not None
+                    results.extend(alone)
+                return [_written(result, r) for result, r in zip(results, requests, strict=True)]
+
+        return self._own_thread.call(work)
 
     def _batchable(self, resolved: list[GenerationRequest]) -> bool:
         if type(self.provider).run is not ModelProvider.run:  # a family's own loop may take one prompt only
