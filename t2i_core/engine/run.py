@@ -47,8 +47,9 @@ class Engine:
     """A loaded model, with its accelerators applied, ready to generate images.
 
     An engine is safe to share between threads: calls to `generate` on one engine run one at
-    a time, in the order they take its lock, and each gives exactly the images it would give
-    alone. Engines from the same cached `load()` share the weights and run in parallel.
+    a time, in the order they came, on the engine's own thread (callers wait; progress callbacks
+    are called on that thread), and each gives exactly the images it would give alone. Engines
+    from the same cached `load()` share the weights and run in parallel.
     """
 
     def __init__(
