@@ -637,6 +637,11 @@ class Service:
             self._deadline = time.monotonic() + timeout
         threading.Thread(target=self._cancel_at_deadline, name="t2i-shutdown", daemon=True).start()
 
+    def cancel_all(self) -> None:
+        """Cancel every job not yet ended: queued ones at once, running ones at their next step."""
+        for job in self.jobs():
+            self.cancel(job, SHUTTING_DOWN)
+
     def _cancel_at_deadline(self) -> None:
         assert self._deadline is not None
         for worker in self.workers.values():

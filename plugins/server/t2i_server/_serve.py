@@ -100,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     server.run(sockets=[sock])
-    if server.force_exit:
+    if server.force_exit or server.stopped_now:
         return 130
     print("t2i serve: stopped", file=sys.stderr)
     return 0 if server.started else 1
@@ -285,6 +285,8 @@ class _Server(uvicorn.Server):
     def __init__(self, config: Any, service: Service) -> None:
         super().__init__(config)
         self.service = service
+        #: a second Ctrl-C stopped the server without letting the jobs finish (exit status 130)
+        self.stopped_now = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -299,16 +301,30 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
+        if self.service.closing and sig == signal.SIGINT:
+            # A second Ctrl-C: stop now, cancelling what runs (at its next step).
+            print("t2i serve: stopping now (second Ctrl-C): running jobs are cancelled", file=sys.stderr, flush=True)
+            self.service.begin_shutdown(0)
+            self.service.cancel_all()
+            self.stopped_now = True
+            self.should_exit = True  # uvicorn's own shutdown: quick now that nothing runs, and no traceback
             return
-        if not self.should_exit:
-            busy = sum(len(worker) for worker in self.service.workers.values()) + len(self.service.running())
-            print(
-                f"t2i serve: stopping ({signal.Signals(sig).name}): no new jobs; {busy} job(s) get up to "
-                f"{self.service.limits.shutdown_timeout:g} s to finish",
-                file=sys.stderr,
-                flush=True,
-            )
+        if self.service.closing:
+            return
+        busy = sum(len(worker) for worker in self.service.workers.values()) + len(self.service.running())
+        print(
+            f"t2i serve: stopping ({signal.Signals(sig).name}): no new jobs; {busy} job(s) get up to "
+            f"{self.service.limits.shutdown_timeout:g} s to finish",
+            file=sys.stderr,
+            flush=True,
+        )
         self.service.begin_shutdown()
+        # Connections stay open while the jobs drain, so that /healthz says 503 and new work is
+        # refused with a 503 (not a refused connection); then uvicorn closes and exits.
+        threading.Thread(target=self._exit_when_drained, name="t2i-drain", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        deadline = time.monotonic() + self.service.limits.shutdown_timeout + 5.0
+        for worker in list(self.service.workers.values()):
+            worker.wait_idle(max(0.0, deadline - time.monotonic()))
         self.should_exit = True

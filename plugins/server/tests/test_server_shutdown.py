@@ -60,6 +60,11 @@ def test_sigterm_finishes_the_running_job_refuses_new_work_and_exits_0() -> None
         )
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: not _healthy(client), 30, "the server to stop accepting work")
+        # While the job drains, the server still answers: /healthz says 503 and new work gets a 503
+        # (red team: connections were refused, so probes could not tell draining from gone).
+        assert client.get("/healthz").status_code == 503
+        refused = client.post("/v1/jobs", json={"prompt": "too late"})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
         caller.join(180)
         response = answers["response"]
         assert response.status_code == 200, response.text
@@ -70,6 +75,35 @@ def test_sigterm_finishes_the_running_job_refuses_new_work_and_exits_0() -> None
         assert "stopping (SIGTERM): no new jobs; 1 job(s) get up to 120 s to finish" in text, text
         assert text.rstrip().endswith("t2i serve: stopped"), text
         assert "Traceback" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback() -> None:
+    """Red team: a double Ctrl-C exited 8 s later with two tracebacks."""
+    command = [sys.executable, "-m", "t2i_core.cli", "serve", "--model", "tiny:sd15", "--device", "cpu", "--port", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: any("serving" in line for line in lines) or process.poll() is not None, 180, "the server")
+        base = next(line for line in lines if "serving" in line).split(" on ", 1)[1].split("/ ", 1)[0]
+        client = httpx.Client(base_url=base, timeout=httpx.Timeout(60.0, connect=10.0))
+        job = client.post("/v1/jobs", json={"prompt": "a long job", "num_inference_steps": 150}).json()
+        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", 60, "a running job")
+        process.send_signal(signal.SIGINT)
+        wait_until(lambda: any("stopping (SIGINT)" in line for line in lines), 30, "the first Ctrl-C")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        assert time.monotonic() - started < 15  # the job is cancelled at its next step, not waited for
+        reader.join(10)
+        text = "".join(lines)
+        assert "stopping now (second Ctrl-C)" in text and "Traceback" not in text, text
     finally:
         if process.poll() is None:
             process.kill()
