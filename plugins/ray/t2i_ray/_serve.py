@@ -10,7 +10,6 @@ multiplexing), and the ingress sends each request to a replica that has its mode
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -116,29 +115,15 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     """``t2i serve --ray``: deploy, then wait for Ctrl-C or SIGTERM and take the application down."""
     import ray
     from ray import serve
-    from t2i_server import TOKEN_ENV
-    from t2i_server._serve import _folders, _model_spec, _webhook_secret
+    from t2i_server.embed import model_specs, resolve_secrets
 
     for flag, dest in (("--max-memory", "max_memory"), ("--pin", "pin")):
         if getattr(args, dest, None):
             allowed = "nothing with --ray: each replica keeps its --models-per-replica most recently used models"
             raise InvalidRequestError(flag, getattr(args, dest), allowed)
-    specs = [_model_spec(text) for text in args.model or ()]
-    for folder in getattr(args, "models_dir", None) or ():
-        models = importlib.import_module("t2i_server._models")  # present where --models-dir is
-        specs += list(models.scan_folder(folder, allow_pickle=args.allow_pickle).items())
-    if not specs:
-        raise InvalidRequestError("--model", None, "a model to serve: --model MODEL, or --models-dir DIR")
-    # Resolved here: the ingress and the replicas may run on machines without this environment.
-    args.token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    if args.token is not None and not args.token.strip():
-        raise InvalidRequestError("--token", args.token, "a non-empty token")
-    args.webhook_secret = _webhook_secret(args)
-    _folders(args)
+    specs = model_specs(args)
     names = [name for name, _source in specs]
-    duplicate = next((name for name in names if names.count(name) > 1), None)
-    if duplicate is not None:
-        raise InvalidRequestError("--model", duplicate, "each model once (NAME= serves one under another name)")
+    args = resolve_secrets(args)  # the ingress and the replicas may run where this environment is not
     check_flags(args)
     joined = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=args.ray_address, log_to_driver=False)

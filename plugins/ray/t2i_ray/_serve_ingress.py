@@ -57,9 +57,9 @@ class Ingress:
         self.args = args
         self.names = names
         self.default = names[0]
-        from ._serve_replica import limits_of
+        from t2i_server.embed import limits_from
 
-        self.limits = limits_of(args)
+        self.limits = limits_from(args)
         self.jobs = JobBook(self.limits.keep_jobs)
         self._followers: set[asyncio.Task[None]] = set()
 
@@ -126,8 +126,7 @@ class Ingress:
     # -- the routes ------------------------------------------------------------------------------
     def __serve_build_asgi_app__(self) -> Any:
         from fastapi import FastAPI
-        from t2i_server import TOKEN_ENV
-        from t2i_server._app import AUTHORIZED, BearerToken, BodyLimit
+        from t2i_server.embed import AUTHORIZED, BearerToken, BodyLimit
 
         # No schema of its own: /openapi.json comes from a replica, the API t2i serve documents.
         app = FastAPI(title="t2i serve --ray", docs_url=None, redoc_url=None, openapi_url=None)
@@ -264,11 +263,8 @@ class Ingress:
             """Every other route (samplers, progress, LoRAs, metrics, the page, ...): the default model's replica."""
             return await self._forward(self.default, forwarded(request, await request.body()))
 
-        import os
-
-        token = self.args.token if self.args.token is not None else os.environ.get(TOKEN_ENV) or None
         app.add_middleware(BodyLimit, limit=self.limits.max_body_bytes)
-        app.add_middleware(BearerToken, token=token)
+        app.add_middleware(BearerToken, token=self.args.token)  # resolve_secrets took it from the environment
         return app
 
     async def _submit(self, model: str, request: Forwarded) -> Any:

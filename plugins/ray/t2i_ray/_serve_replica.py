@@ -113,7 +113,7 @@ class LoadedModel:
     """One model of a replica: a one-model `Service` (its worker started) and its application."""
 
     def __init__(self, service: Any) -> None:
-        from t2i_server._app import create_app
+        from t2i_server.embed import create_app
 
         self.service = service
         self.app = create_app(service)  # its lifespan never runs: the worker starts here
@@ -132,40 +132,6 @@ class LoadedModel:
 
         self.service.stop()
         clear_cache()
-
-
-def limits_of(args: argparse.Namespace) -> Any:
-    """``t2i serve``'s limits from its flags (every `Limits` field a flag sets)."""
-    from t2i_server import Limits
-
-    given = {field.name: getattr(args, field.name) for field in attrs.fields(Limits) if hasattr(args, field.name)}
-    return Limits(**given)
-
-
-def build_service(args: argparse.Namespace, name: str, source: str) -> Any:
-    """The one-model `Service` ``t2i serve`` would make for ``--model NAME=SOURCE`` with `args`' other flags."""
-    import sys
-    import time
-
-    from t2i_server import _serve
-    from t2i_server._jobs import Service, load_model
-
-    print(f"t2i serve --ray: loading {source} as {name} ...", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    served = load_model(name, source, device=args.device, accelerators=args.accelerator, allow_pickle=args.allow_pickle)
-    _serve._use_folders([served], *_serve._folders(args))
-    service = Service(
-        [served],
-        limits_of(args),
-        controlnets=args.controlnet,
-        ip_adapters=args.ip_adapter,
-        allowed_options=args.allow_option,
-        webhook_secret=args.webhook_secret,
-    )
-    _serve._load_controlnets(service, args.controlnet)
-    _serve._load_ip_adapters(service, args.ip_adapter)
-    print(f"t2i serve --ray: loaded {name} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return service
 
 
 def replica_class(models_per_replica: int) -> type:
@@ -187,7 +153,9 @@ def replica_class(models_per_replica: int) -> type:
 
         @multiplexed(max_num_models_per_replica=models_per_replica)  # type: ignore[untyped-decorator]
         async def model(self, name: str) -> LoadedModel:
-            service = await asyncio.to_thread(build_service, self.args, name, self.sources[name])
+            from t2i_server.embed import one_model_service
+
+            service = await asyncio.to_thread(one_model_service, self.args, name, self.sources[name])
             return LoadedModel(service)
 
         async def _loaded(self) -> LoadedModel | tuple[int, bytes]:
