@@ -270,16 +270,27 @@ def _submit(service: Service, served: ServedModel, requests: list[GenerationRequ
     return service.submit(served, requests, kind)
 
 
-def _submit_native(
-    service: Service, served: ServedModel, resolved: GenerationRequest, body: GenerationBody, request: Request
-) -> Job:
-    """Queue a native job with its queueing fields and, given an ``Idempotency-Key``, at most once."""
+async def _submit_native(service: Service, body: GenerationBody, request: Request) -> Job:
+    """Queue a native job with its queueing fields and, given an ``Idempotency-Key``, at most once.
+
+    On a loaded model the request is checked first (a bad field is a 422 at once); on one that is
+    not, the job is queued at once and its model loads (``loading`` event), then it is checked.
+    """
     options = service.job_options(body.priority, body.webhook, body.max_queue_seconds)
     key = request.headers.get("idempotency-key")
     idempotency = None
     if key is not None:
         digest = hashlib.sha256(f"{request.url.path}\n{body.model_dump_json()}".encode()).hexdigest()
         idempotency = (IdempotencyKeys.check(key), digest)
+    name = body.model if body.model is not None else service.default_model
+    if name in service.catalog.entries and name not in service.models:
+
+        def prepare() -> tuple[ServedModel, list[GenerationRequest]]:
+            served, resolved = _request(service, body)
+            return served, [resolved]
+
+        return service.submit_loading(name, prepare, "native", options, idempotency=idempotency)
+    served, resolved = await run_in_threadpool(_request, service, body)
     return service.submit(served, [resolved], "native", options, idempotency=idempotency)
 
 
@@ -297,12 +308,18 @@ async def _wait(service: Service, job: Job, request: Request) -> None:
             waiter.cancel()
 
 
+#: failures a client may retry as they are (a full queue, no memory for the model yet)
+RETRYABLE = ("queue_full", "no_memory", "shutting_down")
+
+
 def _failure(job: Job) -> Problem:
     """The answer to a synchronous call whose job did not end well."""
     if job.status == FAILED:
         error = job.error or {}
-        status = 422 if error.get("type") in ("invalid_request", "unsupported") else 500
-        problem = Problem(status, str(error.get("type", "failed")), str(error.get("message", "the job failed")))
+        kind = error.get("type")
+        status = 422 if kind in ("invalid_request", "unsupported") else 503 if kind in RETRYABLE else 500
+        headers = {"Retry-After": "10"} if status == 503 else {}
+        problem = Problem(status, str(kind or "failed"), str(error.get("message", "the job failed")), headers=headers)
         problem.field = error.get("field")
         return problem
     if job.status == EXPIRED:
@@ -329,11 +346,10 @@ def _native(app: FastAPI, service: Service) -> None:
     async def generate(body: GenerationBody, request: Request) -> Response:
         """Make images and answer with them: JSON with base64 PNGs and the resolved request, or one
         ``image/png`` when the ``Accept`` header asks for it."""
-        served, resolved = await run_in_threadpool(_request, service, body)
         png = _wants_png(request)
-        if png and resolved.num_images != 1:
+        if png and body.num_images != 1:
             raise invalid("num_images", "an image/png answer holds one image", "1 with Accept: image/png")
-        job = _submit_native(service, served, resolved, body, request)
+        job = await _submit_native(service, body, request)
         await _wait(service, job, request)
         if job.status != DONE:
             raise _failure(job)
@@ -348,8 +364,7 @@ def _native(app: FastAPI, service: Service) -> None:
         """Queue a generation and answer at once with the job's id (202); follow it with
         ``GET /v1/jobs/{id}`` or ``/v1/jobs/{id}/events``. The same ``Idempotency-Key`` header with the
         same body gives the same job again (while it is kept)."""
-        served, resolved = await run_in_threadpool(_request, service, body)
-        job = _submit_native(service, served, resolved, body, request)
+        job = await _submit_native(service, body, request)
         summary = {**job_document(job)}  # an Idempotency-Key may give an earlier job: its own request
         return _json(summary, 202, headers={"Location": f"/v1/jobs/{job.id}"})
 

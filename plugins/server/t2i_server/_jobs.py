@@ -84,13 +84,17 @@ class Job:
     def __init__(
         self,
         *,
-        model: ServedModel,
+        model: ServedModel | None,
         requests: Sequence[GenerationRequest],
         kind: str,
         options: JobOptions | None = None,
+        name: str | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
-        self.model = model
+        #: the model it runs on; None while that model loads (`Service.submit_loading`)
+        self.model: ServedModel = model  # type: ignore[assignment]
+        #: the model's public name
+        self.name = model.name if model is not None else str(name)
         self.requests = list(requests)
         #: "native" (``/v1``) or "a1111" (``/sdapi/v1``)
         self.kind = kind
@@ -138,7 +142,7 @@ class Job:
         """What ``GET /v1/jobs`` lists: the state, without images."""
         summary: dict[str, Any] = {
             "id": self.id,
-            "model": self.model.name,
+            "model": self.name,
             "kind": self.kind,
             "status": self.status,
             "created": self.created,
@@ -153,6 +157,8 @@ class Job:
             summary["max_queue_seconds"] = self.max_queue_seconds
         if self.status == QUEUED:
             summary["position"] = self.position
+            if self.model is None:
+                summary["loading"] = True  # its model loads first; then it is checked and queued
         if self.delivery is not None:
             summary["webhook"] = dict(self.delivery)
         if self.error is not None:
@@ -185,6 +191,8 @@ class Job:
 
     def _current(self) -> list[dict[str, Any]]:
         """The events that tell a new listener where the job stands."""
+        if self.status == QUEUED and self.model is None:
+            return [{"type": "loading", "model": self.name}]
         if self.status == QUEUED:
             return [{"type": "queued", "position": self.position}]
         if self.status == RUNNING:
@@ -527,7 +535,7 @@ class Service:
 
     def _expire(self, job: Job) -> None:
         """End `job` as expired if it is still queued (its ``max_queue_seconds`` have passed)."""
-        if job.status != QUEUED or job.max_queue_seconds is None:
+        if job.status != QUEUED or job.max_queue_seconds is None or job.model is None:
             return
         if self.workers[job.model.engine.device].remove(job):
             job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
@@ -549,9 +557,78 @@ class Service:
         """Cancel a queued job at once, a running one at its next step; False if it has ended."""
         if not job.cancel(reason):
             return False
-        if self.workers[job.model.engine.device].remove(job):
+        if job.model is None:  # its model is loading: it never reaches a queue
+            self._finish(job, CANCELLED)
+        elif self.workers[job.model.engine.device].remove(job):
             self._finish(job, CANCELLED)
         return True
+
+    def submit_loading(
+        self,
+        name: str,
+        prepare: Callable[[], tuple[ServedModel, list[GenerationRequest]]],
+        kind: str,
+        options: JobOptions | None = None,
+        *,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Job:
+        """A job on model `name`, which is not loaded: queued at once (state ``queued``, ``loading``),
+        while a thread loads the model and `prepare` checks the request; then it joins its device's
+        queue, or fails with the check's error (a field named, as a 422 would)."""
+        job = Job(model=None, requests=(), kind=kind, options=options, name=name)
+        with self._lock:
+            if idempotency is not None:
+                earlier = self._keys.earlier(idempotency, self._jobs)
+                if earlier is not None:
+                    return earlier
+            if self.closing:
+                self.metrics.rejected_job("shutting_down")
+                raise Problem(503, "shutting_down", SHUTTING_DOWN, headers={"Retry-After": "30", "Connection": "close"})
+            self._jobs[job.id] = job
+            self.catalog.hold(name)
+            if idempotency is not None:
+                self._keys.remember(idempotency, job.id)
+        job.publish({"type": "loading", "model": name})
+        threading.Thread(
+            target=self._load_then_queue, args=(job, prepare), name=f"t2i-load-{job.id}", daemon=True
+        ).start()
+        return job
+
+    def _load_then_queue(self, job: Job, prepare: Callable[[], tuple[ServedModel, list[GenerationRequest]]]) -> None:
+        try:
+            served, requests = prepare()
+        except Problem as problem:
+            if not job.done:
+                self._finish(job, FAILED, problem.body()["error"])
+            return
+        except T2IError as exc:
+            if not job.done:
+                self._finish(job, FAILED, from_t2i(exc).body()["error"])
+            return
+        except Exception as exc:
+            logger.exception("t2i serve: loading the model of job %s failed", job.id)
+            if not job.done:
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self._finish(job, FAILED, {"type": "internal_error", "message": message})
+            return
+        if job.done:  # cancelled (or expired) while its model loaded
+            return
+        job.requests = requests
+        job.total = sum(request.num_inference_steps or 0 for request in requests)
+        job.model = served
+        worker = self._worker(served.engine.device)
+        try:
+            worker.put(job)
+        except QueueFull:
+            self.metrics.rejected_job("queue_full")
+            error = {"type": "queue_full", "message": f"the queue of {worker.device} is full; retry later"}
+            self._finish(job, FAILED, error)
+            return
+        if job.max_queue_seconds is not None:
+            left = job.max_queue_seconds - (time.time() - job.created)
+            timer = threading.Timer(max(0.0, left), self._expire, (job,))
+            timer.daemon = True
+            timer.start()
 
     def running(self) -> list[Job]:
         return [worker.running for worker in self.workers.values() if worker.running is not None]
@@ -617,7 +694,7 @@ class Service:
 
     def _finish(self, job: Job, status: str, error: dict[str, Any] | None = None) -> None:
         job.finish(status, error=error)
-        self.catalog.release(job.model.name)
+        self.catalog.release(job.name)
         self.metrics.finished(status, (job.finished or time.time()) - job.created, len(job.images))
         if job.webhook is not None and self.webhooks is not None:
             self.webhooks.deliver(job)

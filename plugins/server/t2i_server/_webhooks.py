@@ -73,7 +73,8 @@ def job_urls(job: Job) -> dict[str, Any]:
 
 def job_document(job: Job) -> dict[str, Any]:
     """The job's JSON, as ``GET /v1/jobs/{id}`` answers it (without images)."""
-    return {**job.summary(), "request": jsonable(job.requests[0]), "urls": job_urls(job)}
+    request = jsonable(job.requests[0]) if job.requests else None  # None while its model loads
+    return {**job.summary(), "request": request, "urls": job_urls(job)}
 
 
 def sign(secret: bytes, body: bytes) -> str:

@@ -7,6 +7,7 @@ thing (tiny checkpoints over HTTP, images equal to the SDK's) on two families an
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -171,3 +172,41 @@ def test_the_switch_benchmark_runs_and_counts_loads() -> None:
     assert results["same_model"]["loads"] == results["switch_resident"]["loads"] == 3  # each model once
     assert results["switch_evicted"]["loads"] == 3 + 4  # evicted back and forth: each of the 4 requests loads
     assert all(results[case][name]["median_s"] > 0 for case in results for name in ("xl", "copy"))
+
+
+def test_a_job_for_a_model_not_loaded_is_queued_at_once_and_says_it_loads() -> None:
+    """POST /v1/jobs answers 202 before the model loads; its events start with ``loading``; a bad field
+    comes as the job's failure once the model is loaded (422 from the synchronous call); exact images."""
+    import json
+    import time
+
+    loaded = threading.Event()
+
+    def slow_loader(name: str, source: str) -> ServedModel:
+        time.sleep(1.0)
+        served = load_model(name, source, device="cpu")
+        loaded.set()
+        return served
+
+    models = Models([("default", "tiny:sd15"), ("late", "tiny:sd15")], slow_loader)
+    models.add(load_model("default", "tiny:sd15", device="cpu"))
+    service = Service((), Limits(), catalog=models)
+    body = {"prompt": "a red fox", "num_inference_steps": 2, "seed": 7, "model": "late"}
+    with running_server(service) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as client:
+        started = time.perf_counter()
+        answer = client.post("/v1/jobs", json=body)
+        assert answer.status_code == 202 and time.perf_counter() - started < 1.0 and not loaded.is_set()
+        job = answer.json()
+        assert job["status"] == "queued" and job["loading"] is True and job["request"] is None
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+            kinds = [json.loads(line[5:])["type"] for line in events.iter_lines() if line.startswith("data:")]
+        assert kinds[0] == "loading" and kinds[-1] == "done", kinds
+        image = decode_png(client.get(f"/v1/jobs/{job['id']}/images/0").content)
+        expected = load("tiny:sd15", device="cpu").generate(
+            GenerationRequest(**{k: v for k, v in body.items() if k != "model"})
+        )
+        assert_images_equal([image], expected.images)
+        # Checked once loaded: a bad field fails the job (a 422 from the synchronous call).
+        models.entries["late"].served = None  # evicted again: the next request loads it
+        bad = client.post("/v1/generations", json={**body, "height": 100})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "height"
