@@ -89,7 +89,16 @@ def test_options_are_read_only() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("scale", -1.0), ("scale", "1"), ("scale", 1e308), ("start", 1.0), ("end", 0.0), ("model", ""), ("image", 3), ("image", "")],
+    [
+        ("scale", -1.0),
+        ("scale", "1"),
+        ("scale", 1e308),
+        ("start", 1.0),
+        ("end", 0.0),
+        ("model", ""),
+        ("image", 3),
+        ("image", ""),
+    ],
 )
 def test_bad_control(field: str, value: Any) -> None:
     arguments: dict[str, Any] = {"image": "edges.png", "model": "m", field: value}
