@@ -258,3 +258,22 @@ def test_ctrl_c_in_the_caller_stops_the_run_at_its_next_step() -> None:
     assert_images_equal(
         after.images, load("tiny:sd15", device="cpu").generate(request.evolve(num_inference_steps=2)).images
     )
+
+
+def test_the_callers_torch_thread_count_holds_on_the_engines_thread() -> None:
+    """OpenMP keeps torch's thread count per thread: the caller's setting is carried to the engine's."""
+    import torch
+
+    engine = load("tiny:sd15", device="cpu")
+    before = torch.get_num_threads()
+    seen: dict[int, set[int]] = {}
+    try:
+        for call, count in enumerate((1, 2, 1)):
+            torch.set_num_threads(count)
+            engine.generate(
+                GenerationRequest(prompt="x", seed=1, num_inference_steps=1),
+                progress=lambda step, total, call=call: seen.setdefault(call, set()).add(torch.get_num_threads()),
+            )
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {0: {1}, 1: {2}, 2: {1}}

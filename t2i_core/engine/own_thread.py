@@ -5,8 +5,8 @@ one engine called in turn from many threads kept many pools, and every switch ma
 compete with the old one's spinning threads: 0.59x the throughput of one caller
 (``benchmarks/bench_threads.py``). On its own thread an engine's work always meets the same pool.
 
-What a caller sees is unchanged: the result or the exception, progress callbacks (called on the
-engine's thread), cancellation, and t2i's warnings, raised again in the caller's thread so that
+What a caller sees is unchanged: the result or the exception, its torch thread count (carried
+over), progress callbacks (called on the engine's thread), cancellation, and t2i's warnings, raised again in the caller's thread so that
 they point at its line. Ctrl-C in a caller cancels the run at its next step (where the call has a
 progress callback) and raises `KeyboardInterrupt` at once.
 """
@@ -14,6 +14,7 @@ progress callback) and raises `KeyboardInterrupt` at once.
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,23 @@ def warn(warning: Warning, stacklevel: int) -> None:
     warnings.warn(warning, stacklevel=stacklevel + 1)
 
 
+def _torch_threads() -> int | None:
+    """The CPU threads torch uses for the calling thread (None before torch is imported).
+
+    OpenMP keeps this setting per thread: ``torch.set_num_threads(1)`` in a caller does not reach
+    the engine's thread, so each call carries the caller's over (a different count can round
+    differently, and callers expect their setting to hold).
+    """
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
+def _set_torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
 class OwnThread:
     """The thread an engine runs its work on, made on its first call."""
 
@@ -57,10 +75,13 @@ class OwnThread:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-engine")
         context = contextvars.copy_context()
         pending: list[Warning] = []
+        threads = _torch_threads()
 
         def run() -> T:
             self._ident = threading.get_ident()
             self._interrupted.clear()
+            if threads is not None and _torch_threads() != threads:
+                _set_torch_threads(threads)
             _deferred.warnings = pending
             try:
                 return context.run(work)
