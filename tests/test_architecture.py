@@ -107,7 +107,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     stack: list[str] = []
     on_stack: set[str] = set()
     found: list[list[str]] = []
-    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
 
     def connect(node: str) -> None:
         index[node] = low[node] = len(index)
