@@ -169,6 +169,13 @@ def register_commands(cli: Commands) -> None:
         help="open connections at once (503 beyond them)",
     )
     limits.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=defaults.header_timeout,
+        metavar="S",
+        help="seconds a connection may go without sending a complete request before it is closed",
+    )
+    limits.add_argument(
         "--allow-option",
         action="append",
         default=[],

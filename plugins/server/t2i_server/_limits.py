@@ -33,6 +33,9 @@ class Limits:
     #: open connections at once; a client beyond them gets 503 at once (a flood of idle connections
     #: cannot starve the server; slow or stalled clients are for a reverse proxy to time out)
     max_connections: int = 256
+    #: seconds a connection may stay without sending a complete request (none yet, or a head sent a
+    #: byte at a time) before it is closed
+    header_timeout: float = 30.0
     #: seconds an ``Idempotency-Key`` gives back its job (while the job is kept: `keep_jobs`)
     idempotency_window: float = 24 * 3600.0
     #: seconds between two latent previews of one job (previews cost a small copy of the latents)

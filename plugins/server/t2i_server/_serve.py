@@ -53,6 +53,7 @@ def serve(args: argparse.Namespace) -> int:
         keep_jobs=args.keep_jobs,
         shutdown_timeout=args.shutdown_timeout,
         max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
     )
     if token is not None and not token.strip():
         raise InvalidRequestError("--token", token, "a non-empty token")
@@ -285,8 +286,34 @@ class _Server(uvicorn.Server):
     def __init__(self, config: Any, service: Service) -> None:
         super().__init__(config)
         self.service = service
+        #: connections not in a request (none yet, or between two), by id: since when
+        self._quiet_since: dict[int, float] = {}
         #: a second Ctrl-C stopped the server without letting the jobs finish (exit status 130)
         self.stopped_now = False
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % 10 == 0:  # once a second
+            self.close_stalled(time.monotonic())
+        return bool(await super().on_tick(counter))
+
+    def close_stalled(self, now: float) -> None:
+        """Close the connections that have sent no complete request for `Limits.header_timeout` seconds.
+
+        A client that connects and sends nothing, or a request's head a byte at a time, would hold a
+        connection slot for ever (uvicorn times out only idle keep-alive connections, after an answer).
+        """
+        limit = self.service.limits.header_timeout
+        quiet: dict[int, float] = {}
+        for protocol in list(self.server_state.connections):
+            cycle = getattr(protocol, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                continue  # in a request: its handler, not this, decides how long it takes
+            since = quiet[id(protocol)] = self._quiet_since.get(id(protocol), now)
+            if now - since > limit:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.close()
+        self._quiet_since = quiet
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

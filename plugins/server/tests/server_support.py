@@ -18,12 +18,11 @@ STARTUP_SECONDS = 60.0
 @contextlib.contextmanager
 def running_server(service: Any, *, token: str | None = None) -> Iterator[str]:
     """Serve `service` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-    import uvicorn
     from t2i_server._app import create_app
-    from t2i_server._serve import server_config
+    from t2i_server._serve import _Server, server_config
 
     app = create_app(service, token=token)
-    server = uvicorn.Server(server_config(app, service.limits))  # the settings t2i serve runs with
+    server = _Server(server_config(app, service.limits), service)  # the server and settings t2i serve runs
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: see t2i_server._serve
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

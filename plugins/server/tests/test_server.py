@@ -522,3 +522,26 @@ def test_connections_beyond_the_cap_get_503_at_once(served: ServedModel) -> None
             for sock in idle:
                 sock.close()
         wait_until(lambda: client.get("/healthz").status_code == 200, 30, "a free connection slot")
+
+
+def test_a_connection_that_sends_no_complete_request_is_closed(served: ServedModel) -> None:
+    """Red team: slow clients were never timed out (a head sent a byte at a time held a slot for ever)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    service = Service([served], Limits(header_timeout=1.0))
+    with running_server(service) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as client:
+        address = urlsplit(base)
+        silent = socket.create_connection((address.hostname, address.port))
+        partial = socket.create_connection((address.hostname, address.port))
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: t2i\r\n")  # never the blank line that ends it
+        try:
+            for sock in (silent, partial):
+                sock.settimeout(10)
+                assert sock.recv(1024) == b""  # closed by the server within a few seconds
+        finally:
+            silent.close()
+            partial.close()
+        assert client.get("/healthz").status_code == 200  # a client that sends its requests is served
+        time.sleep(2.5)
+        assert client.get("/v1/models").status_code == 200  # and may wait between them (keep-alive or not)
