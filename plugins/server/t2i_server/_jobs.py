@@ -504,7 +504,17 @@ class Service:
         same digest) or a 422 (another one).
         """
         job = Job(model=served, requests=requests, kind=kind, options=options)
-        worker = self._worker(served.engine.device)
+        admitted = self._admit(job, idempotency, self._worker(served.engine.device))
+        if admitted is job:
+            self._start_deadline(job)
+        return admitted
+
+    def _admit(self, job: Job, idempotency: tuple[str, str] | None, worker: Worker | None) -> Job:
+        """Register `job` (and queue it on `worker`, if given) unless its key gave an earlier job.
+
+        `Problem` 503 when the server is closing or the queue is full; the job's model stays loaded
+        until it ends.
+        """
         with self._lock:
             if idempotency is not None:
                 earlier = self._keys.earlier(idempotency, self._jobs)
@@ -513,33 +523,45 @@ class Service:
             if self.closing:
                 self.metrics.rejected_job("shutting_down")
                 raise Problem(503, "shutting_down", SHUTTING_DOWN, headers={"Retry-After": "30", "Connection": "close"})
-            try:
-                worker.put(job)
-            except QueueFull:
-                self.metrics.rejected_job("queue_full")
-                raise Problem(
-                    503,
-                    "queue_full",
-                    f"the queue of {worker.device} is full ({worker.capacity} jobs waiting); retry later",
-                    headers={"Retry-After": str(self.retry_after(worker))},
-                ) from None
+            if worker is not None:
+                self._put(worker, job)
             self._jobs[job.id] = job
-            self.catalog.hold(served.name)  # never evicted while the job waits or runs
+            self.catalog.hold(job.name)  # never evicted while the job waits or runs
             if idempotency is not None:
                 self._keys.remember(idempotency, job.id)
-        if job.max_queue_seconds is not None:
-            timer = threading.Timer(job.max_queue_seconds, self._expire, (job,))
-            timer.daemon = True
-            timer.start()
         return job
+
+    def _put(self, worker: Worker, job: Job) -> None:
+        try:
+            worker.put(job)
+        except QueueFull:
+            self.metrics.rejected_job("queue_full")
+            raise Problem(
+                503,
+                "queue_full",
+                f"the queue of {worker.device} is full ({worker.capacity} jobs waiting); retry later",
+                headers={"Retry-After": str(self.retry_after(worker))},
+            ) from None
+
+    def _start_deadline(self, job: Job) -> None:
+        """Expire `job` if it is still queued when its ``max_queue_seconds`` (from its creation) have passed."""
+        if job.max_queue_seconds is None:
+            return
+        left = job.max_queue_seconds - (time.time() - job.created)
+        timer = threading.Timer(max(0.0, left), self._expire, (job,))
+        timer.daemon = True
+        timer.start()
 
     def _expire(self, job: Job) -> None:
         """End `job` as expired if it is still queued (its ``max_queue_seconds`` have passed)."""
         if job.status != QUEUED or job.max_queue_seconds is None or job.model is None:
             return
         if self.workers[job.model.engine.device].remove(job):
-            job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
-            self._finish(job, EXPIRED)
+            self._finish_expired(job)
+
+    def _finish_expired(self, job: Job) -> None:
+        job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
+        self._finish(job, EXPIRED)
 
     def retry_after(self, worker: Worker) -> int:
         """Seconds a client should wait before retrying: about one job's time (1 to 60)."""
@@ -576,18 +598,9 @@ class Service:
         while a thread loads the model and `prepare` checks the request; then it joins its device's
         queue, or fails with the check's error (a field named, as a 422 would)."""
         job = Job(model=None, requests=(), kind=kind, options=options, name=name)
-        with self._lock:
-            if idempotency is not None:
-                earlier = self._keys.earlier(idempotency, self._jobs)
-                if earlier is not None:
-                    return earlier
-            if self.closing:
-                self.metrics.rejected_job("shutting_down")
-                raise Problem(503, "shutting_down", SHUTTING_DOWN, headers={"Retry-After": "30", "Connection": "close"})
-            self._jobs[job.id] = job
-            self.catalog.hold(name)
-            if idempotency is not None:
-                self._keys.remember(idempotency, job.id)
+        admitted = self._admit(job, idempotency, None)
+        if admitted is not job:
+            return admitted
         job.publish({"type": "loading", "model": name})
         threading.Thread(
             target=self._load_then_queue, args=(job, prepare), name=f"t2i-load-{job.id}", daemon=True
@@ -597,38 +610,18 @@ class Service:
     def _load_then_queue(self, job: Job, prepare: Callable[[], tuple[ServedModel, list[GenerationRequest]]]) -> None:
         try:
             served, requests = prepare()
-        except Problem as problem:
+            if job.done:  # cancelled while its model loaded
+                return
+            job.requests = requests
+            job.total = sum(request.num_inference_steps or 0 for request in requests)
+            job.model = served
+            self._put(self._worker(served.engine.device), job)
+        except Exception as exc:  # noqa: BLE001 - _error logs what is not a refusal
+            error = self._error(job, exc, "loading the model of")
             if not job.done:
-                self._finish(job, FAILED, problem.body()["error"])
+                self._finish(job, FAILED, error)
             return
-        except T2IError as exc:
-            if not job.done:
-                self._finish(job, FAILED, from_t2i(exc).body()["error"])
-            return
-        except Exception as exc:
-            logger.exception("t2i serve: loading the model of job %s failed", job.id)
-            if not job.done:
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                self._finish(job, FAILED, {"type": "internal_error", "message": message})
-            return
-        if job.done:  # cancelled (or expired) while its model loaded
-            return
-        job.requests = requests
-        job.total = sum(request.num_inference_steps or 0 for request in requests)
-        job.model = served
-        worker = self._worker(served.engine.device)
-        try:
-            worker.put(job)
-        except QueueFull:
-            self.metrics.rejected_job("queue_full")
-            error = {"type": "queue_full", "message": f"the queue of {worker.device} is full; retry later"}
-            self._finish(job, FAILED, error)
-            return
-        if job.max_queue_seconds is not None:
-            left = job.max_queue_seconds - (time.time() - job.created)
-            timer = threading.Timer(max(0.0, left), self._expire, (job,))
-            timer.daemon = True
-            timer.start()
+        self._start_deadline(job)
 
     def running(self) -> list[Job]:
         return [worker.running for worker in self.workers.values() if worker.running is not None]
@@ -639,8 +632,7 @@ class Service:
             self._finish(job, CANCELLED)
             return
         if job.max_queue_seconds is not None and time.time() - job.created > job.max_queue_seconds:
-            job.reason = f"it waited more than max_queue_seconds={job.max_queue_seconds:g} in the queue"
-            self._finish(job, EXPIRED)  # its timer and the worker met: the deadline wins
+            self._finish_expired(job)  # its timer and the worker met: the deadline wins
             return
         job.start()
         engine = job.model.engine
@@ -651,14 +643,21 @@ class Service:
                 job.results.append(engine.generate(request, progress=self._progress(job, index)))
         except GenerationCancelled:
             self._finish(job, CANCELLED)
-        except T2IError as exc:
-            self._finish(job, FAILED, from_t2i(exc).body()["error"])
-        except Exception as exc:
-            logger.exception("t2i serve: job %s failed", job.id)
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self._finish(job, FAILED, {"type": "internal_error", "message": message})
+        except Exception as exc:  # noqa: BLE001 - _error logs what is not a refusal
+            self._finish(job, FAILED, self._error(job, exc, "running"))
         else:
             self._finish(job, DONE)
+
+    @staticmethod
+    def _error(job: Job, exc: Exception, doing: str) -> dict[str, Any]:
+        """The error body of a job that failed with `exc`: the field named for a refusal, else logged."""
+        if isinstance(exc, Problem):
+            return dict(exc.body()["error"])
+        if isinstance(exc, T2IError):
+            return dict(from_t2i(exc).body()["error"])
+        logger.exception("t2i serve: %s job %s failed", doing, job.id)
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return {"type": "internal_error", "message": message}
 
     def _progress(self, job: Job, index: int) -> Callable[..., bool]:
         count = len(job.requests)
