@@ -18,6 +18,7 @@ import (no torch, diffusers or transformers until a function that needs them run
 - **Schedulers**: `DEFAULT_SCHEDULER`, `build_scheduler`, `scheduler_names`.
 - **Settings**: `env_int`, a positive-integer environment setting with a clear error.
 - **Files**: `write_atomically`, a file written whole or not at all (temporary name, fsync, rename).
+- **Images**: `ImageReader`, the images a conditioner takes, checked before any work and decoded once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .errors import InvalidRequestError
 #: (PEP 562), so that a plugin importing one helper does not pay for the others
 _EXPORTS: dict[str, tuple[str, str]] = {
     "write_atomically": ("_files", "write_atomically"),
+    "ImageReader": ("_images", "ImageReader"),
     "clip_hidden_states": ("_clip", "clip_hidden_states"),
     "clip_layers": ("_clip", "clip_layers"),
     "has_variant": ("_hub", "has_variant"),
@@ -64,6 +66,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = [
     "DEFAULT_SCHEDULER",
     "FolderFile",
+    "ImageReader",
     "ProgressCallback",
     "SharedState",
     "Turns",
@@ -199,6 +202,7 @@ if TYPE_CHECKING:
     from ._clip import clip_hidden_states, clip_layers
     from ._files import write_atomically
     from ._hub import has_variant, hub_offline, is_hub_id, read_model_index
+    from ._images import ImageReader
     from ._locks import loading_lock
     from ._modules import is_offloaded, pipeline_over, private_components
     from ._progress import ProgressCallback, report_progress, takes_latents

@@ -26,8 +26,8 @@ from t2i_core.kit import SharedState, is_offloaded
 
 if TYPE_CHECKING:
     from t2i_core import Control, Engine, GenerationRequest
+    from t2i_core.kit import ImageReader
 
-    from ._images import ImageReader
     from ._sources import IncompatibleControlNetError, Source, tiny_controlnet_folder
 
 __all__ = ["ControlNet", "IncompatibleControlNetError", "register_conditioners", "tiny_controlnet_folder"]
@@ -151,7 +151,7 @@ def _control_kwargs(controls: Sequence[Control], images: list[Any]) -> dict[str,
 def _state(engine: Engine) -> _EngineState:
     state = engine.state.get(ControlNet.name)
     if state is None:
-        from ._images import ImageReader
+        from t2i_core.kit import ImageReader
 
         state = engine.state[ControlNet.name] = _EngineState(reader=ImageReader())
     return state

@@ -1,4 +1,4 @@
-"""Control images: read and check them, size them to the request, and preprocess them.
+"""Control images: size them to the request and preprocess them (`t2i_core.kit.ImageReader` reads them).
 
 Images are sized with Lanczos resampling to exactly width x height (the aspect ratio is not
 kept), the filter diffusers' ControlNet pipelines use themselves, so a control image of any
@@ -7,9 +7,7 @@ size gives the same picture through t2i as through diffusers.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -20,7 +18,6 @@ from .canny import DEFAULT_HIGH, DEFAULT_LOW
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-ALLOWED_IMAGE = "a PIL image or the path of an image file"
 ALLOWED_PREPROCESS = 'None, "canny" or "canny:LOW:HIGH" with integers 0 <= LOW <= HIGH'
 
 
@@ -54,67 +51,6 @@ def parse_preprocess(value: str | None, field: str) -> Preprocess | None:
     if not 0 <= low <= high:
         raise InvalidRequestError(field, value, ALLOWED_PREPROCESS)
     return Preprocess("canny", low, high)
-
-
-#: what identifies a file's content cheaply: its path, modification time and size
-FileKey = tuple[str, int, int]
-
-
-class ImageReader:
-    """Reads control images, keeping those of the latest request so that checking and using them decodes once."""
-
-    def __init__(self) -> None:
-        self._latest: dict[FileKey, Image] = {}
-
-    def check(self, images: list[tuple[Any, str]]) -> None:
-        """Read every ``(image, field)``, raising `InvalidRequestError` for one that is not a usable image."""
-        latest: dict[FileKey, Image] = {}
-        for image, field in images:
-            if isinstance(image, (str, os.PathLike)):
-                key = _file_key(image, field)
-                cached = self._latest.get(key)
-                latest[key] = cached if cached is not None else _read(image, field)
-            else:
-                _check_in_memory(image, field)
-        self._latest = latest
-
-    def rgb(self, image: Any, field: str) -> Image:
-        """`image` (a PIL image or a path) in RGB."""
-        if isinstance(image, (str, os.PathLike)):
-            cached = self._latest.get(_file_key(image, field))
-            return cached if cached is not None else _read(image, field)
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _file_key(path: str | os.PathLike[str], field: str) -> FileKey:
-    text = os.fspath(path)
-    try:
-        stat = Path(text).expanduser().stat()
-    except OSError:
-        raise InvalidRequestError(field, text, f"{ALLOWED_IMAGE} (no such file)") from None
-    if not Path(text).expanduser().is_file():
-        raise InvalidRequestError(field, text, f"{ALLOWED_IMAGE} (it is not a file)")
-    return (text, stat.st_mtime_ns, stat.st_size)
-
-
-def _read(path: str | os.PathLike[str], field: str) -> Image:
-    from PIL import Image as PILImage
-
-    text = os.fspath(path)
-    try:
-        with PILImage.open(Path(text).expanduser()) as opened:
-            image = opened.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as exc:
-        reason = "PIL cannot read it as an image" if isinstance(exc, PILImage.UnidentifiedImageError) else str(exc)
-        raise InvalidRequestError(field, text, f"{ALLOWED_IMAGE} ({reason})") from None
-    _check_in_memory(image, field)
-    return image
-
-
-def _check_in_memory(image: Image, field: str) -> None:
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InvalidRequestError(field, image, f"{ALLOWED_IMAGE} with at least one pixel (it is {width}x{height})")
 
 
 def sized(image: Image, width: int, height: int, preprocess: Preprocess | None) -> Image:

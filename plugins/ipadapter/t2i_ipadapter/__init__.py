@@ -18,8 +18,8 @@ from t2i_core.kit import denoiser, is_offloaded
 
 if TYPE_CHECKING:
     from t2i_core import Engine, GenerationRequest, ImagePrompt
+    from t2i_core.kit import ImageReader
 
-    from ._images import ImageReader
     from ._sources import DEFAULTS, IncompatibleAdapterError, Source, tiny_adapter_folder
     from ._weights import Installed
 
@@ -107,7 +107,7 @@ def _check_placement(engine: Engine) -> None:
 def _state(engine: Engine) -> _EngineState:
     state = engine.state.get(ImagePrompts.name)
     if state is None:
-        from ._images import ImageReader
+        from t2i_core.kit import ImageReader
 
         state = engine.state[ImagePrompts.name] = _EngineState(reader=ImageReader())
     return state

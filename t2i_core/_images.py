@@ -1,8 +1,5 @@
-"""Image prompts' images: read and checked before any work, decoded once per request.
-
-The images go to diffusers as they are (in RGB): the adapter's feature extractor resizes and
-crops them as it does for any diffusers user.
-"""
+"""Images that conditioners take (control images, image prompts): read and checked before any work,
+decoded once per request."""
 
 from __future__ import annotations
 
@@ -10,23 +7,30 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from t2i_core import InvalidRequestError
+from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 ALLOWED_IMAGE = "a PIL image or the path of an image file"
+#: what identifies a file's content cheaply: its path, modification time and size
+FileKey = tuple[str, int, int]
 
 
 class ImageReader:
-    """Reads image prompts' images; those of the latest request are kept, so that checking and using them decodes once."""
+    """Reads the images a conditioner takes (control images, image prompts), keeping those of the latest
+    request, so that checking them before any work and using them later decodes each file once.
+
+    Keep one per engine (in ``engine.state``): `check` in ``Conditioner.prepare`` refuses a missing,
+    unreadable or empty image naming its field; `rgb` in ``Conditioner.condition`` gives it in RGB.
+    """
 
     def __init__(self) -> None:
-        self._latest: dict[tuple[str, int, int], Image] = {}
+        self._latest: dict[FileKey, Image] = {}
 
     def check(self, images: list[tuple[Any, str]]) -> None:
         """Read every ``(image, field)``, raising `InvalidRequestError` for one that is not a usable image."""
-        latest: dict[tuple[str, int, int], Image] = {}
+        latest: dict[FileKey, Image] = {}
         for image, field in images:
             if isinstance(image, (str, os.PathLike)):
                 key = _file_key(image, field)
@@ -44,7 +48,7 @@ class ImageReader:
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _file_key(path: str | os.PathLike[str], field: str) -> tuple[str, int, int]:
+def _file_key(path: str | os.PathLike[str], field: str) -> FileKey:
     text = os.fspath(path)
     file = Path(text).expanduser()
     try:
