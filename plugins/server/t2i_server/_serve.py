@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -213,53 +213,55 @@ def _load(catalog: Models, entries: list[ModelEntry]) -> None:
 
 def _load_controlnets(service: Service, controlnets: list[str]) -> None:
     """Load each ControlNet into every served model it fits, with a one-step generation (so no request waits)."""
-    if not controlnets:
-        return
     from PIL import Image
 
-    from t2i_core import Control, GenerationRequest, T2IError
+    from t2i_core import Control
 
-    for controlnet in controlnets:
-        print(f"t2i serve: loading ControlNet {controlnet} ...", file=sys.stderr, flush=True)
-        fits = []
-        for name, served in service.models.items():
-            height, width = served.engine.provider.native_size(served.engine.pipeline)
-            control = Control(image=Image.new("RGB", (width, height)), model=controlnet)
-            request = GenerationRequest(prompt="warm-up", num_inference_steps=1, seed=0, controls=(control,))
-            try:
-                served.checker.resolve(request)
-                served.engine.generate(request)
-            except T2IError:
-                continue  # another family's ControlNet: requests naming it on this model get a 422
-            fits.append(name)
-        if not fits:
-            raise InvalidRequestError("--controlnet", controlnet, "a ControlNet that fits one of the served models")
-        print(f"t2i serve: ControlNet {controlnet} serves {', '.join(fits)}", file=sys.stderr, flush=True)
+    def with_control(controlnet: str, served: ServedModel) -> dict[str, Any]:
+        height, width = served.engine.provider.native_size(served.engine.pipeline)
+        return {"controls": (Control(image=Image.new("RGB", (width, height)), model=controlnet),)}
+
+    _warm_up(service, controlnets, "ControlNet", "--controlnet", with_control)
 
 
 def _load_ip_adapters(service: Service, adapters: list[str]) -> None:
     """Load each IP-Adapter into every served model it fits, with a one-step generation (so no request waits)."""
-    if not adapters:
-        return
     from PIL import Image
 
-    from t2i_core import GenerationRequest, ImagePrompt, T2IError
+    from t2i_core import ImagePrompt
 
-    for adapter in adapters:
-        print(f"t2i serve: loading IP-Adapter {adapter} ...", file=sys.stderr, flush=True)
+    def with_image_prompt(adapter: str, _served: ServedModel) -> dict[str, Any]:
+        return {"image_prompts": (ImagePrompt(image=Image.new("RGB", (64, 64)), model=adapter),)}
+
+    _warm_up(service, adapters, "IP-Adapter", "--ip-adapter", with_image_prompt)
+
+
+def _warm_up(
+    service: Service,
+    models: list[str],
+    kind: str,
+    flag: str,
+    fields: Callable[[str, ServedModel], dict[str, Any]],
+) -> None:
+    """Load each of `models` (ControlNets, IP-Adapters) into every loaded model it fits, by a one-step
+    generation with the request `fields` it names; refuse `flag`'s value when it fits none."""
+    from t2i_core import GenerationRequest, T2IError
+
+    for model in models:
+        print(f"t2i serve: loading {kind} {model} ...", file=sys.stderr, flush=True)
         fits = []
         for name, served in service.models.items():
-            prompt = ImagePrompt(image=Image.new("RGB", (64, 64)), model=adapter)
-            request = GenerationRequest(prompt="warm-up", num_inference_steps=1, seed=0, image_prompts=(prompt,))
+            request = GenerationRequest(prompt="warm-up", num_inference_steps=1, seed=0, **fields(model, served))
             try:
                 served.checker.resolve(request)
                 served.engine.generate(request)
             except T2IError:
-                continue  # another family's adapter: requests naming it on this model get a 422
+                continue  # another family's: requests naming it on this model get a 422
             fits.append(name)
         if not fits:
-            raise InvalidRequestError("--ip-adapter", adapter, "an IP-Adapter that fits one of the served models")
-        print(f"t2i serve: IP-Adapter {adapter} serves {', '.join(fits)}", file=sys.stderr, flush=True)
+            article = "an" if kind[0] in "AEIOU" else "a"
+            raise InvalidRequestError(flag, model, f"{article} {kind} that fits one of the served models")
+        print(f"t2i serve: {kind} {model} serves {', '.join(fits)}", file=sys.stderr, flush=True)
 
 
 def _quiet_libraries() -> None:
