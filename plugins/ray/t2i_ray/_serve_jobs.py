@@ -14,8 +14,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-FINAL = ("done", "failed", "cancelled")
-
 
 class RemoteJob:
     """What the ingress knows of a job: its document, its events so far, and once done its PNGs."""
@@ -86,15 +84,11 @@ class RemoteJob:
             queue.put_nowait(event)
         listener = (queue, previews)
         self._listeners.append(listener)
+        from t2i_server.embed import relay  # ends on every final event t2i serve sends
+
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), heartbeat)
-                except asyncio.TimeoutError:
-                    event = {"type": "heartbeat"}
+            async for event in relay(queue, heartbeat):
                 yield event
-                if event["type"] in FINAL:
-                    return
         finally:
             self._listeners.remove(listener)
 

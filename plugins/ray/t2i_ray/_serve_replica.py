@@ -203,6 +203,8 @@ def replica_class(models_per_replica: int) -> type:
             yield {"type": "answer", "status": status, "headers": headers, "body": body}
             if status != 202:
                 return
+            from t2i_server.embed import FINISHED
+
             job_id = json.loads(body)["id"]
             base = f"/v1/jobs/{job_id}"
             final: dict[str, Any] | None = None
@@ -211,7 +213,7 @@ def replica_class(models_per_replica: int) -> type:
                 async for message in call_app(loaded.app, Forwarded("GET", f"{base}/events", b"previews=true")):
                     events, rest = sse_events(rest + message.get("body", b""))
                     for event in events:
-                        if event["type"] in ("done", "failed", "cancelled"):
+                        if event["type"] in FINISHED:  # done, failed, cancelled, expired
                             final = event
                         else:
                             yield {"type": "event", "event": event}

@@ -62,6 +62,19 @@ def load_model(name: str, source: str, **load_kwargs: Any) -> ServedModel:
     return ServedModel(name=name, engine=engine, checker=checker)
 
 
+async def relay(queue: asyncio.Queue[dict[str, Any]], heartbeat: float | None) -> AsyncIterator[dict[str, Any]]:
+    """Each event put on `queue` until a job's final one (`FINISHED`), with a ``{"type": "heartbeat"}``
+    after `heartbeat` quiet seconds (None: never)."""
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), heartbeat)
+        except asyncio.TimeoutError:
+            event = {"type": "heartbeat"}
+        yield event
+        if event["type"] in FINISHED:
+            return
+
+
 @attrs.frozen(kw_only=True)
 class JobOptions:
     """How a job is queued and reported, apart from what it makes (``priority``, ``webhook``, ...)."""
@@ -227,14 +240,8 @@ class Job:
                 self._listeners.append((loop, queue, previews))
                 self.preview_watchers += previews
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), heartbeat)
-                except asyncio.TimeoutError:
-                    event = {"type": "heartbeat"}
+            async for event in relay(queue, heartbeat):
                 yield event
-                if event["type"] in FINISHED:
-                    return
         finally:
             self._drop(queue)
 

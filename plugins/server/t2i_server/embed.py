@@ -20,11 +20,12 @@ from t2i_core import InvalidRequestError
 
 from . import TOKEN_ENV
 from ._app import AUTHORIZED, BearerToken, BodyLimit, create_app
-from ._jobs import ServedModel, Service, load_model
+from ._jobs import FINISHED, ServedModel, Service, load_model, relay
 from ._limits import Limits
 
 __all__ = [
     "AUTHORIZED",
+    "FINISHED",
     "BearerToken",
     "BodyLimit",
     "Limits",
@@ -35,6 +36,7 @@ __all__ = [
     "load_model",
     "model_specs",
     "one_model_service",
+    "relay",
     "resolve_secrets",
 ]
 
