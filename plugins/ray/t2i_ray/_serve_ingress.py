@@ -192,21 +192,12 @@ class Ingress:
 
         @app.get("/v1/jobs/{job_id}/events")
         async def job_events(job_id: str, previews: bool = False) -> Any:
-            from fastapi.responses import StreamingResponse
+            from t2i_server.embed import event_stream
 
             job = self.jobs.get(job_id)
             if job is None:
                 return _not_found(job_id)
-
-            async def stream() -> AsyncIterator[str]:
-                async for event in job.events(previews=previews, heartbeat=HEARTBEAT_SECONDS):
-                    if event["type"] == "heartbeat":
-                        yield ": keep-alive\n\n"
-                    else:
-                        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+            return event_stream(job.events(previews=previews, heartbeat=HEARTBEAT_SECONDS))
 
         @app.delete("/v1/jobs/{job_id}")
         async def cancel(job_id: str) -> Any:

@@ -312,6 +312,20 @@ async def _wait(service: Service, job: Job, request: Request) -> None:
 RETRYABLE = ("queue_full", "no_memory", "shutting_down")
 
 
+def event_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """A job's `events` as Server-Sent Events (a heartbeat as a comment line, which keeps proxies open)."""
+
+    async def stream() -> AsyncIterator[str]:
+        async for event in events:
+            if event["type"] == "heartbeat":
+                yield ": keep-alive\n\n"
+            else:
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
 def _failure(job: Job) -> Problem:
     """The answer to a synchronous call whose job did not end well."""
     if job.status == FAILED:
@@ -392,19 +406,11 @@ def _native(app: FastAPI, service: Service) -> None:
 
     @app.get("/v1/jobs/{job_id}/events", tags=["native"])
     async def job_events(job_id: str, previews: bool = False) -> Response:
-        """Server-Sent Events: ``queued`` (with the position), ``started``, ``step``, ``preview``
-        (with ``?previews=true``: a base64 PNG at 1/8 size), then ``done``, ``failed`` or ``cancelled``."""
+        """Server-Sent Events: ``loading`` (its model loads first), ``queued`` (with the position),
+        ``started``, ``step``, ``preview`` (with ``?previews=true``: a base64 PNG at 1/8 size), then
+        ``done``, ``failed``, ``cancelled`` or ``expired``."""
         job = _job(service, job_id)
-
-        async def stream() -> AsyncIterator[str]:
-            async for event in job.events(previews=previews, heartbeat=HEARTBEAT_SECONDS):
-                if event["type"] == "heartbeat":
-                    yield ": keep-alive\n\n"
-                else:
-                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        return event_stream(job.events(previews=previews, heartbeat=HEARTBEAT_SECONDS))
 
     @app.delete("/v1/jobs/{job_id}", tags=["native"])
     async def cancel(job_id: str) -> Response:

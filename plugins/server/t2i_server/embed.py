@@ -19,7 +19,7 @@ import attrs
 from t2i_core import InvalidRequestError
 
 from . import TOKEN_ENV
-from ._app import AUTHORIZED, BearerToken, BodyLimit, create_app
+from ._app import AUTHORIZED, BearerToken, BodyLimit, create_app, event_stream
 from ._jobs import FINISHED, ServedModel, Service, load_model, relay
 from ._limits import Limits
 
@@ -32,6 +32,7 @@ __all__ = [
     "ServedModel",
     "Service",
     "create_app",
+    "event_stream",
     "limits_from",
     "load_model",
     "model_specs",
